@@ -1,0 +1,34 @@
+"""The Typer application; each command lives in its own module."""
+
+from __future__ import annotations
+
+import typer
+
+from .. import __version__
+from .formats import inspect_format
+
+app = typer.Typer(
+    name="altgrad",
+    help="Exact FP8 simulation and geometry-aware optimizers for low-precision training research.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+app.command("inspect-format")(inspect_format)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"altgrad {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    """AltGrad: which 8-bit float format benefits most from geometry-aware weight updates?"""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,149 @@
+"""The rounding kernel: integer arithmetic on the float32 bit pattern.
+
+Why integers: a float trick (``(x + C) - C``) depends on the FPU's rounding mode, on
+flush-to-zero settings and on what a compiler with fast-math flags may reassociate. Integer
+ops mean the same thing in eager PyTorch and in torch.compile's generated code, so the
+compiled kernel (one fused pass, near memory bandwidth) is bit-identical to the eager one.
+
+For |x| with float32 exponent field ``ex`` and significand ``sig`` (implicit bit included),
+the target grid spacing is ``2^(max(ex, emin_b) - 127 - M)``; rounding is then an integer
+right shift of ``sig`` by ``shift = 23 - M + max(emin_b - ex, 0)`` with the chosen tie or
+random rule, giving ``k`` grid steps. One rounding, subnormals included, no double rounding.
+
+Stochastic rounding adds ``shift`` random bits before truncating, so P(round up) is exactly
+the fraction of a grid step, i.e. E[q(x)] = x. The random bits are a counter-based hash of
+the element index and a 64-bit seed drawn from a ``torch.Generator``: reproducible, and the
+same in eager and compiled code. Shifts above 30 bits (|x| below 2^-7 of the smallest
+subnormal, P(up) < 2^-7) keep the top 30 bits of the fraction, so P(up) is exact to 2^-30.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+_SIGN_MASK = -(2**31)  # 0x80000000 as int32
+_ABS_MASK = 0x7FFFFFFF
+_INF_BITS = 0x7F800000
+_MANTISSA_MASK = 0x7FFFFF
+_RANDOM_BITS = 30
+_MASK32 = 0xFFFFFFFF
+
+# Params tensor layout (int32, on the input's device): kept as data, not Python constants, so
+# that one compiled graph serves every format without recompiling.
+P_MANTISSA, P_EMIN_BIASED, P_MAX_BITS, P_OVERFLOW_BITS, P_INF_BITS = range(5)
+
+log = logging.getLogger(__name__)
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche hash (xorshift-multiply) on int64 values < 2^32.
+
+    Both multipliers are < 2^31 so that products stay below 2^63: no signed overflow, which
+    would be undefined behaviour in compiled C++.
+    """
+    h = h ^ (h >> 16)
+    h = (h * 0x21F0AAAD) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * 0x735A2D97) & _MASK32
+    return h ^ (h >> 15)
+
+
+def random_bits(seed: torch.Tensor, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """30 uniform random bits per element (int32), from the element index and a seed pair."""
+    index = torch.arange(shape.numel(), dtype=torch.int64, device=device)
+    h = _mix32((index & _MASK32) ^ seed[0])
+    h = _mix32(h ^ (index >> 32) ^ seed[1])
+    return (h >> (32 - _RANDOM_BITS)).to(torch.int32).reshape(shape)
+
+
+def round_float32_bits(x: torch.Tensor, params: torch.Tensor, seed: torch.Tensor | None) -> torch.Tensor:
+    """Round x (float32, bfloat16 or float16) onto the grid described by ``params``.
+
+    ``seed`` None means round-to-nearest-even; otherwise stochastic rounding with that seed.
+    Returns a tensor of x's dtype and shape.
+    """
+    bits = x.float().view(torch.int32)
+    mantissa_bits = params[P_MANTISSA]
+    emin_biased = params[P_EMIN_BIASED]
+
+    magnitude = bits & _ABS_MASK
+    sign = bits & _SIGN_MASK
+    exponent = magnitude >> 23
+    exponent_eff = torch.clamp(exponent, min=1)
+    significand = (magnitude & _MANTISSA_MASK) | ((exponent > 0).to(torch.int32) << 23)
+    exponent_target = torch.maximum(exponent_eff, emin_biased)
+    shift = torch.clamp(23 - mantissa_bits + exponent_target - exponent_eff, max=31)
+
+    one = torch.ones_like(shift)
+    if seed is None:
+        half = torch.bitwise_left_shift(one, shift - 1)
+        floor_steps = torch.bitwise_right_shift(significand, shift)
+        # Ties go to the even code. Its last bit is the mantissa's, or for M = 0 (powers of
+        # two) the exponent field's, (exponent_target - emin_b + 1); code 0 counts as even.
+        exponent_parity = (exponent_target - emin_biased + 1) & (floor_steps != 0).to(torch.int32)
+        odd = torch.where(mantissa_bits == 0, exponent_parity, floor_steps) & 1
+        steps = torch.bitwise_right_shift(significand + (half - 1) + odd, shift)
+    else:
+        kept = torch.clamp(shift, max=_RANDOM_BITS)
+        truncated = torch.bitwise_right_shift(significand, shift - kept)
+        noise = random_bits(seed, x.shape, x.device) & (torch.bitwise_left_shift(one, kept) - 1)
+        steps = torch.bitwise_right_shift(truncated + noise, kept)
+
+    # steps * 2^(exponent_target - 127 - M): float(steps) is exact (steps <= 2^(M+1)), and the
+    # power of two is added to its exponent field (a multiply, not a shift, of a signed int).
+    scale_field = (exponent_target - 127 - mantissa_bits) * (1 << 23)
+    out = steps.to(torch.float32).view(torch.int32) + scale_field
+    out = torch.where(steps == 0, torch.zeros_like(out), out)
+    out = torch.where(out > params[P_MAX_BITS], params[P_OVERFLOW_BITS], out)
+    out = torch.where(magnitude == _INF_BITS, params[P_INF_BITS], out)
+    out = torch.where(magnitude > _INF_BITS, magnitude, out)  # NaN in, NaN out (payload kept)
+    return (out | sign).view(torch.float32).to(x.dtype)
+
+
+_compiled = None
+_compile_failed = False
+
+
+def _compiled_kernel():
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(round_float32_bits, dynamic=True, fullgraph=True)
+    return _compiled
+
+
+#: Tensors at least this large use the compiled kernel under ``kernel="auto"``; smaller ones
+#: are not worth a compilation. Both kernels give bit-identical results.
+COMPILE_MIN_NUMEL = 1 << 16
+
+KERNELS = ("auto", "compiled", "eager")
+
+
+def default_kernel() -> str:
+    """The kernel choice from ``ALTGRAD_KERNEL`` (auto | compiled | eager), default auto."""
+    choice = os.environ.get("ALTGRAD_KERNEL", "auto").strip().lower()
+    return choice if choice in KERNELS else "auto"
+
+
+def run_kernel(x: torch.Tensor, params: torch.Tensor, seed: torch.Tensor | None, kernel: str) -> torch.Tensor:
+    """Dispatch to the compiled or the eager kernel (bit-identical results)."""
+    global _compile_failed
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if kernel == "auto":
+        kernel = default_kernel()
+    use_compiled = kernel == "compiled" or (
+        kernel == "auto" and x.numel() >= COMPILE_MIN_NUMEL and not _compile_failed
+    )
+    if torch.compiler.is_compiling() or not use_compiled:
+        return round_float32_bits(x, params, seed)
+    try:
+        return _compiled_kernel()(x, params, seed)
+    except Exception as error:  # no C++ compiler, unsupported backend, ...
+        if kernel == "compiled":
+            raise
+        _compile_failed = True
+        log.warning("torch.compile of the quantize kernel failed (%s); using the eager kernel", error)
+        return round_float32_bits(x, params, seed)

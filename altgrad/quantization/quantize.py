@@ -1,0 +1,120 @@
+"""Fake quantization: round a tensor onto a format's grid, keeping its dtype."""
+
+from __future__ import annotations
+
+import struct
+from functools import lru_cache
+from typing import Literal
+
+import torch
+
+from .formats import FloatFormat, get_format
+from .kernel import P_EMIN_BIASED, P_INF_BITS, P_MANTISSA, P_MAX_BITS, P_OVERFLOW_BITS, run_kernel
+
+Rounding = Literal["nearest", "stochastic"]
+ROUNDINGS = ("nearest", "stochastic")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_INF_BITS = 0x7F800000
+_NAN_BITS = 0x7FC00000
+
+
+def _float32_bits(value: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+@lru_cache(maxsize=None)
+def _params(fmt: FloatFormat, saturate: bool, device: torch.device) -> torch.Tensor:
+    """The kernel's view of a format: mantissa bits, emin, max and what overflow becomes.
+
+    Overflow (a finite value rounding beyond max) saturates to ±max, or with saturate=False
+    becomes inf where the format has inf, else NaN where it has NaN, else ±max (a format with
+    neither has nothing else to give). Input ±inf follows the same rule, as in gfloat.
+    """
+    max_bits = _float32_bits(fmt.max)
+    if saturate:
+        overflow = max_bits
+    elif fmt.has_inf:
+        overflow = _INF_BITS
+    elif fmt.has_nan:
+        overflow = _NAN_BITS
+    else:
+        overflow = max_bits
+    values = [0] * 5
+    values[P_MANTISSA] = fmt.mantissa_bits
+    values[P_EMIN_BIASED] = fmt.emin + 127
+    values[P_MAX_BITS] = max_bits
+    values[P_OVERFLOW_BITS] = overflow
+    values[P_INF_BITS] = overflow
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+@lru_cache(maxsize=None)
+def _check_fits(fmt: FloatFormat, dtype: torch.dtype) -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"quantize supports float32, bfloat16 and float16 tensors, got {dtype}")
+    if not fmt.fits(dtype):
+        raise ValueError(f"{fmt.name} has values that {dtype} cannot hold exactly; quantize a float32 tensor")
+
+
+def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Two 32-bit seeds for the stochastic kernel, drawn from ``generator`` (or torch's default)."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    seed = torch.randint(0, 2**32, (2,), generator=generator, dtype=torch.int64, device=gen_device)
+    return seed.to(device)
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: str | FloatFormat,
+    *,
+    rounding: Rounding = "nearest",
+    saturate: bool = True,
+    generator: torch.Generator | None = None,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """Round every element of x to a value of ``fmt`` (fake quantization, x's dtype kept).
+
+    - ``rounding="nearest"``: round to nearest, ties to even, in one rounding.
+    - ``rounding="stochastic"``: round up with probability equal to the fraction of a grid
+      step, so E[q(x)] = x inside the range; reproducible from ``generator`` (default:
+      torch's global generator, so ``torch.manual_seed`` fixes it).
+    - ``saturate``: overflow to ±max (default); otherwise to inf if the format has it.
+    NaN stays NaN, -0 stays -0. ``kernel``: auto | compiled | eager (bit-identical).
+    """
+    fmt = get_format(fmt)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    _check_fits(fmt, x.dtype)
+    params = _params(fmt, bool(saturate), x.device)
+    seed = draw_seed(generator, x.device) if rounding == "stochastic" else None
+    return run_kernel(x, params, seed, kernel)
+
+
+class _QuantizeSTE(torch.autograd.Function):
+    """Quantize forward, identity backward.
+
+    The straight-through estimator passes the gradient unchanged, also where the value was
+    saturated: with amax scaling almost nothing saturates, and this is what the FP8 training
+    recipes (torchao float8, TransformerEngine) do, so simulated runs match them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, fmt, rounding, saturate, generator):  # noqa: D401 - autograd API
+        return quantize(x, fmt, rounding=rounding, saturate=saturate, generator=generator)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None, None, None
+
+
+def quantize_ste(
+    x: torch.Tensor,
+    fmt: str | FloatFormat,
+    *,
+    rounding: Rounding = "nearest",
+    saturate: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`quantize` with a straight-through gradient (d q(x) / dx := 1)."""
+    return _QuantizeSTE.apply(x, get_format(fmt), rounding, saturate, generator)
