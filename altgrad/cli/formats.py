@@ -8,7 +8,9 @@ from typing import Optional
 import typer
 from rich import box
 from rich.columns import Columns
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import UserError
 from ..quantization import REGISTRY, FloatFormat, get_format
@@ -59,9 +61,9 @@ def _detail_table(fmt: FloatFormat) -> Table:
     return table
 
 
-def _grid_table(fmt: FloatFormat) -> Columns:
-    return Columns([number(float(v)) for v in fmt.positive_values], equal=True, expand=False,
-                   title=f"{fmt.name}: all {len(fmt.positive_values)} non-negative values")
+def _grid_table(fmt: FloatFormat) -> Group:
+    title = Text(f"{fmt.name}: all {len(fmt.positive_values)} non-negative values", style="bold")
+    return Group(title, Columns([number(float(v)) for v in fmt.positive_values], equal=True))
 
 
 def _all_table(formats: list[FloatFormat]) -> Table:

@@ -75,10 +75,11 @@ def round_float32_bits(x: torch.Tensor, params: torch.Tensor, seed: torch.Tensor
     exponent_eff = torch.clamp(exponent, min=1)
     significand = (magnitude & _MANTISSA_MASK) | ((exponent > 0).to(torch.int32) << 23)
     exponent_target = torch.maximum(exponent_eff, emin_biased)
-    shift = torch.clamp(23 - mantissa_bits + exponent_target - exponent_eff, max=31)
+    exact_shift = 23 - mantissa_bits + exponent_target - exponent_eff  # may exceed 31
 
-    one = torch.ones_like(shift)
+    one = torch.ones_like(exact_shift)
     if seed is None:
+        shift = torch.clamp(exact_shift, max=31)  # any shift >= 25 rounds sig < 2^24 to 0
         half = torch.bitwise_left_shift(one, shift - 1)
         floor_steps = torch.bitwise_right_shift(significand, shift)
         # Ties go to the even code. Its last bit is the mantissa's, or for M = 0 (powers of
@@ -87,8 +88,8 @@ def round_float32_bits(x: torch.Tensor, params: torch.Tensor, seed: torch.Tensor
         odd = torch.where(mantissa_bits == 0, exponent_parity, floor_steps) & 1
         steps = torch.bitwise_right_shift(significand + (half - 1) + odd, shift)
     else:
-        kept = torch.clamp(shift, max=_RANDOM_BITS)
-        truncated = torch.bitwise_right_shift(significand, shift - kept)
+        kept = torch.clamp(exact_shift, max=_RANDOM_BITS)
+        truncated = torch.bitwise_right_shift(significand, torch.clamp(exact_shift - kept, max=31))
         noise = random_bits(seed, x.shape, x.device) & (torch.bitwise_left_shift(one, kept) - 1)
         steps = torch.bitwise_right_shift(truncated + noise, kept)
 
