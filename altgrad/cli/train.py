@@ -1,0 +1,110 @@
+"""`altgrad train`: resolve the config, run the trainer, show progress live, summarise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from ..training import Trainer, TrainResult, resolve_config, resume_config, run_directory
+from .common import console, error_console, user_errors
+
+
+class LiveDisplay:
+    """A one-table live view: step, loss, val loss, lr, tokens/s, ETA, and warnings."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Any] = {}
+        self.val_loss: float | None = None
+        self.max_steps = 0
+        self.start_step = 0
+        self.warnings: list[str] = []
+        self.live = Live(self._render(), console=console, refresh_per_second=4, transient=False)
+
+    def __call__(self, kind: str, payload: dict[str, Any]) -> None:
+        if kind == "start":
+            self.max_steps, self.start_step = payload["max_steps"], payload["start_step"]
+            console.print(f"[bold]run[/] {payload['run_dir']}  [bold]data[/] {payload['data']}  "
+                          f"[bold]device[/] {payload['device']}  [bold]params[/] {payload['params']:,}"
+                          + (f"  [bold]resuming at step[/] {self.start_step}" if self.start_step else ""))
+        elif kind == "log":
+            self.latest = payload
+            if "val_loss" in payload:
+                self.val_loss = payload["val_loss"]
+        elif kind == "warning":
+            self.warnings.append(payload["message"])
+            self.live.console.print(f"[yellow]warning:[/] {payload['message']}")
+        self.live.update(self._render())
+
+    def _render(self) -> Table:
+        table = Table(box=None, padding=(0, 2))
+        for column in ("step", "loss", "val loss", "lr", "tokens/s", "ETA"):
+            table.add_column(column, justify="right")
+        rec = self.latest
+        step = rec.get("step", 0)
+        rate = rec.get("tokens_per_s") or 0.0
+        tokens_left = (self.max_steps - step) * (rec.get("tokens", 0) / step if step else 0)
+        eta = f"{tokens_left / rate:.0f}s" if rate else "-"
+        table.add_row(f"{step}/{self.max_steps}", _fmt(rec.get("loss")), _fmt(self.val_loss),
+                      f"{rec['lr']:.2e}" if "lr" in rec else "-", f"{rate:,.0f}" if rate else "-", eta)
+        return table
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _summary_table(result: TrainResult) -> Table:
+    table = Table(title=f"run {result.run_dir.name}: {result.status}", show_header=False, title_justify="left")
+    table.add_column("", style="cyan")
+    table.add_column("")
+    rows = [("status", result.status + (f" ({result.message})" if result.message else "")),
+            ("steps", str(result.steps)), ("tokens", f"{result.tokens:,}"), ("wall time", f"{result.wall_s:.1f} s"),
+            ("final val loss", _fmt(result.final_val_loss)), ("best val loss", _fmt(result.best_val_loss)),
+            ("non-finite steps skipped", str(result.nonfinite_steps)), ("run directory", str(result.run_dir))]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
+    preset: Optional[str] = typer.Option(None, help="tiny | small | paper"),
+    precision: Optional[str] = typer.Option(None, help="fp32 | bf16"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps."),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="Folder name under the runs directory."),
+    runs_dir: Optional[str] = typer.Option(None, "--runs-dir", help="Where runs are written (default runs/)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Prepared data directory (default data/eurlex)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for initial weights and batches."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    eval_interval: Optional[int] = typer.Option(None, "--eval-interval"),
+    checkpoint_interval: Optional[int] = typer.Option(None, "--checkpoint-interval"),
+    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    wandb: Optional[str] = typer.Option(None, "--wandb", help="online | offline | disabled"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run from its last checkpoint."),
+) -> None:
+    """Train a GPT on prepared data (EurLex, or the built-in corpus when none is prepared)."""
+    with user_errors():
+        overrides = dict(preset=preset, precision=precision, max_steps=max_steps, run_name=run_name,
+                         runs_dir=runs_dir, data=data, seed=seed, device=device, batch_size=batch_size,
+                         grad_accum=grad_accum, lr=lr, eval_interval=eval_interval,
+                         checkpoint_interval=checkpoint_interval, compile=compile_model, wandb=wandb)
+        resolved = resolve_config(config, overrides)
+        if resume:
+            resolved = resume_config(run_directory(resolved), max_steps=max_steps, wandb=wandb)
+        display = LiveDisplay()
+        with display.live:
+            result = Trainer(resolved, resume=resume, on_event=display).run()
+        console.print(_summary_table(result))
+        if result.status == "interrupted":
+            error_console.print("interrupted: a checkpoint was saved; continue with --resume")
+            raise typer.Exit(130)
+        if result.status == "diverged":
+            error_console.print(f"[bold red]diverged:[/] {result.message}")
+            raise typer.Exit(1)

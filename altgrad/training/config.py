@@ -1,0 +1,178 @@
+"""Training configuration: one dataclass, presets, YAML files and command-line overrides.
+
+Precedence: dataclass defaults < preset < YAML file < command-line flags. Unknown keys are
+errors that list the valid ones; the resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserError
+
+PRECISIONS = ("fp32", "bf16")
+WANDB_MODES = ("disabled", "offline", "online")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # run
+    run_name: str | None = None  # default: <preset>-<precision>-seed<seed>
+    runs_dir: str = "runs"
+    preset: str = "small"
+    seed: int = 1337
+    device: str = "auto"
+    compile: bool = False
+    # data
+    data: str | None = None  # prepared data directory; default data/eurlex, else the built-in corpus
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    bias: bool = True
+    # optimisation
+    precision: str = "bf16"
+    batch_size: int = 12
+    grad_accum: int = 1
+    max_steps: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    lr_decay_steps: int | None = None  # default: max_steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    nan_patience: int = 5
+    # evaluation, checkpoints, tracking
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 250
+    keep_checkpoints: int = 2
+    wandb: str = "disabled"
+    wandb_project: str = "altgrad"
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            (self.wandb in WANDB_MODES, f"wandb must be one of {', '.join(WANDB_MODES)}"),
+            (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
+            (self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}"),
+            (self.n_embd % self.n_head == 0, "n_embd must be divisible by n_head"),
+            (self.max_steps >= 1 and self.batch_size >= 1 and self.grad_accum >= 1,
+             "max_steps, batch_size and grad_accum must be >= 1"),
+            (self.eval_interval >= 1 and self.log_interval >= 1 and self.checkpoint_interval >= 1,
+             "eval_interval, log_interval and checkpoint_interval must be >= 1"),
+            (self.keep_checkpoints >= 1 and self.nan_patience >= 1, "keep_checkpoints and nan_patience must be >= 1"),
+            (0 <= self.min_lr <= self.lr, "need 0 <= min_lr <= lr"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"bad config: {message}")
+
+    @property
+    def name(self) -> str:
+        return self.run_name or f"{self.preset}-{self.precision}-seed{self.seed}"
+
+    @property
+    def decay_steps(self) -> int:
+        return self.lr_decay_steps or self.max_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.block_size
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["tags"] = list(self.tags)
+        return data
+
+
+#: Presets: tiny is for tests (seconds), small is nanoGPT's CPU config (minutes on a laptop),
+#: paper is the GPU config of the original plan.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_steps=60, lr=3e-3,
+                 min_lr=3e-4, warmup_steps=5, eval_interval=20, eval_iters=4, log_interval=5,
+                 checkpoint_interval=20),
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_steps=2000, lr=1e-3,
+                  min_lr=1e-4, warmup_steps=100, eval_interval=250, eval_iters=20, log_interval=10,
+                  checkpoint_interval=250),
+    "paper": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=12, max_steps=2000, lr=6e-4,
+                  min_lr=6e-5, warmup_steps=100, grad_clip=1.0, eval_interval=250, eval_iters=100,
+                  log_interval=10, checkpoint_interval=250),
+}
+
+CONFIG_FILE_NAME = "config.yaml"
+FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+
+
+def _check_keys(values: dict[str, Any], origin: str) -> None:
+    unknown = sorted(set(values) - set(FIELD_NAMES))
+    if unknown:
+        raise UserError(f"unknown config key(s) {', '.join(unknown)} in {origin}; valid keys: {', '.join(FIELD_NAMES)}")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping (safe_load), with a clear error for anything else."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} not found") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of keys to values")
+    _check_keys(data, str(path))
+    return data
+
+
+def _coerce(values: dict[str, Any], origin: str) -> dict[str, Any]:
+    """Check each value against its field's type (YAML gives ints for floats, lists for tuples)."""
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    out = {}
+    for key, value in values.items():
+        kind = types[key]
+        if value is None:
+            if "None" not in str(kind):
+                raise UserError(f"{key} in {origin} cannot be empty")
+        elif kind in ("float", "float | None") and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif kind.startswith("tuple"):
+            value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        expected = {"int": int, "float": float, "bool": bool, "str": str}.get(kind.split(" | ")[0])
+        if value is not None and expected is not None:
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise UserError(f"{key} in {origin} must be {kind}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def resolve_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults < preset < YAML file < overrides (None values in overrides are ignored)."""
+    file_values = read_yaml(path) if path else {}
+    cli_values = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _check_keys(cli_values, "command-line options")
+    preset = cli_values.get("preset", file_values.get("preset", TrainConfig.preset))
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    merged = {**PRESETS[preset], **_coerce(file_values, str(path)), **_coerce(cli_values, "command-line options")}
+    merged["preset"] = preset
+    return TrainConfig(**merged)
+
+
+def config_from_dict(values: dict[str, Any], origin: str) -> TrainConfig:
+    """Rebuild a saved config (e.g. a run's config.yaml on resume)."""
+    _check_keys(values, origin)
+    return TrainConfig(**_coerce(values, origin))

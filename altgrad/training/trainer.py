@@ -1,0 +1,263 @@
+"""The training loop: deterministic, resumable, tracked.
+
+One `Trainer` owns a run directory ``<runs_dir>/<run_name>/``. Batches depend only on
+(seed, step), initial weights only on the seed, so runs with the same seed are paired across
+precisions and formats, and a resumed run continues exactly where the checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.loader import TokenBatches
+from ..data.prepare import ensure_builtin_data, load_meta
+from ..errors import UserError
+from ..io import write_yaml
+from ..model import GPT, GPTConfig
+from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
+from .config import CONFIG_FILE_NAME, TrainConfig, config_from_dict, read_yaml
+from .tracking import RunTracker
+
+DEFAULT_DATA = Path("data") / "eurlex"
+Event = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    status: str  # completed | diverged | interrupted
+    steps: int
+    tokens: int
+    wall_s: float
+    final_val_loss: float | None
+    best_val_loss: float | None
+    nonfinite_steps: int
+    run_dir: Path
+    message: str = ""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but PyTorch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warmup to ``lr``, cosine decay to ``min_lr`` at ``decay_steps``, then flat."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / (config.warmup_steps + 1)
+    if step >= config.decay_steps:
+        return config.min_lr
+    progress = (step - config.warmup_steps) / max(1, config.decay_steps - config.warmup_steps)
+    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+def find_data(config: TrainConfig, notify: Event) -> tuple[Path, dict[str, Any]]:
+    """The prepared data to train on: ``config.data``, else data/eurlex, else the built-in corpus."""
+    if config.data:
+        return Path(config.data), load_meta(Path(config.data))
+    if (DEFAULT_DATA / "meta.json").exists():
+        return DEFAULT_DATA, load_meta(DEFAULT_DATA)
+    notify("warning", {"message": f"no prepared data in {DEFAULT_DATA}; training on the built-in corpus "
+                                  "(run `altgrad prepare-data eurlex` for EurLex)"})
+    folder = ensure_builtin_data(DEFAULT_DATA.parent)
+    return folder, load_meta(folder)
+
+
+def run_directory(config: TrainConfig) -> Path:
+    return Path(config.runs_dir) / config.name
+
+
+def resume_config(run_dir: Path, max_steps: int | None = None, wandb: str | None = None) -> TrainConfig:
+    """A run's saved config, optionally with more steps or another W&B mode."""
+    path = Path(run_dir) / CONFIG_FILE_NAME
+    if not path.exists():
+        raise UserError(f"nothing to resume: {path} not found")
+    config = config_from_dict(read_yaml(path), str(path))
+    changes = {k: v for k, v in (("max_steps", max_steps), ("wandb", wandb)) if v is not None}
+    return dataclasses.replace(config, **changes)
+
+
+def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices and embeddings (>= 2-D) only, never on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool = False, on_event: Event | None = None):
+        self.config = config
+        self.resume = resume
+        self.notify: Event = on_event or (lambda kind, payload: None)
+        self.run_dir = run_directory(config)
+        self.device = resolve_device(config.device)
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _check_run_dir(self) -> None:
+        exists = (self.run_dir / CONFIG_FILE_NAME).exists()
+        if exists and not self.resume:
+            raise UserError(f"run {self.run_dir} already exists; add --resume to continue it or choose another --run-name")
+        if self.resume and not list_checkpoints(self.run_dir):
+            raise UserError(f"nothing to resume in {self.run_dir}: no checkpoints")
+
+    def _build(self):
+        cfg = self.config
+        self.data_dir, self.meta = find_data(cfg, self.notify)
+        torch.manual_seed(cfg.seed)  # same seed, same initial weights, whatever the precision
+        self.model = GPT(GPTConfig(vocab_size=int(self.meta["vocab_size"]), block_size=cfg.block_size,
+                                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                   dropout=cfg.dropout, bias=cfg.bias)).to(self.device)
+        self.optimizer = torch.optim.AdamW(_decay_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.beta1, cfg.beta2))
+        self.batches = TokenBatches(self.data_dir, cfg.block_size, cfg.batch_size, cfg.seed, self.device)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+    def _autocast(self):
+        if self.config.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- pieces of a step -----------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        losses = []
+        for x, y in self.batches.val_batches(self.config.eval_iters):
+            with self._autocast():
+                _, loss = self.forward(x, y)
+            losses.append(float(loss))
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def _train_step(self, step: int) -> tuple[float, float]:
+        """Forward/backward over the micro-batches of ``step``; returns (loss, grad norm)."""
+        cfg = self.config
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = self.batches.train_batch(step, micro)
+            with self._autocast():
+                _, loss = self.forward(x, y)
+            (loss / cfg.grad_accum).backward()
+            total += float(loss.detach()) / cfg.grad_accum
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        return total, grad_norm
+
+    def _state(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": capture_rng(),
+            "trainer": dict(self.counters),
+            "config": self.config.to_dict(),
+        }
+
+    def _save(self, step: int) -> None:
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            self.notify("warning", {"message": f"step {step}: weights are not finite; checkpoint not written"})
+            return
+        path = save_checkpoint(self.run_dir, step, self._state(step), self.config.keep_checkpoints)
+        self.notify("checkpoint", {"step": step, "path": str(path)})
+
+    def _restore(self) -> int:
+        state = load_checkpoint(list_checkpoints(self.run_dir)[-1], map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"])
+        self.counters.update(state["trainer"])
+        return int(state["step"])
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.config
+        self._check_run_dir()
+        self._build()
+        self.counters = {"tokens": 0, "nonfinite_steps": 0, "consecutive_nonfinite": 0, "wall_s": 0.0,
+                         "best_val_loss": None, "final_val_loss": None}
+        start = self._restore() if self.resume else 0
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_yaml(self.run_dir / CONFIG_FILE_NAME, cfg.to_dict())
+        tracker = RunTracker(self.run_dir, cfg.to_dict(), cfg.wandb, cfg.wandb_project,
+                             resume_step=start if self.resume else None)
+        self.notify("start", {"run_dir": str(self.run_dir), "data": str(self.data_dir), "device": str(self.device),
+                              "params": self.model.num_parameters(), "start_step": start,
+                              "max_steps": cfg.max_steps, "vocab_size": int(self.meta["vocab_size"])})
+        status, message, step = "completed", "", start
+        began = time.perf_counter() - self.counters["wall_s"]
+        try:
+            if start == 0:
+                self._record(tracker, 0, {"val_loss": self.evaluate(), "lr": learning_rate(0, cfg)})
+            window_start, window_tokens = time.perf_counter(), 0
+            while step < cfg.max_steps:
+                lr = learning_rate(step, cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss, grad_norm = self._train_step(step)
+                step += 1
+                if math.isfinite(loss) and math.isfinite(grad_norm):
+                    self.optimizer.step()
+                    self.counters["consecutive_nonfinite"] = 0
+                else:
+                    self.counters["nonfinite_steps"] += 1
+                    self.counters["consecutive_nonfinite"] += 1
+                    self.notify("warning", {"message": f"step {step}: non-finite loss or gradient, step skipped"})
+                self.optimizer.zero_grad(set_to_none=True)
+                self.counters["tokens"] += cfg.tokens_per_step
+                window_tokens += cfg.tokens_per_step
+                if self.counters["consecutive_nonfinite"] >= cfg.nan_patience:
+                    status = "diverged"
+                    message = f"{cfg.nan_patience} consecutive non-finite steps at step {step}"
+                    break
+                is_eval = step % cfg.eval_interval == 0 or step == cfg.max_steps
+                if step % cfg.log_interval == 0 or is_eval:
+                    elapsed = time.perf_counter() - window_start
+                    record = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
+                              "tokens_per_s": window_tokens / elapsed if elapsed > 0 else 0.0,
+                              "tokens": self.counters["tokens"]}
+                    if is_eval:
+                        record["val_loss"] = self.evaluate()
+                    self._record(tracker, step, record)
+                    window_start, window_tokens = time.perf_counter(), 0
+                if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
+                    self.counters["wall_s"] = time.perf_counter() - began
+                    self._save(step)
+        except KeyboardInterrupt:
+            status, message = "interrupted", f"interrupted at step {step}"
+            self.counters["wall_s"] = time.perf_counter() - began
+            self._save(step)
+        if status == "diverged":
+            self.counters["wall_s"] = time.perf_counter() - began
+            self._save(step)
+        self.counters["wall_s"] = time.perf_counter() - began
+        result = TrainResult(status=status, steps=step, tokens=self.counters["tokens"], wall_s=self.counters["wall_s"],
+                             final_val_loss=self.counters["final_val_loss"],
+                             best_val_loss=self.counters["best_val_loss"],
+                             nonfinite_steps=self.counters["nonfinite_steps"], run_dir=self.run_dir, message=message)
+        tracker.write_summary({k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
+                              | {"params": self.model.num_parameters(), "precision": cfg.precision,
+                                 "seed": cfg.seed, "device": str(self.device)})
+        tracker.close()
+        return result
+
+    def _record(self, tracker: RunTracker, step: int, record: dict[str, Any]) -> None:
+        if "val_loss" in record and math.isfinite(record["val_loss"]):
+            best = self.counters["best_val_loss"]
+            self.counters["best_val_loss"] = record["val_loss"] if best is None else min(best, record["val_loss"])
+            self.counters["final_val_loss"] = record["val_loss"]
+        record = {"step": step, **record}
+        tracker.log(record)
+        self.notify("log", record)
