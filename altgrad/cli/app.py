@@ -5,7 +5,9 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
+from .data import prepare_data
 from .formats import inspect_format
+from .train import train
 
 app = typer.Typer(
     name="altgrad",
@@ -15,6 +17,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.command("inspect-format")(inspect_format)
+app.command("prepare-data")(prepare_data)
+app.command("train")(train)
 
 
 def _version(value: bool) -> None:

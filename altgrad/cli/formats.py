@@ -6,7 +6,6 @@ import json
 from typing import Optional
 
 import typer
-from rich import box
 from rich.columns import Columns
 from rich.console import Group
 from rich.table import Table
