@@ -101,6 +101,8 @@ def train(
         display = LiveDisplay()
         with display.live:
             result = Trainer(resolved, resume=resume, on_event=display).run()
+        if not console.is_terminal:
+            console.print()  # the live table's last frame ends without a newline off a terminal
         console.print(_summary_table(result))
         if result.status == "interrupted":
             error_console.print("interrupted: a checkpoint was saved; continue with --resume")
