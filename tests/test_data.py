@@ -265,12 +265,18 @@ def _fail_after(count):
     return add
 
 
-def test_writes_are_atomic(tmp_path, monkeypatch):
+def _prepared_split_folder(tmp_path):
+    """A source folder with train/val files, already prepared once into tmp_path/out."""
     source = tmp_path / "src"
     _write_jsonl(source / "train.jsonl", _records(TRAIN))
     _write_jsonl(source / "val.jsonl", _records(VAL))
     out = tmp_path / "out"
     prepare_dataset("eurlex", source=source, tokenizer="byte", out=out)
+    return source, out
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    source, out = _prepared_split_folder(tmp_path)
     before = {name: (out / name).read_bytes() for name in ("train.bin", "val.bin", "meta.json")}
 
     # A run that dies half-way leaves the previous dataset exactly as it was, and no temp files.
@@ -300,11 +306,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
 
 
 def test_a_failure_while_swapping_leaves_no_meta(tmp_path, monkeypatch):
-    source = tmp_path / "src"
-    _write_jsonl(source / "train.jsonl", _records(TRAIN))
-    _write_jsonl(source / "val.jsonl", _records(VAL))
-    out = tmp_path / "out"
-    prepare_dataset("eurlex", source=source, tokenizer="byte", out=out)
+    source, out = _prepared_split_folder(tmp_path)
 
     def broken(path, payload):
         raise OSError("disk full")

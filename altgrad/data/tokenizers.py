@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Protocol
 
 from ..errors import UserError
 
@@ -11,7 +12,7 @@ TOKENIZERS = ("gpt2", "byte")
 TIKTOKEN_HOST = "openaipublic.blob.core.windows.net"
 
 
-class Tokenizer:
+class Tokenizer(Protocol):
     """What preparing and reading a corpus needs: a name, the vocabulary size and the end-of-text id."""
 
     name: str
@@ -20,10 +21,9 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special-token spellings in the text are plain text, never `eot_token`."""
-        raise NotImplementedError
+        ...
 
-    def decode(self, ids: Sequence[int]) -> str:
-        raise NotImplementedError
+    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 class ByteTokenizer(Tokenizer):

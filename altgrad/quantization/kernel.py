@@ -33,7 +33,7 @@ _MASK32 = 0xFFFFFFFF
 
 # Params tensor layout (int32, on the input's device): kept as data, not Python constants, so
 # that one compiled graph serves every format without recompiling.
-P_MANTISSA, P_EMIN_BIASED, P_MAX_BITS, P_OVERFLOW_BITS, P_INF_BITS = range(5)
+P_MANTISSA, P_EMIN_BIASED, P_MAX_BITS, P_OVERFLOW_BITS = range(4)
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def round_float32_bits(x: torch.Tensor, params: torch.Tensor, seed: torch.Tensor
     out = steps.to(torch.float32).view(torch.int32) + scale_field
     out = torch.where(steps == 0, torch.zeros_like(out), out)
     out = torch.where(out > params[P_MAX_BITS], params[P_OVERFLOW_BITS], out)
-    out = torch.where(magnitude == _INF_BITS, params[P_INF_BITS], out)
+    out = torch.where(magnitude == _INF_BITS, params[P_OVERFLOW_BITS], out)  # ±inf in: as overflow
     out = torch.where(magnitude > _INF_BITS, magnitude, out)  # NaN in, NaN out (payload kept)
     return (out | sign).view(torch.float32).to(x.dtype)
 

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from .formats import FloatFormat, get_format
-from .kernel import P_EMIN_BIASED, P_INF_BITS, P_MANTISSA, P_MAX_BITS, P_OVERFLOW_BITS, run_kernel
+from .kernel import P_EMIN_BIASED, P_MANTISSA, P_MAX_BITS, P_OVERFLOW_BITS, run_kernel
 
 Rounding = Literal["nearest", "stochastic"]
 ROUNDINGS = ("nearest", "stochastic")
@@ -40,12 +40,11 @@ def _params(fmt: FloatFormat, saturate: bool, device: torch.device) -> torch.Ten
         overflow = _NAN_BITS
     else:
         overflow = max_bits
-    values = [0] * 5
+    values = [0] * 4
     values[P_MANTISSA] = fmt.mantissa_bits
     values[P_EMIN_BIASED] = fmt.emin + 127
     values[P_MAX_BITS] = max_bits
     values[P_OVERFLOW_BITS] = overflow
-    values[P_INF_BITS] = overflow
     return torch.tensor(values, dtype=torch.int32, device=device)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..data.loader import TokenBatches
-from ..data.prepare import ensure_builtin_data, load_meta
+from ..data.prepare import DEFAULT_DATA_ROOT, ensure_builtin_data, load_meta
 from ..errors import UserError
 from ..io import write_yaml
 from ..model import GPT, GPTConfig
@@ -27,7 +27,7 @@ from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_
 from .config import CONFIG_FILE_NAME, TrainConfig, config_from_dict, read_yaml
 from .tracking import RunTracker
 
-DEFAULT_DATA = Path("data") / "eurlex"
+DEFAULT_DATA = DEFAULT_DATA_ROOT / "eurlex"
 Event = Callable[[str, dict[str, Any]], None]
 
 
@@ -237,12 +237,9 @@ class Trainer:
                     self._save(step)
         except KeyboardInterrupt:
             status, message = "interrupted", f"interrupted at step {step}"
-            self.counters["wall_s"] = time.perf_counter() - began
-            self._save(step)
-        if status == "diverged":
-            self.counters["wall_s"] = time.perf_counter() - began
-            self._save(step)
         self.counters["wall_s"] = time.perf_counter() - began
+        if status != "completed":  # a completed run saved its last step in the loop
+            self._save(step)
         result = TrainResult(status=status, steps=step, tokens=self.counters["tokens"], wall_s=self.counters["wall_s"],
                              final_val_loss=self.counters["final_val_loss"],
                              best_val_loss=self.counters["best_val_loss"],
