@@ -104,15 +104,14 @@ def round_float32_bits(x: torch.Tensor, params: torch.Tensor, seed: torch.Tensor
     return (out | sign).view(torch.float32).to(x.dtype)
 
 
-_compiled = None
+_compiled: dict = {}
 _compile_failed = False
 
 
-def _compiled_kernel():
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(round_float32_bits, dynamic=True, fullgraph=True)
-    return _compiled
+def _compiled_version(fn):
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _compiled[fn]
 
 
 #: Tensors at least this large use the compiled kernel under ``kernel="auto"``; smaller ones
@@ -128,23 +127,30 @@ def default_kernel() -> str:
     return choice if choice in KERNELS else "auto"
 
 
-def run_kernel(x: torch.Tensor, params: torch.Tensor, seed: torch.Tensor | None, kernel: str) -> torch.Tensor:
-    """Dispatch to the compiled or the eager kernel (bit-identical results)."""
+def run_compiled(fn, kernel: str, numel: int, *args, min_numel: int = COMPILE_MIN_NUMEL):
+    """``fn(*args)``, compiled or eager per ``kernel`` (auto | compiled | eager; bit-identical).
+
+    ``auto`` compiles for tensors of at least ``min_numel`` elements, and falls back to eager
+    for good if compilation fails (no C++ compiler, unsupported backend, ...).
+    """
     global _compile_failed
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     if kernel == "auto":
         kernel = default_kernel()
-    use_compiled = kernel == "compiled" or (
-        kernel == "auto" and x.numel() >= COMPILE_MIN_NUMEL and not _compile_failed
-    )
+    use_compiled = kernel == "compiled" or (kernel == "auto" and numel >= min_numel and not _compile_failed)
     if torch.compiler.is_compiling() or not use_compiled:
-        return round_float32_bits(x, params, seed)
+        return fn(*args)
     try:
-        return _compiled_kernel()(x, params, seed)
-    except Exception as error:  # no C++ compiler, unsupported backend, ...
+        return _compiled_version(fn)(*args)
+    except Exception as error:
         if kernel == "compiled":
             raise
         _compile_failed = True
-        log.warning("torch.compile of the quantize kernel failed (%s); using the eager kernel", error)
-        return round_float32_bits(x, params, seed)
+        log.warning("torch.compile of a quantize kernel failed (%s); using eager kernels", error)
+        return fn(*args)
+
+
+def run_kernel(x: torch.Tensor, params: torch.Tensor, seed: torch.Tensor | None, kernel: str) -> torch.Tensor:
+    """Round x with the compiled or the eager kernel (bit-identical results)."""
+    return run_compiled(round_float32_bits, kernel, x.numel(), x, params, seed)

@@ -19,7 +19,7 @@ _INF_BITS = 0x7F800000
 _NAN_BITS = 0x7FC00000
 
 
-def _float32_bits(value: float) -> int:
+def float32_bits(value: float) -> int:
     return struct.unpack("<i", struct.pack("<f", value))[0]
 
 
@@ -31,7 +31,7 @@ def _params(fmt: FloatFormat, saturate: bool, device: torch.device) -> torch.Ten
     becomes inf where the format has inf, else NaN where it has NaN, else ±max (a format with
     neither has nothing else to give). Input ±inf follows the same rule, as in gfloat.
     """
-    max_bits = _float32_bits(fmt.max)
+    max_bits = float32_bits(fmt.max)
     if saturate:
         overflow = max_bits
     elif fmt.has_inf:
