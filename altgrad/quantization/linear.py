@@ -75,8 +75,11 @@ class OperandQuantizer:
         self.last_scale: torch.Tensor | None = None
         self.alive: torch.Tensor | None = None  # per input feature: non-zero anywhere while collecting
 
-    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(grid values in ``dtype``, the scale they carry): x ≈ values / scale."""
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype, record: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grid values in ``dtype``, the scale they carry): x ≈ values / scale.
+
+        ``record=False`` (evaluation) leaves the delayed-scaling history untouched.
+        """
         if self.fmt is None:
             return x.to(dtype), torch.ones((), device=x.device)
         x = x.detach()
@@ -90,7 +93,8 @@ class OperandQuantizer:
             q, scale = cast_to_grid(x, self.fmt, self.tracker.amax_for_scale(amax), margin=scaling.margin,
                                     power_of_two=scaling.power_of_two, rounding=self.rounding,
                                     generator=self.generator, out_dtype=dtype)
-            self.tracker.record_amax(amax)
+            if record:
+                self.tracker.record_amax(amax)
         if self.collecting:
             self.stats.append(measure_quantization(x.float() * scale, q, self.fmt, scale))
             if self.track_alive:
@@ -131,8 +135,8 @@ class _QuantizedLinearFunction(torch.autograd.Function):
         dtype = GEMM_DTYPES[layer.config.gemm_dtype]
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            qx, sx = layer.quantizers["activation"](x, dtype)
-            qw, sw = layer.quantizers["weight"](weight, dtype)
+            qx, sx = layer.quantizers["activation"](x, dtype, layer.training)
+            qw, sw = layer.quantizers["weight"](weight, dtype, layer.training)
             inverse = 1.0 / (sx * sw)
             b = None if bias is None else bias.detach().to(dtype)
             if layer.exact_scales:

@@ -14,10 +14,13 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
+from ..model.surgery import QuantPolicy, build_policy
 
 PRECISIONS = ("fp32", "bf16")
 WANDB_MODES = ("disabled", "offline", "online")
 DEVICES = ("auto", "cpu", "cuda")
+POLICY_DEFAULT_KEYS = ("rounding", "grad_rounding", "scaling", "amax_history_len", "scale_margin",
+                       "power_of_two_scales", "gemm_dtype")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,27 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     nan_patience: int = 5
+    # simulated low precision (DESIGN §2): `format` puts every Linear in one format; `policy`
+    # (a list of rules {layers: pattern, format | weight/activation/gradient, ...}) mixes them.
+    format: str | None = None
+    grad_format: str = "E5M2"
+    rounding: str = "nearest"
+    grad_rounding: str = "nearest"
+    scaling: str = "current"
+    amax_history_len: int = 16
+    scale_margin: int = 0
+    power_of_two_scales: bool = True
+    gemm_dtype: str = "bf16"
+    policy: tuple[dict, ...] = field(default_factory=tuple)
+    # monitoring: quantization statistics, bit-stall, dead units, the FP32 gradient shadow
+    stats_interval: int = 10
+    dead_window: int = 100
+    use_shadow: bool = False
+    shadow_interval: int = 10
+    overflow_threshold: float = 0.001
+    underflow_threshold: float = 0.5
+    bit_stall_threshold: float = 0.99
+    grad_cos_threshold: float = 0.9
     # evaluation, checkpoints, tracking
     eval_interval: int = 250
     eval_iters: int = 20
@@ -75,14 +99,34 @@ class TrainConfig:
              "eval_interval, log_interval and checkpoint_interval must be >= 1"),
             (self.keep_checkpoints >= 1 and self.nan_patience >= 1, "keep_checkpoints and nan_patience must be >= 1"),
             (0 <= self.min_lr <= self.lr, "need 0 <= min_lr <= lr"),
+            (self.stats_interval >= 1 and self.shadow_interval >= 1 and self.dead_window >= 1,
+             "stats_interval, shadow_interval and dead_window must be >= 1"),
+            (not (self.format and self.policy), "give either format (one format everywhere) or policy, not both"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(f"bad config: {message}")
+        self.quant_policy()  # a bad format or rule fails here, before any work
+
+    def quant_policy(self) -> QuantPolicy | None:
+        """The Linear-layer policy: None for a plain FP32/BF16 run."""
+        defaults = {key: getattr(self, key) for key in POLICY_DEFAULT_KEYS}
+        defaults["gradient"] = self.grad_format
+        if self.policy:
+            return build_policy(list(self.policy), defaults)
+        if self.format:
+            return build_policy([{"layers": "*", "format": self.format}], defaults)
+        return None
 
     @property
+    def label(self) -> str:
+        """What the run computes in: bf16, e5m2, mixed, ..."""
+        if self.policy:
+            return "mixed"
+        return self.format.lower().replace(":", "-").replace("=", "") if self.format else self.precision
+    @property
     def name(self) -> str:
-        return self.run_name or f"{self.preset}-{self.precision}-seed{self.seed}"
+        return self.run_name or f"{self.preset}-{self.label}-seed{self.seed}"
 
     @property
     def decay_steps(self) -> int:
@@ -95,6 +139,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["tags"] = list(self.tags)
+        data["policy"] = [dict(rule) for rule in self.policy]
         return data
 
 

@@ -23,8 +23,11 @@ from ..data.prepare import DEFAULT_DATA_ROOT, ensure_builtin_data, load_meta
 from ..errors import UserError
 from ..io import write_yaml
 from ..model import GPT, GPTConfig
+from ..model.surgery import LayerAssignment, quantize_model
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from .config import CONFIG_FILE_NAME, TrainConfig, config_from_dict, read_yaml
+from .monitors import QuantMonitor, Thresholds
+from .shadow import GradientShadow
 from .tracking import RunTracker
 
 DEFAULT_DATA = DEFAULT_DATA_ROOT / "eurlex"
@@ -117,9 +120,17 @@ class Trainer:
         cfg = self.config
         self.data_dir, self.meta = find_data(cfg, self.notify)
         torch.manual_seed(cfg.seed)  # same seed, same initial weights, whatever the precision
-        self.model = GPT(GPTConfig(vocab_size=int(self.meta["vocab_size"]), block_size=cfg.block_size,
-                                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                                   dropout=cfg.dropout, bias=cfg.bias)).to(self.device)
+        model_config = GPTConfig(vocab_size=int(self.meta["vocab_size"]), block_size=cfg.block_size,
+                                 n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                 dropout=cfg.dropout, bias=cfg.bias)
+        self.model = GPT(model_config).to(self.device)
+        policy = cfg.quant_policy()
+        # Surgery after the weights exist: the same seed gives the same weights in every format.
+        self.layers: list[LayerAssignment] = quantize_model(self.model, policy, cfg.seed) if policy else []
+        self.monitor = QuantMonitor(self.model, cfg.dead_window)
+        self.shadow = GradientShadow(model_config, self.device) if cfg.use_shadow else None
+        self.thresholds = Thresholds(cfg.overflow_threshold, cfg.underflow_threshold, cfg.bit_stall_threshold,
+                                     cfg.grad_cos_threshold)
         self.optimizer = torch.optim.AdamW(_decay_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
         self.batches = TokenBatches(self.data_dir, cfg.block_size, cfg.batch_size, cfg.seed, self.device)
@@ -142,19 +153,46 @@ class Trainer:
         self.model.train()
         return sum(losses) / len(losses)
 
-    def _train_step(self, step: int) -> tuple[float, float]:
-        """Forward/backward over the micro-batches of ``step``; returns (loss, grad norm)."""
-        cfg = self.config
+    def _micro_batches(self, step: int):
+        return [self.batches.train_batch(step, micro) for micro in range(self.config.grad_accum)]
+
+    def _forward_backward(self, step: int) -> float:
+        """Forward/backward over the micro-batches of ``step``; returns the mean loss."""
         total = 0.0
-        for micro in range(cfg.grad_accum):
-            x, y = self.batches.train_batch(step, micro)
+        for x, y in self._micro_batches(step):
             with self._autocast():
                 _, loss = self.forward(x, y)
-            (loss / cfg.grad_accum).backward()
-            total += float(loss.detach()) / cfg.grad_accum
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        return total, grad_norm
+            (loss / self.config.grad_accum).backward()
+            total += float(loss.detach()) / self.config.grad_accum
+        return total
+
+    def _clip(self) -> float:
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+
+    def _step(self, step: int) -> tuple[float, float, bool, dict[str, float]]:
+        """One optimizer step (1-based ``step`` once done): (loss, grad norm, applied, monitor metrics)."""
+        cfg = self.config
+        stats_now = self.monitor.active and (step + 1) % cfg.stats_interval == 0
+        shadow_now = self.shadow is not None and (step + 1) % cfg.shadow_interval == 0
+        rng_state = capture_rng() if shadow_now else None
+        self.monitor.collect(stats_now)
+        try:
+            loss = self._forward_backward(step)
+        finally:
+            self.monitor.collect(False)
+        metrics = self.monitor.quantization_metrics(step + 1) if stats_now else {}
+        if shadow_now:
+            metrics |= self.shadow.compare(self.model, self._micro_batches(step), cfg.grad_accum, rng_state)
+        grad_norm = self._clip()
+        applied = math.isfinite(loss) and math.isfinite(grad_norm)
+        if applied:
+            if stats_now:
+                self.monitor.before_step()
+            self.optimizer.step()
+            if stats_now:
+                metrics |= self.monitor.after_step()
+        return loss, grad_norm, applied, metrics
 
     def _state(self, step: int) -> dict[str, Any]:
         return {
@@ -163,6 +201,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": capture_rng(),
             "trainer": dict(self.counters),
+            "monitor": self.monitor.state_dict(),
             "config": self.config.to_dict(),
         }
 
@@ -179,6 +218,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"])
         self.counters.update(state["trainer"])
+        self.monitor.load_state_dict(state.get("monitor", {"alive": {}, "window_began": 0}))
         return int(state["step"])
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -187,7 +227,7 @@ class Trainer:
         self._check_run_dir()
         self._build()
         self.counters = {"tokens": 0, "nonfinite_steps": 0, "consecutive_nonfinite": 0, "wall_s": 0.0,
-                         "best_val_loss": None, "final_val_loss": None}
+                         "best_val_loss": None, "final_val_loss": None, "alerts": {}, "alerting": []}
         start = self._restore() if self.resume else 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_yaml(self.run_dir / CONFIG_FILE_NAME, cfg.to_dict())
@@ -195,7 +235,8 @@ class Trainer:
                              resume_step=start if self.resume else None)
         self.notify("start", {"run_dir": str(self.run_dir), "data": str(self.data_dir), "device": str(self.device),
                               "params": self.model.num_parameters(), "start_step": start,
-                              "max_steps": cfg.max_steps, "vocab_size": int(self.meta["vocab_size"])})
+                              "max_steps": cfg.max_steps, "vocab_size": int(self.meta["vocab_size"]),
+                              "layers": self.layers, "label": cfg.label})
         status, message, step = "completed", "", start
         began = time.perf_counter() - self.counters["wall_s"]
         try:
@@ -206,10 +247,9 @@ class Trainer:
                 lr = learning_rate(step, cfg)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                loss, grad_norm = self._train_step(step)
+                loss, grad_norm, applied, monitored = self._step(step)
                 step += 1
-                if math.isfinite(loss) and math.isfinite(grad_norm):
-                    self.optimizer.step()
+                if applied:
                     self.counters["consecutive_nonfinite"] = 0
                 else:
                     self.counters["nonfinite_steps"] += 1
@@ -223,11 +263,11 @@ class Trainer:
                     message = f"{cfg.nan_patience} consecutive non-finite steps at step {step}"
                     break
                 is_eval = step % cfg.eval_interval == 0 or step == cfg.max_steps
-                if step % cfg.log_interval == 0 or is_eval:
+                if step % cfg.log_interval == 0 or is_eval or monitored:
                     elapsed = time.perf_counter() - window_start
-                    record = {"loss": loss, "lr": lr, "grad_norm": grad_norm,
+                    record = {"loss": loss, "lr": lr, "grad/norm": grad_norm,
                               "tokens_per_s": window_tokens / elapsed if elapsed > 0 else 0.0,
-                              "tokens": self.counters["tokens"]}
+                              "tokens": self.counters["tokens"], **monitored}
                     if is_eval:
                         record["val_loss"] = self.evaluate()
                     self._record(tracker, step, record)
@@ -246,7 +286,9 @@ class Trainer:
                              nonfinite_steps=self.counters["nonfinite_steps"], run_dir=self.run_dir, message=message)
         tracker.write_summary({k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
                               | {"params": self.model.num_parameters(), "precision": cfg.precision,
-                                 "seed": cfg.seed, "device": str(self.device)})
+                                 "seed": cfg.seed, "device": str(self.device), "label": cfg.label,
+                                 "alerts": self.counters["alerts"],
+                                 "layers": {a.name: _describe(a) for a in self.layers}})
         tracker.close()
         return result
 
@@ -256,5 +298,29 @@ class Trainer:
             self.counters["best_val_loss"] = record["val_loss"] if best is None else min(best, record["val_loss"])
             self.counters["final_val_loss"] = record["val_loss"]
         record = {"step": step, **record}
+        self._check_thresholds(step, record)
         tracker.log(record)
         self.notify("log", record)
+
+    def _check_thresholds(self, step: int, record: dict[str, Any]) -> None:
+        """Warn when a monitored metric crosses its threshold (once per excursion) and count it."""
+        crossed = self.thresholds.crossed(record)
+        alerts, alerting = self.counters["alerts"], self.counters["alerting"]
+        for name, (value, message) in crossed.items():
+            seen = alerts.setdefault(name, {"count": 0, "first_step": step, "last_step": step, "message": message})
+            seen["count"] += 1
+            seen["last_step"] = step
+            if name not in alerting:
+                alerting.append(name)
+                self.notify("warning", {"message": f"step {step}: {message}"})
+        if crossed:
+            record["alerts"] = sorted(crossed)
+        # An alert clears once its metric is measured again and is back within bounds.
+        self.counters["alerting"] = [n for n in alerting if n in crossed or not self.thresholds.measured(n, record)]
+
+
+def _describe(assignment: LayerAssignment) -> dict[str, str]:
+    config = assignment.config
+    if config is None:
+        return {"weight": "high precision", "activation": "high precision", "gradient": "high precision"}
+    return {operand: config.format_name(operand) for operand in ("weight", "activation", "gradient")}
