@@ -9,6 +9,7 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
+from ..model.surgery import LayerAssignment
 from ..training import Trainer, TrainResult, resolve_config, resume_config, run_directory
 from .common import console, error_console, user_errors
 
@@ -22,6 +23,7 @@ class LiveDisplay:
         self.max_steps = 0
         self.start_step = 0
         self.warnings: list[str] = []
+        self.monitored: dict[str, float] = {}
         self.live = Live(self._render(), console=console, refresh_per_second=4, transient=False)
 
     def __call__(self, kind: str, payload: dict[str, Any]) -> None:
@@ -30,18 +32,23 @@ class LiveDisplay:
             console.print(f"[bold]run[/] {payload['run_dir']}  [bold]data[/] {payload['data']}  "
                           f"[bold]device[/] {payload['device']}  [bold]params[/] {payload['params']:,}"
                           + (f"  [bold]resuming at step[/] {self.start_step}" if self.start_step else ""))
+            if payload.get("layers"):
+                console.print(layer_table(payload["layers"]))
         elif kind == "log":
             self.latest = payload
             if "val_loss" in payload:
                 self.val_loss = payload["val_loss"]
+            self.monitored.update({key: payload[key] for _, key in MONITORED if key in payload})
         elif kind == "warning":
             self.warnings.append(payload["message"])
             self.live.console.print(f"[yellow]warning:[/] {payload['message']}")
         self.live.update(self._render())
 
     def _render(self) -> Table:
-        table = Table(box=None, padding=(0, 2))
-        for column in ("step", "loss", "val loss", "lr", "tokens/s", "ETA"):
+        table = Table(box=None, padding=(0, 1))
+        columns = ["step", "loss", "val loss", "lr", "tokens/s", "ETA"]
+        monitored = [(label, key) for label, key in MONITORED if key in self.monitored]
+        for column in columns + [label for label, _ in monitored]:
             table.add_column(column, justify="right")
         rec = self.latest
         step = rec.get("step", 0)
@@ -49,12 +56,35 @@ class LiveDisplay:
         tokens_left = (self.max_steps - step) * (rec.get("tokens", 0) / step if step else 0)
         eta = f"{tokens_left / rate:.0f}s" if rate else "-"
         table.add_row(f"{step}/{self.max_steps}", _fmt(rec.get("loss")), _fmt(self.val_loss),
-                      f"{rec['lr']:.2e}" if "lr" in rec else "-", f"{rate:,.0f}" if rate else "-", eta)
+                      f"{rec['lr']:.2e}" if "lr" in rec else "-", f"{rate:,.0f}" if rate else "-", eta,
+                      *[_fmt(self.monitored[key]) for _, key in monitored])
         return table
+
+
+#: Quantization metrics shown live once a run logs them: (column, metric name).
+MONITORED = (("bit-stall", "quant/bit_stall_rate"), ("overflow", "quant/overflow_rate"),
+             ("underflow", "quant/underflow_rate"), ("grad cos", "grad_cos_sim/mean"))
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def layer_table(layers: list[LayerAssignment]) -> Table:
+    """Which Linear layer computes in which format (the result of model surgery)."""
+    table = Table(title="Linear layers after surgery", title_justify="left")
+    table.add_column("layer", no_wrap=True)
+    for column in ("rule", "weight", "activation", "gradient", "rounding"):
+        table.add_column(column)
+    for layer in layers:
+        cfg = layer.config
+        if cfg is None:
+            table.add_row(layer.name, layer.pattern or "-", *["[dim]high precision[/]"] * 3, "-")
+        else:
+            rounding = cfg.rounding if cfg.rounding == cfg.grad_rounding else f"{cfg.rounding} / grad {cfg.grad_rounding}"
+            table.add_row(layer.name, layer.pattern, cfg.format_name("weight"), cfg.format_name("activation"),
+                          cfg.format_name("gradient"), rounding)
+    return table
 
 
 def _summary_table(result: TrainResult) -> Table:
@@ -65,6 +95,8 @@ def _summary_table(result: TrainResult) -> Table:
             ("steps", str(result.steps)), ("tokens", f"{result.tokens:,}"), ("wall time", f"{result.wall_s:.1f} s"),
             ("final val loss", _fmt(result.final_val_loss)), ("best val loss", _fmt(result.best_val_loss)),
             ("non-finite steps skipped", str(result.nonfinite_steps)), ("run directory", str(result.run_dir))]
+    rows += [(f"alert: {name}", f"{seen['count']}x from step {seen['first_step']} ({seen['message']})")
+             for name, seen in result.alerts.items()]
     for row in rows:
         table.add_row(*row)
     return table
@@ -73,7 +105,18 @@ def _summary_table(result: TrainResult) -> Table:
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
     preset: Optional[str] = typer.Option(None, help="tiny | small | paper"),
-    precision: Optional[str] = typer.Option(None, help="fp32 | bf16"),
+    precision: Optional[str] = typer.Option(None, help="fp32 | bf16 (layers outside the FP8 policy)"),
+    fmt: Optional[str] = typer.Option(None, "--format", "-f",
+                                      help="Simulate this format in every Linear (weights, activations), e.g. E5M2."),
+    grad_format: Optional[str] = typer.Option(None, "--grad-format", help="Gradient format (default E5M2)."),
+    rounding: Optional[str] = typer.Option(None, help="nearest | stochastic (weights and activations)"),
+    grad_rounding: Optional[str] = typer.Option(None, "--grad-rounding", help="nearest | stochastic"),
+    scaling: Optional[str] = typer.Option(None, help="current | delayed | none (per-tensor amax scaling)"),
+    shadow: Optional[bool] = typer.Option(None, "--shadow/--no-shadow",
+                                          help="Compare gradients with an FP32 shadow every --shadow-interval steps."),
+    shadow_interval: Optional[int] = typer.Option(None, "--shadow-interval"),
+    stats_interval: Optional[int] = typer.Option(None, "--stats-interval",
+                                                 help="Steps between quantization statistics."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps."),
     run_name: Optional[str] = typer.Option(None, "--run-name", help="Folder name under the runs directory."),
     runs_dir: Optional[str] = typer.Option(None, "--runs-dir", help="Where runs are written (default runs/)."),
@@ -94,7 +137,10 @@ def train(
         overrides = dict(preset=preset, precision=precision, max_steps=max_steps, run_name=run_name,
                          runs_dir=runs_dir, data=data, seed=seed, device=device, batch_size=batch_size,
                          grad_accum=grad_accum, lr=lr, eval_interval=eval_interval,
-                         checkpoint_interval=checkpoint_interval, compile=compile_model, wandb=wandb)
+                         checkpoint_interval=checkpoint_interval, compile=compile_model, wandb=wandb,
+                         format=fmt, grad_format=grad_format, rounding=rounding, grad_rounding=grad_rounding,
+                         scaling=scaling, use_shadow=shadow, shadow_interval=shadow_interval,
+                         stats_interval=stats_interval)
         resolved = resolve_config(config, overrides)
         if resume:
             resolved = resume_config(run_directory(resolved), max_steps=max_steps, wandb=wandb)

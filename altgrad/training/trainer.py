@@ -45,6 +45,7 @@ class TrainResult:
     nonfinite_steps: int
     run_dir: Path
     message: str = ""
+    alerts: dict[str, Any] = dataclasses.field(default_factory=dict)  # threshold alerts: name -> count, steps
 
 
 def resolve_device(name: str) -> torch.device:
@@ -283,11 +284,11 @@ class Trainer:
         result = TrainResult(status=status, steps=step, tokens=self.counters["tokens"], wall_s=self.counters["wall_s"],
                              final_val_loss=self.counters["final_val_loss"],
                              best_val_loss=self.counters["best_val_loss"],
-                             nonfinite_steps=self.counters["nonfinite_steps"], run_dir=self.run_dir, message=message)
+                             nonfinite_steps=self.counters["nonfinite_steps"], run_dir=self.run_dir, message=message,
+                             alerts=self.counters["alerts"])
         tracker.write_summary({k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
                               | {"params": self.model.num_parameters(), "precision": cfg.precision,
                                  "seed": cfg.seed, "device": str(self.device), "label": cfg.label,
-                                 "alerts": self.counters["alerts"],
                                  "layers": {a.name: _describe(a) for a in self.layers}})
         tracker.close()
         return result
