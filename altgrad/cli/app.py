@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from .. import __version__
+from .compare import compare
 from .data import prepare_data
 from .formats import inspect_format
 from .train import train
@@ -19,6 +20,7 @@ app = typer.Typer(
 app.command("inspect-format")(inspect_format)
 app.command("prepare-data")(prepare_data)
 app.command("train")(train)
+app.command("compare")(compare)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,60 @@
+"""`altgrad compare RUN_A RUN_B [...]`: a table of runs with verdicts against the first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..experiments.compare import DEFAULT_TOLERANCE, Comparison, compare_runs
+from ..experiments.plots import plot_runs
+from ..experiments.runs import load_run
+from .common import console, user_errors
+
+VERDICT_STYLE = {"PASS": "bold green", "INVESTIGATE": "bold yellow", "reference": "dim"}
+
+
+def _num(value: float | None, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def comparison_table(comparison: Comparison) -> Table:
+    table = Table(title=f"runs vs {comparison.rows[0].name} (tolerance {comparison.tolerance:.0%})",
+                  title_justify="left")
+    for column in ("run", "format", "status", "final val", "best val", "ppl", "loss ratio", "ppl ratio",
+                   "grad cos", "bit-stall", "max overflow", "verdict"):
+        table.add_column(column, justify="left" if column in ("run", "format", "status", "verdict") else "right")
+    for row in comparison.rows:
+        verdict = f"[{VERDICT_STYLE[row.verdict]}]{row.verdict}[/]" + (f"\n{row.reason}" if row.reason else "")
+        table.add_row(row.name, row.label, row.status, _num(row.final_val_loss), _num(row.best_val_loss),
+                      _num(row.final_ppl, ".2f"), _num(row.loss_ratio, ".3f"), _num(row.ppl_ratio, ".3f"),
+                      _num(row.mean_grad_cos), _num(row.mean_bit_stall), _num(row.max_overflow, ".2e"), verdict)
+    return table
+
+
+def compare(
+    runs: list[str] = typer.Argument(..., help="Run folder names; the first is the reference."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where the runs are."),
+    tolerance: float = typer.Option(DEFAULT_TOLERANCE, help="Relative val-loss increase that still PASSes."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write loss curves and key metrics to this PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+) -> None:
+    """Compare runs: losses, perplexity, gradient fidelity, bit-stall, overflow, and a verdict."""
+    with user_errors():
+        if len(runs) < 2:
+            raise typer.BadParameter("give at least two runs: the reference first")
+        records = [load_run(runs_dir, name) for name in runs]
+        comparison = compare_runs(records, tolerance)
+        if plot is not None:
+            plot_runs(records, plot)
+        if as_json:
+            typer.echo(json.dumps(comparison.to_dict(), indent=2))
+        else:
+            console.print(comparison_table(comparison))
+            for note in comparison.notes:
+                console.print(f"[yellow]note:[/] {note}")
+            if plot is not None:
+                console.print(f"plot written to {plot}")

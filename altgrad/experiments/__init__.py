@@ -1,0 +1,1 @@
+"""Experiments over finished runs: comparison with verdicts, plots."""
