@@ -120,13 +120,13 @@ def test_ctrl_c_checkpoints_marks_interrupted_and_resumes_exactly(tmp_path, tiny
 
 def test_non_finite_steps_are_skipped_then_the_run_diverges(tmp_path, tiny_data):
     trainer = Trainer(tiny_config(tmp_path, tiny_data, max_steps=40, nan_patience=3))
-    real_step = trainer._train_step
+    real_forward_backward = trainer._forward_backward
 
     def poisoned(step):
-        loss, norm = real_step(step)
-        return (float("nan"), norm) if step in (5,) or step >= 12 else (loss, norm)
+        loss = real_forward_backward(step)
+        return float("nan") if step in (5,) or step >= 12 else loss
 
-    trainer._train_step = poisoned
+    trainer._forward_backward = poisoned
     result = trainer.run()
     assert result.status == "diverged" and result.steps == 15
     assert result.nonfinite_steps == 4  # step 6 (skipped, recovered) and steps 13-15

@@ -26,7 +26,8 @@ def comparison_table(comparison: Comparison) -> Table:
                   title_justify="left")
     for column in ("run", "format", "status", "final val", "best val", "ppl", "loss ratio", "ppl ratio",
                    "grad cos", "bit-stall", "max overflow", "verdict"):
-        table.add_column(column, justify="left" if column in ("run", "format", "status", "verdict") else "right")
+        table.add_column(column, justify="left" if column in ("run", "format", "status", "verdict") else "right",
+                         no_wrap=column in ("run", "verdict"))
     for row in comparison.rows:
         verdict = f"[{VERDICT_STYLE[row.verdict]}]{row.verdict}[/]" + (f"\n{row.reason}" if row.reason else "")
         table.add_row(row.name, row.label, row.status, _num(row.final_val_loss), _num(row.best_val_loss),

@@ -1,0 +1,186 @@
+"""QuantizedLinear against a reference built from `quantize` and plain matmuls; model surgery."""
+
+import copy
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracles import EIGHT_BIT_FORMATS
+
+from altgrad.errors import UserError
+from altgrad.model import GPT, GPTConfig
+from altgrad.model import gpt as gpt_module
+from altgrad.model.surgery import build_policy, quantize_model, quantized_layers
+from altgrad.quantization import REGISTRY, ScalingConfig, get_format, quantize, scale_from_amax
+from altgrad.quantization.linear import LinearQuantConfig, QuantizedLinear
+from altgrad.quantization.scaling import cast_to_grid
+
+DEFAULTS = dict(rounding="nearest", grad_rounding="nearest", scaling="current", amax_history_len=16,
+                scale_margin=0, power_of_two_scales=True, gemm_dtype="bf16")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.float().view(torch.int32)
+
+
+@pytest.mark.parametrize("fmt", EIGHT_BIT_FORMATS, ids=lambda f: f.name)
+def test_every_8bit_value_times_a_power_of_two_is_exact_in_bfloat16(fmt):
+    values = torch.tensor(fmt.positive_values, dtype=torch.float64)
+    values = torch.cat([values, -values])
+    for k in range(-40, 41, 5):
+        scaled = (values * 2.0**k).float()
+        assert torch.equal(bits(scaled.bfloat16()), bits(scaled)), (fmt.name, k)
+
+
+def test_power_of_two_scale_never_pushes_amax_past_max():
+    for fmt in REGISTRY.values():
+        for amax in torch.tensor([fmt.max, 1.0, 3.0, 1e-3, 7e4]).float():
+            # the float32 neighbours above amax are where a rounded quotient max/amax goes wrong
+            for value in (amax, torch.nextafter(amax, torch.tensor(float("inf")))):
+                scale = scale_from_amax(value, fmt)
+                assert float(value) * float(scale) <= fmt.max, (fmt.name, float(value))
+                assert float(value) * float(scale) * 2 > fmt.max
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_cast_to_grid_equals_quantize_of_the_scaled_tensor(rounding):
+    fmt = get_format("E3M4")
+    x = torch.randn(5000) * 3
+    amax = x.abs().amax()
+    q, scale = cast_to_grid(x, fmt, amax, rounding=rounding, generator=torch.Generator().manual_seed(1))
+    expected = quantize(x * scale_from_amax(amax, fmt), fmt, rounding=rounding,
+                        generator=torch.Generator().manual_seed(1))
+    assert torch.equal(bits(q), bits(expected))
+    eager, _ = cast_to_grid(x, fmt, amax, rounding=rounding, generator=torch.Generator().manual_seed(1),
+                            kernel="eager")
+    assert torch.equal(bits(q), bits(eager))
+
+
+def reference_linear(x, w, b, config: LinearQuantConfig, grad_y):
+    """Dequantized operands from `quantize`, then plain F.linear / matmul in the GEMM dtype."""
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[config.gemm_dtype]
+
+    def dequantized(t, fmt):
+        scale = scale_from_amax(t.detach().abs().amax(), fmt)
+        return (quantize(t.detach().float() * scale, fmt) / scale).to(dtype)
+
+    xd, wd = dequantized(x, config.activation), dequantized(w, config.weight)
+    y = F.linear(xd, wd, None if b is None else b.detach().to(dtype))
+    gd = dequantized(grad_y, config.gradient)
+    grad_x = torch.matmul(gd, wd)
+    grad_w = gd.reshape(-1, gd.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1])
+    return y, grad_x, grad_w
+
+
+@pytest.mark.parametrize("gemm", ["bf16", "fp32"])
+@pytest.mark.parametrize("formats", [("E4M3", "E5M2"), ("E3M4", "E5M2"), ("E0M7", "E5M2"), ("E7M0", "E4M3")])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_backward_match_the_reference_bit_for_bit(gemm, formats, bias):
+    fwd, bwd = formats
+    config = LinearQuantConfig(weight=fwd, activation=fwd, gradient=bwd, gemm_dtype=gemm)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 40, bias=bias)
+    layer = QuantizedLinear.from_linear(linear, config, name="test")
+    x = (torch.randn(3, 7, 48) * 5).requires_grad_()
+    grad_y = torch.randn(3, 7, 40) * 1e-3
+    y = layer(x)
+    y.backward(grad_y)
+    ref_y, ref_gx, ref_gw = reference_linear(x, linear.weight, linear.bias, config, grad_y.to(y.dtype))
+    assert torch.equal(bits(y), bits(ref_y))
+    assert torch.equal(bits(x.grad), bits(ref_gx.float()))
+    assert torch.equal(bits(linear.weight.grad), bits(ref_gw.float()))
+    if bias:
+        assert torch.equal(linear.bias.grad, grad_y.to(y.dtype).reshape(-1, 40).sum(0).float())
+
+
+def test_under_autocast_the_layer_returns_bf16_like_nn_linear():
+    config = LinearQuantConfig(weight="E4M3", activation="E4M3", gradient="E5M2")
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(16, 8), config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(4, 16))
+    assert y.dtype == torch.bfloat16
+    assert layer(torch.randn(4, 16)).dtype == torch.float32
+
+
+def test_delayed_scaling_uses_the_history_and_saturates_a_new_outlier():
+    config = LinearQuantConfig(weight="E4M3", activation="E4M3", gradient="E5M2",
+                               scaling=ScalingConfig(mode="delayed", history_len=4))
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(8, 8), config)
+    quantizer = layer.quantizers["activation"]
+    quantizer.collecting = True
+    layer(torch.full((2, 8), 0.5))
+    layer(torch.full((2, 8), 8.0))  # 16x the amax in the history: saturates
+    assert quantizer.stats[0].overflow == 0 and quantizer.stats[1].overflow == 16
+    state = layer.get_extra_state()
+    assert state["activation"]["amax"]["count"] == 2
+    layer.eval()
+    layer(torch.full((2, 8), 100.0))  # evaluation does not touch the history
+    assert layer.get_extra_state()["activation"]["amax"]["count"] == 2
+
+
+def test_stochastic_rounding_is_reproducible_from_the_saved_state():
+    config = LinearQuantConfig(weight="E3M4", activation="E3M4", gradient="E5M2", rounding="stochastic")
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(32, 32), config, seed=3)
+    x = torch.randn(4, 32)
+    saved = copy.deepcopy(layer.state_dict())
+    first = layer(x)
+    layer.load_state_dict(saved)
+    assert torch.equal(layer(x), first)
+    assert not torch.equal(layer(x), first)  # the stream moved on
+
+
+def test_a_format_not_exact_in_bf16_needs_an_fp32_gemm():
+    with pytest.raises(ValueError, match="gemm_dtype fp32"):
+        LinearQuantConfig(weight="E5M10", activation="E5M10", gradient="E5M2")
+    LinearQuantConfig(weight="E5M10", activation="E5M10", gradient="E5M2", gemm_dtype="fp32")
+
+
+def tiny_gpt():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
+
+
+def test_surgery_swaps_exactly_the_selected_layers_and_keeps_parameters():
+    model = tiny_gpt()
+    source_before = inspect.getsource(gpt_module)
+    params_before = {name: p for name, p in model.named_parameters()}
+    policy = build_policy([{"layers": "lm_head", "format": "bf16"}, {"layers": "*.attn.c_proj", "format": "bf16"},
+                           {"layers": "*.attn.c_attn", "format": "E5M2"}, {"layers": "*.mlp.*", "format": "E3M4"}],
+                          {**DEFAULTS, "gradient": "E5M2"})
+    assignments = quantize_model(model, policy)
+    swapped = quantized_layers(model)
+    assert sorted(swapped) == sorted(f"transformer.h.{i}.{name}" for i in range(2)
+                                     for name in ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"))
+    assert swapped["transformer.h.0.attn.c_attn"].config.weight.name == "E5M2"
+    assert swapped["transformer.h.1.mlp.c_fc"].config.activation.name == "E3M4"
+    assert swapped["transformer.h.1.mlp.c_fc"].config.gradient.name == "E5M2"
+    assert type(model.lm_head) is torch.nn.Linear and type(model.transformer.h[0].attn.c_proj) is torch.nn.Linear
+    assert {a.name: a.quantized for a in assignments}["lm_head"] is False
+    assert {name: p for name, p in model.named_parameters()} == params_before  # the same Parameter objects
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert inspect.getsource(gpt_module) == source_before
+
+
+def test_an_empty_policy_leaves_the_model_computing_exactly_as_before():
+    model, idx = tiny_gpt(), torch.randint(0, 64, (2, 16))
+    before, _ = model(idx)
+    quantize_model(model, build_policy([{"layers": "*", "format": "fp32"}], {**DEFAULTS, "gradient": None}))
+    assert not quantized_layers(model)
+    assert torch.equal(model(idx)[0], before)
+
+
+def test_a_pattern_that_matches_nothing_is_an_error():
+    with pytest.raises(UserError, match="matches no Linear layer"):
+        quantize_model(tiny_gpt(), build_policy([{"layers": "*.mlp.fc", "format": "E4M3"}], DEFAULTS))
+
+
+@pytest.mark.parametrize("rule, message", [
+    ({"layers": "*", "format": "E9M9"}, "E9M9"),
+    ({"layers": "*", "format": "E4M3", "colour": 1}, "unknown key"),
+    ({"format": "E4M3"}, "'layers' pattern"),
+    ({"layers": "*", "format": "E4M3", "rounding": "up"}, "rounding must be one of"),
+])
+def test_bad_policy_rules_are_clear_errors(rule, message):
+    with pytest.raises(UserError, match=message):
+        build_policy([rule], DEFAULTS)
