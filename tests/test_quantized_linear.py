@@ -148,7 +148,9 @@ def test_surgery_swaps_exactly_the_selected_layers_and_keeps_parameters():
     policy = build_policy([{"layers": "lm_head", "format": "bf16"}, {"layers": "*.attn.c_proj", "format": "bf16"},
                            {"layers": "*.attn.c_attn", "format": "E5M2"}, {"layers": "*.mlp.*", "format": "E3M4"}],
                           {**DEFAULTS, "gradient": "E5M2"})
+    rng = torch.get_rng_state()
     assignments = quantize_model(model, policy)
+    assert torch.equal(rng, torch.get_rng_state())  # dropout masks stay paired with a BF16 run
     swapped = quantized_layers(model)
     assert sorted(swapped) == sorted(f"transformer.h.{i}.{name}" for i in range(2)
                                      for name in ("attn.c_attn", "mlp.c_fc", "mlp.c_proj"))
