@@ -20,39 +20,27 @@ from rich.console import Console
 from rich.table import Table
 
 from altgrad.model import GPT, GPTConfig
-from altgrad.model.surgery import build_policy, quantize_model
+from altgrad.model.surgery import quantize_model
 from altgrad.training.config import PRESETS, TrainConfig
+from bench_train import make_step  # same folder: the optimizer step both benchmarks time
 
 VARIANTS = {
     "fp32": None,
     "bf16": None,
-    "fp8 E4M3 fwd / E5M2 bwd": {"format": "E4M3", "gradient": "E5M2"},
-    "fp8 E4M3 / E5M2, stochastic": {"format": "E4M3", "gradient": "E5M2", "rounding": "stochastic",
+    "fp8 E4M3 fwd / E5M2 bwd": {"format": "E4M3", "grad_format": "E5M2"},
+    "fp8 E4M3 / E5M2, stochastic": {"format": "E4M3", "grad_format": "E5M2", "rounding": "stochastic",
                                     "grad_rounding": "stochastic"},
-    "fp8 E3M4 fwd / E5M2 bwd": {"format": "E3M4", "gradient": "E5M2"},
+    "fp8 E3M4 fwd / E5M2 bwd": {"format": "E3M4", "grad_format": "E5M2"},
 }
 
 
-def make_step(preset: dict, vocab: int, rule: dict | None, autocast: bool):
+def make_fp8_step(preset: dict, vocab: int, rule: dict | None, autocast: bool):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab, block_size=preset["block_size"], n_layer=preset["n_layer"],
                           n_head=preset["n_head"], n_embd=preset["n_embd"], dropout=0.0, bias=True))
     if rule is not None:
-        defaults = {key: getattr(TrainConfig, key) for key in
-                    ("rounding", "grad_rounding", "scaling", "amax_history_len", "scale_margin",
-                     "power_of_two_scales", "gemm_dtype")}
-        quantize_model(model, build_policy([{"layers": "*", **rule}], defaults))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
-
-    def step(x, y):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+        quantize_model(model, TrainConfig(**rule).quant_policy())
+    return make_step(model, autocast, compiled=False)
 
 
 def main() -> None:
@@ -63,7 +51,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=257, help="257 = the byte tokenizer")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
-    steps = {name: make_step(preset, args.vocab, rule, name != "fp32") for name, rule in VARIANTS.items()}
+    steps = {name: make_fp8_step(preset, args.vocab, rule, name != "fp32") for name, rule in VARIANTS.items()}
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, args.vocab, (preset["batch_size"], preset["block_size"] + 1), generator=generator)
                for _ in range(args.steps)]

@@ -122,8 +122,12 @@ def test_non_finite_steps_are_skipped_then_the_run_diverges(tmp_path, tiny_data)
     trainer = Trainer(tiny_config(tmp_path, tiny_data, max_steps=40, nan_patience=3))
     real_forward_backward = trainer._forward_backward
 
-    def poisoned(step):
-        loss = real_forward_backward(step)
+    calls = []
+
+    def poisoned(batches):
+        step = len(calls)
+        calls.append(step)
+        loss = real_forward_backward(batches)
         return float("nan") if step in (5,) or step >= 12 else loss
 
     trainer._forward_backward = poisoned

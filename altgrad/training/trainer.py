@@ -157,10 +157,10 @@ class Trainer:
     def _micro_batches(self, step: int):
         return [self.batches.train_batch(step, micro) for micro in range(self.config.grad_accum)]
 
-    def _forward_backward(self, step: int) -> float:
-        """Forward/backward over the micro-batches of ``step``; returns the mean loss."""
+    def _forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Forward/backward over one step's micro-batches; returns the mean loss."""
         total = 0.0
-        for x, y in self._micro_batches(step):
+        for x, y in batches:
             with self._autocast():
                 _, loss = self.forward(x, y)
             (loss / self.config.grad_accum).backward()
@@ -178,13 +178,14 @@ class Trainer:
         shadow_now = self.shadow is not None and (step + 1) % cfg.shadow_interval == 0
         rng_state = capture_rng() if shadow_now else None
         self.monitor.collect(stats_now)
+        batches = self._micro_batches(step)
         try:
-            loss = self._forward_backward(step)
+            loss = self._forward_backward(batches)
         finally:
             self.monitor.collect(False)
         metrics = self.monitor.quantization_metrics(step + 1) if stats_now else {}
         if shadow_now:
-            metrics |= self.shadow.compare(self.model, self._micro_batches(step), cfg.grad_accum, rng_state)
+            metrics |= self.shadow.compare(self.model, batches, cfg.grad_accum, rng_state)
         grad_norm = self._clip()
         applied = math.isfinite(loss) and math.isfinite(grad_norm)
         if applied:
