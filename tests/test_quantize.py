@@ -10,7 +10,12 @@ from hypothesis import strategies as st
 from oracles import ALL_FORMATS, EIGHT_BIT_FORMATS, gfloat_info, probe_points, same_bits
 
 from altgrad.quantization import REGISTRY, get_format, quantize, quantize_ste
-from altgrad.quantization.kernel import random_bits, round_float32_bits
+from altgrad.quantization.kernel import (
+    random_bits,
+    round_float32_bits,
+    round_nearest_by_scaling,
+    scaling_kernel_fits,
+)
 from altgrad.quantization.quantize import _params, draw_seed
 
 
@@ -228,3 +233,19 @@ def test_compiled_kernel_is_bit_identical_to_eager(dtype):
                 compiled = quantize(x, fmt, rounding=rounding, saturate=saturate, kernel="compiled",
                                     generator=torch.Generator().manual_seed(5))
                 assert same_bits(eager.float().numpy(), compiled.float().numpy()).all(), (fmt.name, rounding)
+
+
+@pytest.mark.parametrize("fmt", [f for f in ALL_FORMATS if scaling_kernel_fits(f.mantissa_bits, f.emin)],
+                         ids=lambda f: f.name)
+@pytest.mark.parametrize("saturate", [True, False])
+def test_the_fast_nearest_kernel_equals_the_integer_kernel(fmt, saturate):
+    """`quantize` uses round_nearest_by_scaling where it fits; the oracle tests above check it
+    against gfloat; here it is checked against the integer kernel on every float32 exponent."""
+    generator = torch.Generator().manual_seed(0)
+    exponents = torch.randint(-149, 128, (200_000,), generator=generator).float()
+    x = torch.randn(200_000, generator=generator).sign() * torch.exp2(exponents) * (
+        1 + torch.rand(200_000, generator=generator))
+    specials = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-40, 3.4e38, fmt.max, fmt.min_positive]
+    x = torch.cat([x, torch.tensor(specials), torch.tensor(fmt.positive_values, dtype=torch.float32)])
+    params = _params(fmt, saturate, torch.device("cpu"))
+    assert same_bits(round_nearest_by_scaling(x, params).numpy(), round_float32_bits(x, params, None).numpy()).all()

@@ -104,6 +104,37 @@ def round_float32_bits(x: torch.Tensor, params: torch.Tensor, seed: torch.Tensor
     return (out | sign).view(torch.float32).to(x.dtype)
 
 
+def round_nearest_by_scaling(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest-even as ``round(|x| 2^(M-e)) 2^(e-M)``: the fast kernel for most formats.
+
+    ``e`` is the binade of |x| floored at the format's emin, so ``|x| 2^(M-e)`` counts grid
+    steps; both multiplications are by powers of two (exact) and `torch.round` rounds half to
+    even whatever the compiler flags, so this equals `round_float32_bits` bit for bit where
+    `scaling_kernel_fits` holds (tested), with half the operations. Same params, same
+    overflow, inf and NaN rules.
+    """
+    x = x.float()
+    bits = x.view(torch.int32)
+    mantissa_bits = params[P_MANTISSA]
+    magnitude = bits & _ABS_MASK
+    # capped at 254 so that inf keeps a finite, non-zero 2^(M-e) (inf * 0 would be NaN)
+    exponent_target = torch.clamp(torch.maximum(magnitude >> 23, params[P_EMIN_BIASED]), max=254)
+    up = (mantissa_bits - exponent_target + 254).mul(1 << 23).view(torch.float32)  # 2^(M - e)
+    down = (exponent_target - mantissa_bits).mul(1 << 23).view(torch.float32)  # 2^(e - M)
+    out = (torch.round(magnitude.view(torch.float32) * up) * down).view(torch.int32)
+    out = torch.where(out > params[P_MAX_BITS], params[P_OVERFLOW_BITS], out)  # overflow, and inf in
+    out = torch.where(magnitude > _INF_BITS, magnitude, out)  # NaN in, NaN out (payload kept)
+    return (out | (bits & _SIGN_MASK)).view(torch.float32)
+
+
+def scaling_kernel_fits(mantissa_bits: int, emin: int) -> bool:
+    """Whether `round_nearest_by_scaling` is exact for a format: M >= 1 (M = 0 ties go to the
+    even exponent, not the even step count) and the grid spacing 2^(emin-M) at least 2^-125,
+    so that every power of two it uses is a normal float32 and float32 subnormal inputs
+    (below half a step) round to zero even where the CPU treats them as zero (DAZ)."""
+    return mantissa_bits >= 1 and emin - mantissa_bits >= -125
+
+
 _compiled: dict = {}
 _compile_failed = False
 
@@ -149,8 +180,3 @@ def run_compiled(fn, kernel: str, numel: int, *args, min_numel: int = COMPILE_MI
         _compile_failed = True
         log.warning("torch.compile of a quantize kernel failed (%s); using eager kernels", error)
         return fn(*args)
-
-
-def run_kernel(x: torch.Tensor, params: torch.Tensor, seed: torch.Tensor | None, kernel: str) -> torch.Tensor:
-    """Round x with the compiled or the eager kernel (bit-identical results)."""
-    return run_compiled(round_float32_bits, kernel, x.numel(), x, params, seed)

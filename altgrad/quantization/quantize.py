@@ -9,7 +9,16 @@ from typing import Literal
 import torch
 
 from .formats import FloatFormat, get_format
-from .kernel import P_EMIN_BIASED, P_MANTISSA, P_MAX_BITS, P_OVERFLOW_BITS, run_kernel
+from .kernel import (
+    P_EMIN_BIASED,
+    P_MANTISSA,
+    P_MAX_BITS,
+    P_OVERFLOW_BITS,
+    round_float32_bits,
+    round_nearest_by_scaling,
+    run_compiled,
+    scaling_kernel_fits,
+)
 
 Rounding = Literal["nearest", "stochastic"]
 ROUNDINGS = ("nearest", "stochastic")
@@ -87,7 +96,9 @@ def quantize(
     _check_fits(fmt, x.dtype)
     params = _params(fmt, bool(saturate), x.device)
     seed = draw_seed(generator, x.device) if rounding == "stochastic" else None
-    return run_kernel(x, params, seed, kernel)
+    if seed is None and scaling_kernel_fits(fmt.mantissa_bits, fmt.emin):
+        return run_compiled(round_nearest_by_scaling, kernel, x.numel(), x, params).to(x.dtype)
+    return run_compiled(round_float32_bits, kernel, x.numel(), x, params, seed)
 
 
 class _QuantizeSTE(torch.autograd.Function):

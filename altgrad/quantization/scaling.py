@@ -15,7 +15,7 @@ from functools import lru_cache
 import torch
 
 from .formats import FloatFormat, get_format
-from .kernel import P_MAX_BITS, round_float32_bits, run_compiled
+from .kernel import P_MAX_BITS, round_float32_bits, round_nearest_by_scaling, run_compiled, scaling_kernel_fits
 from .quantize import Rounding, _params, draw_seed, float32_bits, quantize
 
 SCALING_MODES = ("current", "delayed", "none")
@@ -114,7 +114,7 @@ class AmaxTracker:
         self.history, self.count = state["history"], int(state["count"])
 
 
-def _cast_kernel(x, amax, params, margin, power_of_two: bool, seed):
+def _cast_kernel(x, amax, params, margin, power_of_two: bool, seed, by_scaling: bool):
     """Scale from amax, round ``x * scale`` onto the grid, cast: one compiled graph."""
     if power_of_two:
         scale = pow2_scale(amax, params[P_MAX_BITS], margin)
@@ -123,6 +123,8 @@ def _cast_kernel(x, amax, params, margin, power_of_two: bool, seed):
         usable = torch.isfinite(amax) & (amax > 0)
         scale = fmt_max / torch.where(usable, amax, torch.ones_like(amax)) * torch.exp2(-margin.float())
         scale = torch.where(usable & torch.isfinite(scale), scale, torch.ones_like(scale))
+    if by_scaling:
+        return round_nearest_by_scaling(x * scale, params), scale
     return round_float32_bits(x * scale, params, seed), scale
 
 
@@ -150,7 +152,8 @@ def cast_to_grid(
     # float32 in and out: inductor's CPU code converting to and from bfloat16 is 2-3x slower
     # than the eager casts (measured, torch 2.13). The grid values are exact in bfloat16.
     q, scale = run_compiled(_cast_kernel, kernel, x.numel(), x.float(), amax.float(), params, margin_t,
-                            power_of_two, seed, min_numel=0)
+                            power_of_two, seed, seed is None and scaling_kernel_fits(fmt.mantissa_bits, fmt.emin),
+                            min_numel=0)
     return q.to(out_dtype or x.dtype), scale
 
 
