@@ -48,11 +48,14 @@ def test_cast_to_grid_equals_quantize_of_the_scaled_tensor(rounding):
     fmt = get_format("E3M4")
     x = torch.randn(5000) * 3
     amax = x.abs().amax()
-    q, scale = cast_to_grid(x, fmt, amax, rounding=rounding, generator=torch.Generator().manual_seed(1))
+    q, scale, seen = cast_to_grid(x, fmt, amax, rounding=rounding, generator=torch.Generator().manual_seed(1))
+    assert float(seen) == float(amax)
     expected = quantize(x * scale_from_amax(amax, fmt), fmt, rounding=rounding,
                         generator=torch.Generator().manual_seed(1))
     assert torch.equal(bits(q), bits(expected))
-    eager, _ = cast_to_grid(x, fmt, amax, rounding=rounding, generator=torch.Generator().manual_seed(1),
+    own, _, _ = cast_to_grid(x, fmt, rounding=rounding, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(bits(own), bits(q))  # the scale from x's own amax
+    eager, _, _ = cast_to_grid(x, fmt, amax, rounding=rounding, generator=torch.Generator().manual_seed(1),
                             kernel="eager")
     assert torch.equal(bits(q), bits(eager))
 

@@ -13,6 +13,7 @@ bf16 kernels with fp32 accumulation, as fast as the BF16 baseline. The output is
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,11 +89,9 @@ class OperandQuantizer:
             scale = torch.ones((), device=x.device)
             q = quantize(x, self.fmt, rounding=self.rounding, generator=self.generator).to(dtype)
         else:
-            low, high = torch.aminmax(x)  # 3-5x faster than x.abs().amax() on CPU
-            amax = torch.maximum(-low, high).float()
-            q, scale = cast_to_grid(x, self.fmt, self.tracker.amax_for_scale(amax), margin=scaling.margin,
-                                    power_of_two=scaling.power_of_two, rounding=self.rounding,
-                                    generator=self.generator, out_dtype=dtype)
+            q, scale, amax = cast_to_grid(x, self.fmt, self.tracker.reference_amax(), margin=scaling.margin,
+                                          power_of_two=scaling.power_of_two, rounding=self.rounding,
+                                          generator=self.generator, out_dtype=dtype)
             if record:
                 self.tracker.record_amax(amax)
         if self.collecting:
@@ -118,10 +117,6 @@ class OperandQuantizer:
             self.generator.set_state(state["generator"])
 
 
-def _times(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return t * factor.to(t.dtype)
-
-
 class _QuantizedLinearFunction(torch.autograd.Function):
     """The GEMMs of a quantized Linear. Operands are scaled grid values; each product is unscaled.
 
@@ -133,14 +128,17 @@ class _QuantizedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer: QuantizedLinear):  # noqa: D401 - autograd API
         dtype = GEMM_DTYPES[layer.config.gemm_dtype]
-        out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        with torch.autocast(x.device.type, enabled=False):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        # Autocast would turn an fp32 GEMM into a bf16 one; bf16 operands it leaves alone.
+        no_autocast = torch.autocast(x.device.type, enabled=False) if autocast and dtype != torch.bfloat16 else None
+        with no_autocast or contextlib.nullcontext():
             qx, sx = layer.quantizers["activation"](x, dtype, layer.training)
             qw, sw = layer.quantizers["weight"](weight, dtype, layer.training)
             inverse = 1.0 / (sx * sw)
             b = None if bias is None else bias.detach().to(dtype)
             if layer.exact_scales:
-                y = F.linear(qx, _times(qw, inverse), b)
+                y = F.linear(qx, qw * inverse, b)  # a power of two: exact, in qw's dtype
             else:
                 y = F.linear(qx, qw).float() * inverse
                 y = (y if b is None else y + b).to(dtype)
@@ -159,14 +157,14 @@ class _QuantizedLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             inverse = 1.0 / (sg * sw)
             if exact:
-                grad_x = torch.matmul(qg, _times(qw, inverse))
+                grad_x = torch.matmul(qg, qw * inverse)
             else:
                 grad_x = torch.matmul(qg, qw).float() * inverse
             grad_x = grad_x.to(x_dtype)
         if ctx.needs_input_grad[1]:
             product = torch.mm(qg.reshape(-1, qg.shape[-1]).t(), qx.reshape(-1, qx.shape[-1]))
             inverse = 1.0 / (sg * sx)
-            grad_w = (_times(product, inverse) if exact else product.float() * inverse).to(w_dtype)
+            grad_w = (product * inverse if exact else product.float() * inverse).to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(b_dtype)
         return grad_x, grad_w, grad_b, None

@@ -81,11 +81,11 @@ class AmaxTracker:
         self.history: torch.Tensor | None = None
         self.count = 0
 
-    def amax_for_scale(self, current: torch.Tensor) -> torch.Tensor:
-        """The amax the scale is derived from, given the current tensor's amax."""
+    def reference_amax(self) -> torch.Tensor | None:
+        """The amax of earlier steps the scale comes from (delayed), or None: use the current tensor's."""
         cfg = self.config
-        if cfg.mode == "current" or self.count == 0:
-            return current
+        if cfg.mode != "delayed" or self.count == 0:
+            return None
         if cfg.amax_reduce == "max":
             return self.history[: min(self.count, cfg.history_len)].amax()
         return self.history[(self.count - 1) % cfg.history_len]
@@ -93,7 +93,8 @@ class AmaxTracker:
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.mode == "none":
             return torch.ones((), device=x.device)
-        amax = self.amax_for_scale(x.detach().abs().amax().float())
+        amax = self.reference_amax()
+        amax = x.detach().abs().amax().float() if amax is None else amax
         return scale_from_amax(amax, self.fmt, self.config.margin, self.config.power_of_two)
 
     def record_amax(self, amax: torch.Tensor) -> None:
@@ -114,24 +115,26 @@ class AmaxTracker:
         self.history, self.count = state["history"], int(state["count"])
 
 
-def _cast_kernel(x, amax, params, margin, power_of_two: bool, seed, by_scaling: bool):
-    """Scale from amax, round ``x * scale`` onto the grid, cast: one compiled graph."""
+def _cast_kernel(x, reference_amax, params, margin, power_of_two: bool, use_reference: bool, seed, by_scaling: bool):
+    """amax, scale, rounding of ``x * scale``: one compiled graph (two loops: reduce, map)."""
+    amax = x.abs().amax()
+    scale_amax = reference_amax if use_reference else amax
     if power_of_two:
-        scale = pow2_scale(amax, params[P_MAX_BITS], margin)
+        scale = pow2_scale(scale_amax, params[P_MAX_BITS], margin)
     else:
         fmt_max = params[P_MAX_BITS].view(torch.float32)
-        usable = torch.isfinite(amax) & (amax > 0)
-        scale = fmt_max / torch.where(usable, amax, torch.ones_like(amax)) * torch.exp2(-margin.float())
+        usable = torch.isfinite(scale_amax) & (scale_amax > 0)
+        scale = fmt_max / torch.where(usable, scale_amax, torch.ones_like(scale_amax)) * torch.exp2(-margin.float())
         scale = torch.where(usable & torch.isfinite(scale), scale, torch.ones_like(scale))
     if by_scaling:
-        return round_nearest_by_scaling(x * scale, params), scale
-    return round_float32_bits(x * scale, params, seed), scale
+        return round_nearest_by_scaling(x * scale, params), scale, amax
+    return round_float32_bits(x * scale, params, seed), scale, amax
 
 
 def cast_to_grid(
     x: torch.Tensor,
     fmt: FloatFormat,
-    amax: torch.Tensor,
+    reference_amax: torch.Tensor | None = None,
     *,
     margin: int = 0,
     power_of_two: bool = True,
@@ -139,22 +142,25 @@ def cast_to_grid(
     generator: torch.Generator | None = None,
     out_dtype: torch.dtype | None = None,
     kernel: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q(x * scale), scale)`` with the scale chosen from ``amax``: the GEMM operand cast.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q(x * scale), scale, amax(x))``: the GEMM operand cast.
 
-    The values are the scaled grid values (``x ≈ q / scale``), in ``out_dtype`` (default x's).
-    Scale and rounding run as one compiled graph, also for small tensors (bit-identical to
-    eager). Equals ``quantize(x * scale_from_amax(amax, ...), ...)``.
+    The scale comes from ``reference_amax`` (delayed scaling) or, when None, from x's own
+    amax. The values are the scaled grid values (``x ≈ q / scale``), in ``out_dtype``
+    (default x's dtype). amax, scale and rounding run as one compiled graph, also for small
+    tensors (bit-identical to eager). Equals ``quantize(x * scale_from_amax(amax, ...), ...)``.
     """
     params = _params(fmt, True, x.device)
-    margin_t = _margin(margin, x.device)
+    use_reference = reference_amax is not None
+    reference = reference_amax.float() if use_reference else params  # any tensor: unused
     seed = draw_seed(generator, x.device) if rounding == "stochastic" else None
+    by_scaling = seed is None and scaling_kernel_fits(fmt.mantissa_bits, fmt.emin)
     # float32 in and out: inductor's CPU code converting to and from bfloat16 is 2-3x slower
     # than the eager casts (measured, torch 2.13). The grid values are exact in bfloat16.
-    q, scale = run_compiled(_cast_kernel, kernel, x.numel(), x.float(), amax.float(), params, margin_t,
-                            power_of_two, seed, seed is None and scaling_kernel_fits(fmt.mantissa_bits, fmt.emin),
-                            min_numel=0)
-    return q.to(out_dtype or x.dtype), scale
+    q, scale, amax = run_compiled(_cast_kernel, kernel, x.numel(), x.float(), reference, params,
+                                  _margin(margin, x.device), power_of_two, use_reference, seed, by_scaling,
+                                  min_numel=0)
+    return q.to(out_dtype or x.dtype), scale, amax
 
 
 @lru_cache(maxsize=None)
