@@ -1,4 +1,5 @@
-"""The rounding kernel: integer arithmetic on the float32 bit pattern.
+"""The rounding kernels: integer arithmetic on the float32 bit pattern, and a fast exact
+nearest-rounding path by power-of-two scaling (`round_nearest_by_scaling`) where it fits.
 
 Why integers: a float trick (``(x + C) - C``) depends on the FPU's rounding mode, on
 flush-to-zero settings and on what a compiler with fast-math flags may reassociate. Integer
