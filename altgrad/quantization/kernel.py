@@ -148,7 +148,7 @@ def _compiled_version(fn):
 
 #: Tensors at least this large use the compiled kernel under ``kernel="auto"``; smaller ones
 #: are not worth a compilation. Both kernels give bit-identical results.
-COMPILE_MIN_NUMEL = 1 << 16
+COMPILE_MIN_NUMEL = 1 << 13
 
 KERNELS = ("auto", "compiled", "eager")
 
