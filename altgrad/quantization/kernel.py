@@ -150,27 +150,51 @@ def _compiled_version(fn):
 #: are not worth a compilation. Both kernels give bit-identical results.
 COMPILE_MIN_NUMEL = 1 << 13
 
-KERNELS = ("auto", "compiled", "eager")
+#: auto: the native C kernel where it applies (see `use_native`), else compiled for large
+#: tensors and eager for small ones; native: the same, but an unavailable native kernel is an
+#: error; compiled / eager: torch.compile'd or eager torch code only. All are bit-identical.
+KERNELS = ("auto", "native", "compiled", "eager")
 
 
 def default_kernel() -> str:
-    """The kernel choice from ``ALTGRAD_KERNEL`` (auto | compiled | eager), default auto."""
+    """The kernel choice from ``ALTGRAD_KERNEL`` (auto | native | compiled | eager), default auto."""
     choice = os.environ.get("ALTGRAD_KERNEL", "auto").strip().lower()
     return choice if choice in KERNELS else "auto"
 
 
+def _resolve(kernel: str) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    return default_kernel() if kernel == "auto" else kernel
+
+
+def use_native(kernel: str, eligible: bool) -> bool:
+    """Whether to call the native kernel (`native.py`) for a case it covers (``eligible``).
+
+    Never while torch.compile traces (the torch kernels are traceable, a ctypes call is not).
+    """
+    kernel = _resolve(kernel)
+    if kernel not in ("auto", "native") or not eligible or torch.compiler.is_compiling():
+        return False
+    from . import native  # noqa: PLC0415 - the build is deferred to the first use
+
+    if native.library() is None:
+        if kernel == "native":
+            raise RuntimeError(f"the native quantize kernel is unavailable: {native.unavailable_reason()}")
+        return False
+    return True
+
+
 def run_compiled(fn, kernel: str, numel: int, *args, min_numel: int = COMPILE_MIN_NUMEL):
-    """``fn(*args)``, compiled or eager per ``kernel`` (auto | compiled | eager; bit-identical).
+    """``fn(*args)``, compiled or eager per ``kernel`` (bit-identical; native counts as auto here).
 
     ``auto`` compiles for tensors of at least ``min_numel`` elements, and falls back to eager
     for good if compilation fails (no C++ compiler, unsupported backend, ...).
     """
     global _compile_failed
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    if kernel == "auto":
-        kernel = default_kernel()
-    use_compiled = kernel == "compiled" or (kernel == "auto" and numel >= min_numel and not _compile_failed)
+    kernel = _resolve(kernel)
+    use_compiled = kernel == "compiled" or (kernel in ("auto", "native") and numel >= min_numel
+                                            and not _compile_failed)
     if torch.compiler.is_compiling() or not use_compiled:
         return fn(*args)
     try:

@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from . import native
 from .formats import FloatFormat, get_format
 from .kernel import (
     P_EMIN_BIASED,
@@ -18,6 +19,7 @@ from .kernel import (
     round_nearest_by_scaling,
     run_compiled,
     scaling_kernel_fits,
+    use_native,
 )
 
 Rounding = Literal["nearest", "stochastic"]
@@ -88,7 +90,7 @@ def quantize(
       step, so E[q(x)] = x inside the range; reproducible from ``generator`` (default:
       torch's global generator, so ``torch.manual_seed`` fixes it).
     - ``saturate``: overflow to ±max (default); otherwise to inf if the format has it.
-    NaN stays NaN, -0 stays -0. ``kernel``: auto | compiled | eager (bit-identical).
+    NaN stays NaN, -0 stays -0. ``kernel``: auto | native | compiled | eager (bit-identical).
     """
     fmt = get_format(fmt)
     if rounding not in ROUNDINGS:
@@ -96,7 +98,10 @@ def quantize(
     _check_fits(fmt, x.dtype)
     params = _params(fmt, bool(saturate), x.device)
     seed = draw_seed(generator, x.device) if rounding == "stochastic" else None
-    if seed is None and scaling_kernel_fits(fmt.mantissa_bits, fmt.emin):
+    by_scaling = seed is None and scaling_kernel_fits(fmt.mantissa_bits, fmt.emin)
+    if use_native(kernel, by_scaling and native.supports(x, x.dtype)):
+        return native.round_nearest(x, params, x.dtype)
+    if by_scaling:
         return run_compiled(round_nearest_by_scaling, kernel, x.numel(), x, params).to(x.dtype)
     return run_compiled(round_float32_bits, kernel, x.numel(), x, params, seed)
 

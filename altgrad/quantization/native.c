@@ -1,0 +1,166 @@
+/* The CPU fast path of the operand cast: amax, power-of-two scale and round-to-nearest-even
+ * onto a minifloat grid, for float32 or bfloat16 tensors, in two passes over memory.
+ *
+ * Built on first use by altgrad/quantization/native.py (the system C compiler, -O3
+ * -march=native, OpenMP when available) and loaded with ctypes. It computes exactly what
+ * kernel.round_nearest_by_scaling and scaling.pow2_scale compute; the tests compare the two
+ * bit for bit on every bfloat16 value and on float32 values across all binades.
+ *
+ * Rounding is by magic addition: for |y| in binade e (floored at the format's emin), the
+ * constant C = 2^(e + 23 - M) has a float32 ulp equal to the grid spacing 2^(e - M), so
+ * (|y| + C) - C rounds |y| to the grid, ties to even, in the FPU's default rounding mode. Both
+ * operations are exact but the one rounding; the file must be compiled without fast-math
+ * (no reassociation). Needs M >= 1 and a spacing of at least 2^-125 (as the by-scaling kernel).
+ *
+ * Vectors are GCC/Clang vector extensions, 16 lanes: one AVX-512 register, two AVX2 ones, four
+ * NEON ones; the compiler picks the instructions for the machine it builds on.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 16
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+typedef uint16_t vh __attribute__((vector_size(LANES * 2)));
+
+enum { FLOAT32 = 0, BFLOAT16 = 1 };
+/* params[]: the same int32 layout as kernel.py's params tensor */
+enum { P_MANTISSA, P_EMIN_BIASED, P_MAX_BITS, P_OVERFLOW_BITS };
+
+#define ABS_MASK 0x7fffffff
+#define INF_BITS 0x7f800000
+
+static inline vi splat(int32_t v) { return (vi){0} + v; }
+static inline vi select(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
+static inline vi vmax(vi a, vi b) { return select(a > b, a, b); }
+static inline vi vmin(vi a, vi b) { return select(a < b, a, b); }
+
+/* LANES elements from x + i as float32 bit patterns (a bfloat16 is the top half of one). */
+static inline vi load_full(const void *x, int type, int64_t i) {
+    if (type == BFLOAT16) {
+        vh h;
+        memcpy(&h, (const uint16_t *)x + i, sizeof h);
+        return __builtin_convertvector(h, vi) << 16;
+    }
+    vi v;
+    memcpy(&v, (const int32_t *)x + i, sizeof v);
+    return v;
+}
+
+static inline vi load_part(const void *x, int type, int64_t i, int64_t count) {
+    vi v = {0};
+    for (int64_t k = 0; k < count; k++)
+        v[k] = type == BFLOAT16 ? (int32_t)((uint32_t)((const uint16_t *)x)[i + k] << 16)
+                                : ((const int32_t *)x)[i + k];
+    return v;
+}
+
+/* float32 to bfloat16, round to nearest even (exact values are simply truncated); NaN stays NaN. */
+static inline vh to_bfloat16(vi bits) {
+    vi rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+    vi quiet_nan = (bits >> 16) | 0x40;
+    return __builtin_convertvector(select((bits & ABS_MASK) > INF_BITS, quiet_nan, rounded), vh);
+}
+
+static inline void store(void *out, int type, int64_t i, int64_t count, vi bits) {
+    if (type == BFLOAT16) {
+        vh h = to_bfloat16(bits);
+        if (count == LANES) memcpy((uint16_t *)out + i, &h, sizeof h);
+        else for (int64_t k = 0; k < count; k++) ((uint16_t *)out)[i + k] = h[k];
+    } else {
+        if (count == LANES) memcpy((int32_t *)out + i, &bits, sizeof bits);
+        else for (int64_t k = 0; k < count; k++) ((int32_t *)out)[i + k] = bits[k];
+    }
+}
+
+/* q(y * scale) as float32 bits: the rules of kernel.round_nearest_by_scaling. */
+static inline vi round_nearest(vi bits, vf scale, const int32_t *p) {
+    vf y;
+    memcpy(&y, &bits, sizeof y);
+    y = y * scale;
+    vi y_bits;
+    memcpy(&y_bits, &y, sizeof y_bits);
+    vi magnitude = y_bits & ABS_MASK;
+    /* capped so that C stays finite; only values beyond 2^(232+M) are capped, far past any max */
+    vi binade = vmin(vmax(magnitude >> 23, splat(p[P_EMIN_BIASED])), splat(231 + p[P_MANTISSA]));
+    vi c_bits = (binade + (23 - p[P_MANTISSA])) << 23;
+    vf c, m;
+    memcpy(&c, &c_bits, sizeof c);
+    memcpy(&m, &magnitude, sizeof m);
+    vf r = (m + c) - c;
+    vi out;
+    memcpy(&out, &r, sizeof out);
+    out = select(out > p[P_MAX_BITS], splat(p[P_OVERFLOW_BITS]), out); /* overflow, and inf in */
+    out |= y_bits & (int32_t)0x80000000;
+    return select(magnitude > INF_BITS, y_bits, out); /* NaN in, NaN out */
+}
+
+#define ROUND_LOOP(IN, OUT)                                                                   \
+    _Pragma("omp parallel for num_threads(threads) if(blocks >= 4096)")                      \
+    for (int64_t b = 0; b < blocks; b++)                                                      \
+        store(out, OUT, b * LANES, LANES, round_nearest(load_full(x, IN, b * LANES), s, params));
+
+/* out[i] = q(x[i] * scale) for the format in params; in_type/out_type: FLOAT32 or BFLOAT16. */
+void altgrad_round_nearest(const void *x, int in_type, int64_t n, float scale, const int32_t *params,
+                           void *out, int out_type, int threads) {
+    vf s = (vf){0} + scale;
+    int64_t blocks = n / LANES;
+    /* one loop per type pair, so that the loads and stores inside are branch-free */
+    if (in_type == BFLOAT16 && out_type == BFLOAT16) { ROUND_LOOP(BFLOAT16, BFLOAT16) }
+    else if (in_type == BFLOAT16) { ROUND_LOOP(BFLOAT16, FLOAT32) }
+    else if (out_type == BFLOAT16) { ROUND_LOOP(FLOAT32, BFLOAT16) }
+    else { ROUND_LOOP(FLOAT32, FLOAT32) }
+    int64_t done = blocks * LANES;
+    if (done < n)
+        store(out, out_type, done, n - done, round_nearest(load_part(x, in_type, done, n - done), s, params));
+}
+
+/* max |x| as float32 bits. Integer max of the magnitudes orders finite values and inf as floats
+ * do and ranks any NaN above them, so a NaN anywhere gives a NaN, like torch's amax. */
+int32_t altgrad_amax_bits(const void *x, int type, int64_t n, int threads) {
+    int32_t best = 0;
+    int64_t pairs = n / (2 * LANES);
+    #pragma omp parallel num_threads(threads) reduction(max : best) if(pairs >= 32768)
+    {
+        vi acc0 = {0}, acc1 = {0}; /* two chains: the max latency, not the loads, bounds one */
+        #pragma omp for nowait
+        for (int64_t b = 0; b < pairs; b++) {
+            acc0 = vmax(acc0, load_full(x, type, 2 * b * LANES) & ABS_MASK);
+            acc1 = vmax(acc1, load_full(x, type, (2 * b + 1) * LANES) & ABS_MASK);
+        }
+        acc0 = vmax(acc0, acc1);
+        for (int k = 0; k < LANES; k++) best = acc0[k] > best ? acc0[k] : best;
+    }
+    for (int64_t i = pairs * 2 * LANES; i < n; i += LANES) {
+        int64_t count = n - i < LANES ? n - i : LANES;
+        vi v = load_part(x, type, i, count) & ABS_MASK;
+        for (int64_t k = 0; k < count; k++) best = v[k] > best ? v[k] : best;
+    }
+    return best;
+}
+
+/* scaling.pow2_scale on the float32 fields: the largest 2^k with amax 2^k <= max, times
+ * 2^-margin, k within float32's normal range; 1 where amax is 0, negative or not finite. */
+static float pow2_scale(int32_t amax_bits, int32_t max_bits, int32_t margin) {
+    if (amax_bits <= 0 || amax_bits >= INF_BITS) return 1.0f;
+    int32_t exponent = (amax_bits >> 23) < 1 ? 1 : amax_bits >> 23;
+    int32_t k = (max_bits >> 23) - exponent - ((amax_bits & 0x7fffff) > (max_bits & 0x7fffff)) - margin;
+    k = k < -126 ? -126 : (k > 127 ? 127 : k);
+    int32_t scale_bits = (k + 127) << 23;
+    float scale;
+    memcpy(&scale, &scale_bits, sizeof scale);
+    return scale;
+}
+
+/* The operand cast: amax of x, the scale from reference_amax (delayed scaling) or from that amax
+ * (reference_amax NULL), and out = q(x * scale). Writes {amax, scale} to amax_scale. */
+void altgrad_cast(const void *x, int in_type, int64_t n, const float *reference_amax, const int32_t *params,
+                  int32_t margin, void *out, int out_type, int threads, float *amax_scale) {
+    int32_t amax_bits = altgrad_amax_bits(x, in_type, n, threads);
+    int32_t reference_bits = amax_bits;
+    if (reference_amax) memcpy(&reference_bits, reference_amax, sizeof reference_bits);
+    float scale = pow2_scale(reference_bits, params[P_MAX_BITS], margin);
+    memcpy(&amax_scale[0], &amax_bits, sizeof amax_bits);
+    amax_scale[1] = scale;
+    altgrad_round_nearest(x, in_type, n, scale, params, out, out_type, threads);
+}
