@@ -1,0 +1,150 @@
+"""The native C kernel against the oracles and the torch kernels, bit for bit."""
+
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from gfloat import RoundMode, round_ndarray
+from hypothesis import given
+from hypothesis import strategies as st
+from oracles import ALL_FORMATS, gfloat_info, probe_points, same_bits
+
+from altgrad.quantization import get_format, native, quantize
+from altgrad.quantization.kernel import round_float32_bits, scaling_kernel_fits
+from altgrad.quantization.quantize import _params
+from altgrad.quantization.scaling import cast_to_grid, pow2_scale
+
+NATIVE_FORMATS = [f for f in ALL_FORMATS if scaling_kernel_fits(f.mantissa_bits, f.emin)]
+BF16_FORMATS = [f for f in NATIVE_FORMATS if f.fits(torch.bfloat16)]
+CPU = torch.device("cpu")
+needs_native = pytest.mark.skipif(native.library() is None, reason="native kernel unavailable (no C compiler)")
+ALL_BFLOAT16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def test_the_kernel_builds_where_there_is_a_c_compiler():
+    """CI has gcc: the native path must not silently fall back there."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler on this machine")
+    assert native.library() is not None, native.unavailable_reason()
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    assert a.dtype == b.dtype
+    view = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
+    return (a.view(view) == b.view(view)) | (a.isnan() & b.isnan())
+
+
+@needs_native
+@pytest.mark.parametrize("fmt, saturate", [(f, True) for f in NATIVE_FORMATS] + [(f, False) for f in NATIVE_FORMATS
+                                                                               if f.has_nan],
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_native_nearest_matches_gfloat_exhaustively(fmt, saturate):
+    points = probe_points(fmt)
+    reference = round_ndarray(gfloat_info(fmt), points.astype(np.float64), RoundMode.TiesToEven, sat=saturate)
+    mine = quantize(torch.from_numpy(points), fmt, saturate=saturate, kernel="native").numpy()
+    bad = ~same_bits(mine, reference)
+    assert not bad.any(), list(zip(points[bad][:5], mine[bad][:5], reference[bad][:5]))
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", BF16_FORMATS, ids=lambda f: f.name)
+def test_every_bfloat16_value_times_every_scale_rounds_like_the_integer_kernel(fmt):
+    """All 65,536 bfloat16 inputs, scales across the whole float32 range, both output dtypes."""
+    params = _params(fmt, True, CPU)
+    for k in (-126, -60, -20, -7, -1, 0, 1, 5, 20, 60, 127):
+        reference = round_float32_bits(ALL_BFLOAT16.float() * 2.0**k, params, None)
+        for out_dtype in (torch.float32, torch.bfloat16):
+            mine = native.round_nearest(ALL_BFLOAT16, params, out_dtype, scale=2.0**k)
+            assert _bits_equal(mine, reference.to(out_dtype)).all(), (k, out_dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", NATIVE_FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("saturate", [True, False])
+def test_float32_inputs_in_every_binade_round_like_the_integer_kernel(fmt, saturate):
+    generator = torch.Generator().manual_seed(0)
+    n = 100_003  # not a multiple of the vector width: the tail path too
+    exponents = torch.randint(-149, 128, (n,), generator=generator).float()
+    x = torch.randn(n, generator=generator).sign() * torch.exp2(exponents) * (1 + torch.rand(n, generator=generator))
+    values = torch.tensor(fmt.positive_values, dtype=torch.float32)
+    ties = (values[1:] + values[:-1]) / 2
+    specials = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-40, 3.4e38]
+    x = torch.cat([x, torch.tensor(specials), values, -ties, torch.nextafter(ties, torch.zeros_like(ties))])
+    params = _params(fmt, saturate, CPU)
+    assert _bits_equal(native.round_nearest(x, params, torch.float32), round_float32_bits(x, params, None)).all()
+
+
+finite_or_special = st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)
+
+
+@needs_native
+@given(fmt=st.sampled_from(BF16_FORMATS), xs=st.lists(finite_or_special, min_size=1, max_size=100),
+       reference_amax=st.one_of(st.none(), st.floats(0, 1e6, width=32)), margin=st.integers(0, 3),
+       bf16_in=st.booleans())
+def test_the_native_cast_equals_the_eager_cast(fmt, xs, reference_amax, margin, bf16_in):
+    x = torch.tensor(xs, dtype=torch.float32).to(torch.bfloat16 if bf16_in else torch.float32)
+    reference = None if reference_amax is None else torch.tensor(reference_amax)
+    q, scale, amax = cast_to_grid(x, fmt, reference, margin=margin, out_dtype=torch.bfloat16, kernel="native")
+    q_ref, scale_ref, amax_ref = cast_to_grid(x, fmt, reference, margin=margin, out_dtype=torch.bfloat16,
+                                              kernel="eager")
+    assert _bits_equal(q, q_ref).all()
+    assert _bits_equal(scale, scale_ref) and _bits_equal(amax, amax_ref)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 31, 33, 1000, 70_001])
+def test_amax_and_scale_on_every_tail_length(dtype, n):
+    generator = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=generator) * 3).to(dtype)
+    params = _params(get_format("E4M3"), True, CPU)
+    _, scale, amax = native.cast(x, params, None, 0, torch.bfloat16)
+    expected = x.float().abs().amax()
+    assert amax == expected
+    assert scale == pow2_scale(expected, params[2], torch.tensor(0, dtype=torch.int32))
+    x[n // 2] = float("nan")
+    assert native.amax(x).isnan()
+
+
+@needs_native
+def test_non_contiguous_inputs_and_shapes_are_kept():
+    x = torch.randn(64, 48).t()
+    q = quantize(x, "E4M3", kernel="native")
+    assert q.shape == x.shape
+    assert torch.equal(q, quantize(x.contiguous(), "E4M3", kernel="eager"))
+
+
+def test_without_a_compiler_it_falls_back_once_with_a_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", "no-such-compiler-altgrad")
+    monkeypatch.setenv("ALTGRAD_CACHE_DIR", str(tmp_path))
+    native.reset()
+    try:
+        x = torch.randn(1000)
+        with caplog.at_level(logging.WARNING, logger="altgrad.quantization.native"):
+            q = quantize(x, "E4M3")  # auto: falls back to the torch kernels
+            quantize(x, "E4M3")
+        assert torch.equal(q, quantize(x, "E4M3", kernel="eager"))
+        assert len([r for r in caplog.records if "native quantize kernel unavailable" in r.message]) == 1
+        with pytest.raises(RuntimeError, match="no-such-compiler-altgrad"):
+            quantize(x, "E4M3", kernel="native")
+    finally:
+        native.reset()
+
+
+@needs_native
+def test_the_build_is_cached_by_source_and_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv("ALTGRAD_CACHE_DIR", str(tmp_path))
+    native.reset()
+    try:
+        assert native.library() is not None
+        built = list(tmp_path.glob("native-*.so"))
+        assert len(built) == 1
+        native.reset()
+        stamp = built[0].stat().st_mtime_ns
+        assert native.library() is not None
+        assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    finally:
+        native.reset()
