@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from . import native
+
 _SIGN_MASK = -(2**31)  # 0x80000000 as int32
 _ABS_MASK = 0x7FFFFFFF
 _INF_BITS = 0x7F800000
@@ -176,8 +178,6 @@ def use_native(kernel: str, eligible: bool) -> bool:
     kernel = _resolve(kernel)
     if kernel not in ("auto", "native") or not eligible or torch.compiler.is_compiling():
         return False
-    from . import native  # noqa: PLC0415 - the build is deferred to the first use
-
     if native.library() is None:
         if kernel == "native":
             raise RuntimeError(f"the native quantize kernel is unavailable: {native.unavailable_reason()}")

@@ -73,20 +73,22 @@ class OperandQuantizer:
         self.generator = torch.Generator().manual_seed(seed) if rounding == "stochastic" else None
         self.collecting = False
         self.stats: list[QuantStats] = []
-        self.last_scale: torch.Tensor | None = None
+        self.last_scale: torch.Tensor | float | None = None
         self.alive: torch.Tensor | None = None  # per input feature: non-zero anywhere while collecting
 
-    def __call__(self, x: torch.Tensor, dtype: torch.dtype, record: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype, record: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | float]:
         """(grid values in ``dtype``, the scale they carry): x ≈ values / scale.
 
+        The scale is a Python float where the native CPU kernel ran, else a 0-d tensor.
         ``record=False`` (evaluation) leaves the delayed-scaling history untouched.
         """
         if self.fmt is None:
-            return x.to(dtype), torch.ones((), device=x.device)
+            return x.to(dtype), 1.0
         x = x.detach()
         scaling = self.tracker.config
         if scaling.mode == "none":
-            scale = torch.ones((), device=x.device)
+            scale = 1.0
             q = quantize(x, self.fmt, rounding=self.rounding, generator=self.generator).to(dtype)
         else:
             q, scale, amax = cast_to_grid(x, self.fmt, self.tracker.reference_amax(), margin=scaling.margin,
@@ -142,14 +144,16 @@ class _QuantizedLinearFunction(torch.autograd.Function):
             else:
                 y = F.linear(qx, qw).float() * inverse
                 y = (y if b is None else y + b).to(dtype)
-        ctx.save_for_backward(qx, qw, sx, sw)
+        ctx.save_for_backward(qx, qw)
+        ctx.scales = (sx, sw)  # floats, or 0-d tensors that are not part of the graph
         ctx.layer = layer
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y if y.dtype == out_dtype else y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
-        qx, qw, sx, sw = ctx.saved_tensors
+        qx, qw = ctx.saved_tensors
+        sx, sw = ctx.scales
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         exact = ctx.layer.exact_scales
         qg, sg = ctx.layer.quantizers["gradient"](grad_y, qx.dtype)

@@ -95,43 +95,93 @@ static inline vi round_nearest(vi bits, vf scale, const int32_t *p) {
     return select(magnitude > INF_BITS, y_bits, out); /* NaN in, NaN out */
 }
 
-#define ROUND_LOOP(IN, OUT)                                                                   \
+/* The same for inputs known to be finite with |y| <= max (no overflow, no inf, no NaN): the
+ * operand cast's usual case, where the scale comes from the tensor's own finite amax. */
+static inline vi round_nearest_in_range(vi bits, vf scale, const int32_t *p) {
+    vf y;
+    memcpy(&y, &bits, sizeof y);
+    y = y * scale;
+    vi y_bits;
+    memcpy(&y_bits, &y, sizeof y_bits);
+    vi magnitude = y_bits & ABS_MASK;
+    vi c_bits = (vmax(magnitude >> 23, splat(p[P_EMIN_BIASED])) + (23 - p[P_MANTISSA])) << 23;
+    vf c, m;
+    memcpy(&c, &c_bits, sizeof c);
+    memcpy(&m, &magnitude, sizeof m);
+    vf r = (m + c) - c;
+    vi out;
+    memcpy(&out, &r, sizeof out);
+    return out | (y_bits & (int32_t)0x80000000);
+}
+
+#define ROUND_LOOP(ROUND, IN, OUT)                                                            \
     _Pragma("omp parallel for num_threads(threads) if(blocks >= 4096)")                      \
     for (int64_t b = 0; b < blocks; b++)                                                      \
-        store(out, OUT, b * LANES, LANES, round_nearest(load_full(x, IN, b * LANES), s, params));
+        store(out, OUT, b * LANES, LANES, ROUND(load_full(x, IN, b * LANES), s, params));
+
+/* One loop per type pair, so that the loads and stores inside are branch-free. */
+#define ROUND_ALL(ROUND)                                                                      \
+    do {                                                                                      \
+        if (in_type == BFLOAT16 && out_type == BFLOAT16) { ROUND_LOOP(ROUND, BFLOAT16, BFLOAT16) } \
+        else if (in_type == BFLOAT16) { ROUND_LOOP(ROUND, BFLOAT16, FLOAT32) }                \
+        else if (out_type == BFLOAT16) { ROUND_LOOP(ROUND, FLOAT32, BFLOAT16) }               \
+        else { ROUND_LOOP(ROUND, FLOAT32, FLOAT32) }                                          \
+        int64_t done = blocks * LANES;                                                        \
+        if (done < n)                                                                         \
+            store(out, out_type, done, n - done, ROUND(load_part(x, in_type, done, n - done), s, params)); \
+    } while (0)
+
+static void round_map(const void *x, int in_type, int64_t n, float scale, const int32_t *params, void *out,
+                      int out_type, int threads, int in_range) {
+    vf s = (vf){0} + scale;
+    int64_t blocks = n / LANES;
+    if (in_range) ROUND_ALL(round_nearest_in_range);
+    else ROUND_ALL(round_nearest);
+}
 
 /* out[i] = q(x[i] * scale) for the format in params; in_type/out_type: FLOAT32 or BFLOAT16. */
 void altgrad_round_nearest(const void *x, int in_type, int64_t n, float scale, const int32_t *params,
                            void *out, int out_type, int threads) {
-    vf s = (vf){0} + scale;
-    int64_t blocks = n / LANES;
-    /* one loop per type pair, so that the loads and stores inside are branch-free */
-    if (in_type == BFLOAT16 && out_type == BFLOAT16) { ROUND_LOOP(BFLOAT16, BFLOAT16) }
-    else if (in_type == BFLOAT16) { ROUND_LOOP(BFLOAT16, FLOAT32) }
-    else if (out_type == BFLOAT16) { ROUND_LOOP(FLOAT32, BFLOAT16) }
-    else { ROUND_LOOP(FLOAT32, FLOAT32) }
-    int64_t done = blocks * LANES;
-    if (done < n)
-        store(out, out_type, done, n - done, round_nearest(load_part(x, in_type, done, n - done), s, params));
+    round_map(x, in_type, n, scale, params, out, out_type, threads, 0);
 }
 
 /* max |x| as float32 bits. Integer max of the magnitudes orders finite values and inf as floats
- * do and ranks any NaN above them, so a NaN anywhere gives a NaN, like torch's amax. */
+ * do and ranks any NaN above them, so a NaN anywhere gives a NaN, like torch's amax. bfloat16
+ * magnitudes are compared as 16-bit integers, twice the lanes per vector. */
+typedef uint16_t vh2 __attribute__((vector_size(LANES * 4)));
+
+static inline vh2 vmax_u16(vh2 a, vh2 b) { vh2 m = a > b; return (a & m) | (b & ~m); }
+
 int32_t altgrad_amax_bits(const void *x, int type, int64_t n, int threads) {
+    const int64_t width = type == BFLOAT16 ? 2 * LANES : LANES; /* elements per vector */
+    int64_t vectors = n / width;
     int32_t best = 0;
-    int64_t pairs = n / (2 * LANES);
-    #pragma omp parallel num_threads(threads) reduction(max : best) if(pairs >= 32768)
+    #pragma omp parallel num_threads(threads) reduction(max : best) if(n >= 262144)
     {
-        vi acc0 = {0}, acc1 = {0}; /* two chains: the max latency, not the loads, bounds one */
-        #pragma omp for nowait
-        for (int64_t b = 0; b < pairs; b++) {
-            acc0 = vmax(acc0, load_full(x, type, 2 * b * LANES) & ABS_MASK);
-            acc1 = vmax(acc1, load_full(x, type, (2 * b + 1) * LANES) & ABS_MASK);
+        if (type == BFLOAT16) {
+            vh2 acc0 = {0}, acc1 = {0}; /* two chains: the max latency, not the loads, bounds one */
+            #pragma omp for nowait
+            for (int64_t b = 0; b < vectors / 2; b++) {
+                vh2 v0, v1;
+                memcpy(&v0, (const uint16_t *)x + 2 * b * width, sizeof v0);
+                memcpy(&v1, (const uint16_t *)x + (2 * b + 1) * width, sizeof v1);
+                acc0 = vmax_u16(acc0, v0 & 0x7fff);
+                acc1 = vmax_u16(acc1, v1 & 0x7fff);
+            }
+            acc0 = vmax_u16(acc0, acc1);
+            for (int k = 0; k < 2 * LANES; k++) best = (int32_t)acc0[k] << 16 > best ? (int32_t)acc0[k] << 16 : best;
+        } else {
+            vi acc0 = {0}, acc1 = {0};
+            #pragma omp for nowait
+            for (int64_t b = 0; b < vectors / 2; b++) {
+                acc0 = vmax(acc0, load_full(x, FLOAT32, 2 * b * width) & ABS_MASK);
+                acc1 = vmax(acc1, load_full(x, FLOAT32, (2 * b + 1) * width) & ABS_MASK);
+            }
+            acc0 = vmax(acc0, acc1);
+            for (int k = 0; k < LANES; k++) best = acc0[k] > best ? acc0[k] : best;
         }
-        acc0 = vmax(acc0, acc1);
-        for (int k = 0; k < LANES; k++) best = acc0[k] > best ? acc0[k] : best;
     }
-    for (int64_t i = pairs * 2 * LANES; i < n; i += LANES) {
+    for (int64_t i = vectors / 2 * 2 * width; i < n; i += LANES) {
         int64_t count = n - i < LANES ? n - i : LANES;
         vi v = load_part(x, type, i, count) & ABS_MASK;
         for (int64_t k = 0; k < count; k++) best = v[k] > best ? v[k] : best;
@@ -153,14 +203,20 @@ static float pow2_scale(int32_t amax_bits, int32_t max_bits, int32_t margin) {
 }
 
 /* The operand cast: amax of x, the scale from reference_amax (delayed scaling) or from that amax
- * (reference_amax NULL), and out = q(x * scale). Writes {amax, scale} to amax_scale. */
-void altgrad_cast(const void *x, int in_type, int64_t n, const float *reference_amax, const int32_t *params,
-                  int32_t margin, void *out, int out_type, int threads, float *amax_scale) {
+ * (reference_amax NULL), and out = q(x * scale). Returns the scale; writes the amax to amax_out. */
+float altgrad_cast(const void *x, int in_type, int64_t n, const float *reference_amax, const int32_t *params,
+                   int32_t margin, void *out, int out_type, int threads, float *amax_out) {
     int32_t amax_bits = altgrad_amax_bits(x, in_type, n, threads);
     int32_t reference_bits = amax_bits;
     if (reference_amax) memcpy(&reference_bits, reference_amax, sizeof reference_bits);
     float scale = pow2_scale(reference_bits, params[P_MAX_BITS], margin);
-    memcpy(&amax_scale[0], &amax_bits, sizeof amax_bits);
-    amax_scale[1] = scale;
-    altgrad_round_nearest(x, in_type, n, scale, params, out, out_type, threads);
+    memcpy(amax_out, &amax_bits, sizeof amax_bits);
+    float amax, largest;
+    memcpy(&amax, &amax_bits, sizeof amax);
+    memcpy(&largest, &params[P_MAX_BITS], sizeof largest);
+    /* amax finite and amax * scale <= max: every |x * scale| is in range (the products are exact
+     * or round monotonically, so none exceeds amax * scale) */
+    int in_range = amax_bits < INF_BITS && amax * scale <= largest;
+    round_map(x, in_type, n, scale, params, out, out_type, threads, in_range);
+    return scale;
 }

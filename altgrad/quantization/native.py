@@ -79,7 +79,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
     lib.altgrad_cast.argtypes = [p, ctypes.c_int, i64, p, p, i32, p, ctypes.c_int, ctypes.c_int, p]
-    lib.altgrad_cast.restype = None
+    lib.altgrad_cast.restype = ctypes.c_float
     lib.altgrad_round_nearest.argtypes = [p, ctypes.c_int, i64, ctypes.c_float, p, p, ctypes.c_int, ctypes.c_int]
     lib.altgrad_round_nearest.restype = None
     lib.altgrad_amax_bits.argtypes = [p, ctypes.c_int, i64, ctypes.c_int]
@@ -116,20 +116,17 @@ def supports(x: torch.Tensor, out_dtype: torch.dtype) -> bool:
     return x.device.type == "cpu" and x.dtype in _TYPES and out_dtype in _TYPES and x.numel() > 0
 
 
-def cast(x: torch.Tensor, params: torch.Tensor, reference_amax: torch.Tensor | None, margin: int,
-         out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q(x * scale), scale, amax(x))`` with a power-of-two scale: `scaling.cast_to_grid`'s contract."""
-    lib = library()
+def cast(x: torch.Tensor, params: torch.Tensor, reference_amax: torch.Tensor | float | None, margin: int,
+         out_dtype: torch.dtype) -> tuple[torch.Tensor, float, float]:
+    """``(q(x * scale), scale, amax(x))`` with a power-of-two scale: `scaling.cast_to_grid`'s
+    contract, with the scale and amax as Python floats (no tensor ops for scalars on CPU)."""
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=out_dtype)
-    amax_scale = torch.empty(2, dtype=torch.float32)
-    reference = None
-    if reference_amax is not None:
-        reference = reference_amax.detach().to("cpu", torch.float32).contiguous()
-    lib.altgrad_cast(x.data_ptr(), _TYPES[x.dtype], x.numel(), None if reference is None else reference.data_ptr(),
-                     params.data_ptr(), margin, out.data_ptr(), _TYPES[out_dtype], torch.get_num_threads(),
-                     amax_scale.data_ptr())
-    return out, amax_scale[1], amax_scale[0]
+    amax = ctypes.c_float()
+    reference = None if reference_amax is None else ctypes.byref(ctypes.c_float(float(reference_amax)))
+    scale = library().altgrad_cast(x.data_ptr(), _TYPES[x.dtype], x.numel(), reference, params.data_ptr(), margin,
+                                   out.data_ptr(), _TYPES[out_dtype], torch.get_num_threads(), ctypes.byref(amax))
+    return out, scale, amax.value
 
 
 def round_nearest(x: torch.Tensor, params: torch.Tensor, out_dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:

@@ -105,12 +105,13 @@ class AmaxTracker:
         amax = x.detach().abs().amax().float() if amax is None else amax
         return scale_from_amax(amax, self.fmt, self.config.margin, self.config.power_of_two)
 
-    def record_amax(self, amax: torch.Tensor) -> None:
+    def record_amax(self, amax: torch.Tensor | float) -> None:
         if self.config.mode != "delayed":
             return
         if self.history is None:
-            self.history = torch.zeros(self.config.history_len, device=amax.device)
-        self.history[self.count % self.config.history_len] = amax.float()
+            device = amax.device if isinstance(amax, torch.Tensor) else None
+            self.history = torch.zeros(self.config.history_len, device=device)
+        self.history[self.count % self.config.history_len] = amax
         self.count += 1
 
     def record(self, x: torch.Tensor) -> None:
@@ -151,7 +152,7 @@ def cast_to_grid(
     generator: torch.Generator | None = None,
     out_dtype: torch.dtype | None = None,
     kernel: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor | float]:
     """``(q(x * scale), scale, amax(x))``: the GEMM operand cast.
 
     The scale comes from ``reference_amax`` (delayed scaling) or, when None, from x's own
@@ -159,6 +160,8 @@ def cast_to_grid(
     (default x's dtype). amax, scale and rounding run in the native C kernel on CPU
     (nearest rounding, power-of-two scales), else as one compiled graph, also for small
     tensors; all bit-identical. Equals ``quantize(x * scale_from_amax(amax, ...), ...)``.
+    scale and amax are Python floats from the native kernel (no tensor ops for scalars), else
+    0-d tensors on x's device (no host sync on an accelerator).
     """
     params = _params(fmt, True, x.device)
     out_dtype = out_dtype or x.dtype
