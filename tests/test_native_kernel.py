@@ -57,7 +57,7 @@ def test_every_bfloat16_value_times_every_scale_rounds_like_the_integer_kernel(f
     for k in (-126, -60, -20, -7, -1, 0, 1, 5, 20, 60, 127):
         reference = round_float32_bits(ALL_BFLOAT16.float() * 2.0**k, params, None)
         for out_dtype in (torch.float32, torch.bfloat16):
-            mine = native.round_nearest(ALL_BFLOAT16, params, out_dtype, scale=2.0**k)
+            mine = native.round_to_grid(ALL_BFLOAT16, params, out_dtype, scale=2.0**k)
             assert _bits_equal(mine, reference.to(out_dtype)).all(), (k, out_dtype)
 
 
@@ -74,7 +74,7 @@ def test_float32_inputs_in_every_binade_round_like_the_integer_kernel(fmt, satur
     specials = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-40, 3.4e38]
     x = torch.cat([x, torch.tensor(specials), values, -ties, torch.nextafter(ties, torch.zeros_like(ties))])
     params = _params(fmt, saturate, CPU)
-    assert _bits_equal(native.round_nearest(x, params, torch.float32), round_float32_bits(x, params, None)).all()
+    assert _bits_equal(native.round_to_grid(x, params, torch.float32), round_float32_bits(x, params, None)).all()
 
 
 finite_or_special = st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)
@@ -149,3 +149,45 @@ def test_the_build_is_cached_by_source_and_machine(monkeypatch, tmp_path):
         assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
     finally:
         native.reset()
+
+
+# ---- stochastic rounding ------------------------------------------------------------------
+@needs_native
+@pytest.mark.parametrize("fmt, dtype", [(f, d) for f in ALL_FORMATS for d in (torch.float32, torch.bfloat16)
+                                        if f.fits(d)], ids=lambda v: getattr(v, "name", str(v)))
+def test_native_stochastic_equals_the_torch_kernel_given_the_same_generator(fmt, dtype):
+    generator = torch.Generator().manual_seed(1)
+    n = 50_021
+    x = torch.randn(n, generator=generator) * torch.exp2(torch.randint(-30, 30, (n,), generator=generator))
+    x[:7] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, fmt.max * 1.5, 1e-42])
+    x = x.to(dtype)
+    for saturate in (True, False):
+        mine = quantize(x, fmt, rounding="stochastic", saturate=saturate, kernel="native",
+                        generator=torch.Generator().manual_seed(7))
+        reference = quantize(x, fmt, rounding="stochastic", saturate=saturate, kernel="eager",
+                             generator=torch.Generator().manual_seed(7))
+        assert _bits_equal(mine, reference).all(), (fmt.name, saturate)
+
+
+@needs_native
+def test_random_bits_carry_into_the_high_word_like_the_reference():
+    """Indices across 2^32 (tensors that large are rare; the carry must still be right)."""
+    from altgrad.quantization.kernel import _MASK32, _RANDOM_BITS, _mix32
+
+    seed = torch.tensor([0x12345678, 0x9ABCDEF0], dtype=torch.int64)
+    start = 2**32 - 37
+    index = torch.arange(start, start + 100, dtype=torch.int64)
+    h = _mix32(_mix32((index & _MASK32) ^ seed[0]) ^ (index >> 32) ^ seed[1])
+    assert torch.equal(native.random_bits(start, 100, seed), (h >> (32 - _RANDOM_BITS)).to(torch.int32))
+
+
+@needs_native
+@given(fmt=st.sampled_from(BF16_FORMATS), xs=st.lists(finite_or_special, min_size=1, max_size=100),
+       reference_amax=st.one_of(st.none(), st.floats(0, 1e6, width=32)), seed=st.integers(0, 2**31))
+def test_the_native_stochastic_cast_equals_the_eager_cast(fmt, xs, reference_amax, seed):
+    x = torch.tensor(xs, dtype=torch.float32)
+    reference = None if reference_amax is None else torch.tensor(reference_amax)
+    results = [cast_to_grid(x, fmt, reference, rounding="stochastic", generator=torch.Generator().manual_seed(seed),
+                            out_dtype=torch.bfloat16, kernel=kernel) for kernel in ("native", "eager")]
+    assert _bits_equal(results[0][0], results[1][0]).all()
+    assert float(results[0][1]) == float(results[1][1])

@@ -28,6 +28,7 @@ enum { FLOAT32 = 0, BFLOAT16 = 1 };
 enum { P_MANTISSA, P_EMIN_BIASED, P_MAX_BITS, P_OVERFLOW_BITS };
 
 #define ABS_MASK 0x7fffffff
+#define RANDOM_BITS 30
 #define INF_BITS 0x7f800000
 
 static inline vi splat(int32_t v) { return (vi){0} + v; }
@@ -74,7 +75,8 @@ static inline void store(void *out, int type, int64_t i, int64_t count, vi bits)
 }
 
 /* q(y * scale) as float32 bits: the rules of kernel.round_nearest_by_scaling. */
-static inline vi round_nearest(vi bits, vf scale, const int32_t *p) {
+static inline vi round_nearest(vi bits, vf scale, const int32_t *p, int64_t index, const uint32_t *seed) {
+    (void)index, (void)seed;
     vf y;
     memcpy(&y, &bits, sizeof y);
     y = y * scale;
@@ -97,7 +99,8 @@ static inline vi round_nearest(vi bits, vf scale, const int32_t *p) {
 
 /* The same for inputs known to be finite with |y| <= max (no overflow, no inf, no NaN): the
  * operand cast's usual case, where the scale comes from the tensor's own finite amax. */
-static inline vi round_nearest_in_range(vi bits, vf scale, const int32_t *p) {
+static inline vi round_nearest_in_range(vi bits, vf scale, const int32_t *p, int64_t index, const uint32_t *seed) {
+    (void)index, (void)seed;
     vf y;
     memcpy(&y, &bits, sizeof y);
     y = y * scale;
@@ -114,10 +117,70 @@ static inline vi round_nearest_in_range(vi bits, vf scale, const int32_t *p) {
     return out | (y_bits & (int32_t)0x80000000);
 }
 
+/* kernel._mix32 in 32-bit lanes: the int64 products masked to 32 bits are uint32 products. */
+typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
+
+static inline vu mix32(vu h) {
+    h ^= h >> 16;
+    h *= 0x21F0AAADu;
+    h ^= h >> 15;
+    h *= 0x735A2D97u;
+    return h ^ (h >> 15);
+}
+
+/* kernel.random_bits: 30 bits per element from its flat index and the seed pair. */
+static inline vi random_bits(int64_t index, const uint32_t *seed) {
+    vu lane;
+    for (int k = 0; k < LANES; k++) lane[k] = (uint32_t)k;
+    vu low = (uint32_t)index + lane;
+    vu high = (vu){0} + (uint32_t)((uint64_t)index >> 32);
+    high -= (vu)(low < (uint32_t)index); /* the low word wrapped within this vector: carry */
+    vu h = mix32(mix32(low ^ seed[0]) ^ high ^ seed[1]);
+    return (vi)(h >> 2);
+}
+
+/* random_bits for the n indices from start (tests compare it with the torch reference). */
+void altgrad_random_bits(int64_t start, int64_t n, const int64_t *seed, int32_t *out) {
+    uint32_t words[2] = {(uint32_t)seed[0], (uint32_t)seed[1]};
+    for (int64_t i = 0; i < n; i += LANES) {
+        vi bits = random_bits(start + i, words);
+        for (int64_t k = 0; k < LANES && i + k < n; k++) out[i + k] = bits[k];
+    }
+}
+
+/* Stochastic rounding of y = x * scale: the integer rules of kernel.round_float32_bits. */
+static inline vi round_stochastic(vi bits, vf scale, const int32_t *p, int64_t index, const uint32_t *seed) {
+    vf y;
+    memcpy(&y, &bits, sizeof y);
+    y = y * scale;
+    vi y_bits;
+    memcpy(&y_bits, &y, sizeof y_bits);
+    vi magnitude = y_bits & ABS_MASK;
+    vi exponent = magnitude >> 23;
+    vi exponent_eff = vmax(exponent, splat(1));
+    vi significand = (magnitude & 0x7fffff) | ((exponent > 0) & (1 << 23));
+    vi exponent_target = vmax(exponent_eff, splat(p[P_EMIN_BIASED]));
+    vi exact_shift = 23 - p[P_MANTISSA] + exponent_target - exponent_eff;
+    vi kept = vmin(exact_shift, splat(RANDOM_BITS));
+    vi truncated = significand >> vmin(exact_shift - kept, splat(31));
+    vi noise = random_bits(index, seed) & ((splat(1) << kept) - 1);
+    vi steps = (truncated + noise) >> kept;
+    vf steps_f = __builtin_convertvector(steps, vf);
+    vi out;
+    memcpy(&out, &steps_f, sizeof out);
+    /* times 2^(target - 127 - M): added to the exponent field, in wrapping unsigned arithmetic */
+    out = (vi)((vu)out + ((vu)(exponent_target - 127 - p[P_MANTISSA]) << 23));
+    out = select(steps == 0, splat(0), out);
+    out = select(out > p[P_MAX_BITS], splat(p[P_OVERFLOW_BITS]), out);
+    out = select(magnitude == INF_BITS, splat(p[P_OVERFLOW_BITS]), out); /* inf in: as overflow */
+    out = select(magnitude > INF_BITS, magnitude, out); /* NaN in, NaN out */
+    return out | (y_bits & (int32_t)0x80000000);
+}
+
 #define ROUND_LOOP(ROUND, IN, OUT)                                                            \
     _Pragma("omp parallel for num_threads(threads) if(blocks >= 4096)")                      \
     for (int64_t b = 0; b < blocks; b++)                                                      \
-        store(out, OUT, b * LANES, LANES, ROUND(load_full(x, IN, b * LANES), s, params));
+        store(out, OUT, b * LANES, LANES, ROUND(load_full(x, IN, b * LANES), s, params, b * LANES, seed));
 
 /* One loop per type pair, so that the loads and stores inside are branch-free. */
 #define ROUND_ALL(ROUND)                                                                      \
@@ -128,21 +191,34 @@ static inline vi round_nearest_in_range(vi bits, vf scale, const int32_t *p) {
         else { ROUND_LOOP(ROUND, FLOAT32, FLOAT32) }                                          \
         int64_t done = blocks * LANES;                                                        \
         if (done < n)                                                                         \
-            store(out, out_type, done, n - done, ROUND(load_part(x, in_type, done, n - done), s, params)); \
+            store(out, out_type, done, n - done, ROUND(load_part(x, in_type, done, n - done), s, params, done, seed)); \
     } while (0)
 
+enum { NEAREST, NEAREST_IN_RANGE, STOCHASTIC };
+
 static void round_map(const void *x, int in_type, int64_t n, float scale, const int32_t *params, void *out,
-                      int out_type, int threads, int in_range) {
+                      int out_type, int threads, int mode, const uint32_t *seed) {
     vf s = (vf){0} + scale;
     int64_t blocks = n / LANES;
-    if (in_range) ROUND_ALL(round_nearest_in_range);
+    if (mode == STOCHASTIC) ROUND_ALL(round_stochastic);
+    else if (mode == NEAREST_IN_RANGE) ROUND_ALL(round_nearest_in_range);
     else ROUND_ALL(round_nearest);
 }
 
-/* out[i] = q(x[i] * scale) for the format in params; in_type/out_type: FLOAT32 or BFLOAT16. */
-void altgrad_round_nearest(const void *x, int in_type, int64_t n, float scale, const int32_t *params,
-                           void *out, int out_type, int threads) {
-    round_map(x, in_type, n, scale, params, out, out_type, threads, 0);
+/* The seed pair of kernel.random_bits, from the two int64 values (each < 2^32) draw_seed makes. */
+static void seed_words(const int64_t *seed, uint32_t words[2]) {
+    words[0] = (uint32_t)seed[0];
+    words[1] = (uint32_t)seed[1];
+}
+
+/* out[i] = q(x[i] * scale) for the format in params; in_type/out_type: FLOAT32 or BFLOAT16.
+ * seed NULL: round to nearest even (formats where the magic addition is exact); else
+ * stochastic rounding with kernel.random_bits(seed) (any format). */
+void altgrad_round(const void *x, int in_type, int64_t n, float scale, const int32_t *params,
+                   const int64_t *seed, void *out, int out_type, int threads) {
+    uint32_t words[2] = {0, 0};
+    if (seed) seed_words(seed, words);
+    round_map(x, in_type, n, scale, params, out, out_type, threads, seed ? STOCHASTIC : NEAREST, words);
 }
 
 /* max |x| as float32 bits. Integer max of the magnitudes orders finite values and inf as floats
@@ -203,20 +279,28 @@ static float pow2_scale(int32_t amax_bits, int32_t max_bits, int32_t margin) {
 }
 
 /* The operand cast: amax of x, the scale from reference_amax (delayed scaling) or from that amax
- * (reference_amax NULL), and out = q(x * scale). Returns the scale; writes the amax to amax_out. */
+ * (reference_amax NULL), and out = q(x * scale), stochastic where seed is given. Returns the
+ * scale; writes the amax to amax_out. */
 float altgrad_cast(const void *x, int in_type, int64_t n, const float *reference_amax, const int32_t *params,
-                   int32_t margin, void *out, int out_type, int threads, float *amax_out) {
+                   int32_t margin, const int64_t *seed, void *out, int out_type, int threads, float *amax_out) {
     int32_t amax_bits = altgrad_amax_bits(x, in_type, n, threads);
     int32_t reference_bits = amax_bits;
     if (reference_amax) memcpy(&reference_bits, reference_amax, sizeof reference_bits);
     float scale = pow2_scale(reference_bits, params[P_MAX_BITS], margin);
     memcpy(amax_out, &amax_bits, sizeof amax_bits);
-    float amax, largest;
-    memcpy(&amax, &amax_bits, sizeof amax);
-    memcpy(&largest, &params[P_MAX_BITS], sizeof largest);
-    /* amax finite and amax * scale <= max: every |x * scale| is in range (the products are exact
-     * or round monotonically, so none exceeds amax * scale) */
-    int in_range = amax_bits < INF_BITS && amax * scale <= largest;
-    round_map(x, in_type, n, scale, params, out, out_type, threads, in_range);
+    uint32_t words[2] = {0, 0};
+    int mode = NEAREST;
+    if (seed) {
+        seed_words(seed, words);
+        mode = STOCHASTIC;
+    } else {
+        float amax, largest;
+        memcpy(&amax, &amax_bits, sizeof amax);
+        memcpy(&largest, &params[P_MAX_BITS], sizeof largest);
+        /* amax finite and amax * scale <= max: every |x * scale| is in range (the products are
+         * exact or round monotonically, so none exceeds amax * scale) */
+        if (amax_bits < INF_BITS && amax * scale <= largest) mode = NEAREST_IN_RANGE;
+    }
+    round_map(x, in_type, n, scale, params, out, out_type, threads, mode, words);
     return scale;
 }

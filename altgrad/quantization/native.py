@@ -78,10 +78,12 @@ def _build(compiler: str) -> Path:
 def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-    lib.altgrad_cast.argtypes = [p, ctypes.c_int, i64, p, p, i32, p, ctypes.c_int, ctypes.c_int, p]
+    lib.altgrad_cast.argtypes = [p, ctypes.c_int, i64, p, p, i32, p, p, ctypes.c_int, ctypes.c_int, p]
     lib.altgrad_cast.restype = ctypes.c_float
-    lib.altgrad_round_nearest.argtypes = [p, ctypes.c_int, i64, ctypes.c_float, p, p, ctypes.c_int, ctypes.c_int]
-    lib.altgrad_round_nearest.restype = None
+    lib.altgrad_round.argtypes = [p, ctypes.c_int, i64, ctypes.c_float, p, p, p, ctypes.c_int, ctypes.c_int]
+    lib.altgrad_round.restype = None
+    lib.altgrad_random_bits.argtypes = [i64, i64, p, p]
+    lib.altgrad_random_bits.restype = None
     lib.altgrad_amax_bits.argtypes = [p, ctypes.c_int, i64, ctypes.c_int]
     lib.altgrad_amax_bits.restype = i32
     return lib
@@ -116,26 +118,42 @@ def supports(x: torch.Tensor, out_dtype: torch.dtype) -> bool:
     return x.device.type == "cpu" and x.dtype in _TYPES and out_dtype in _TYPES and x.numel() > 0
 
 
+def _seed_pointer(seed: torch.Tensor | None) -> int | None:
+    """The two int64 seed words of the stochastic kernel (`quantize.draw_seed`), or None: nearest."""
+    return None if seed is None else seed.to("cpu", torch.int64).contiguous().data_ptr()
+
+
 def cast(x: torch.Tensor, params: torch.Tensor, reference_amax: torch.Tensor | float | None, margin: int,
-         out_dtype: torch.dtype) -> tuple[torch.Tensor, float, float]:
+         out_dtype: torch.dtype, seed: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
     """``(q(x * scale), scale, amax(x))`` with a power-of-two scale: `scaling.cast_to_grid`'s
-    contract, with the scale and amax as Python floats (no tensor ops for scalars on CPU)."""
+    contract, with the scale and amax as Python floats (no tensor ops for scalars on CPU).
+    Nearest rounding where ``seed`` is None (formats where `kernel.scaling_kernel_fits`), else
+    stochastic rounding with the random bits of `kernel.random_bits` (any format)."""
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=out_dtype)
     amax = ctypes.c_float()
     reference = None if reference_amax is None else ctypes.byref(ctypes.c_float(float(reference_amax)))
     scale = library().altgrad_cast(x.data_ptr(), _TYPES[x.dtype], x.numel(), reference, params.data_ptr(), margin,
-                                   out.data_ptr(), _TYPES[out_dtype], torch.get_num_threads(), ctypes.byref(amax))
+                                   _seed_pointer(seed), out.data_ptr(), _TYPES[out_dtype], torch.get_num_threads(),
+                                   ctypes.byref(amax))
     return out, scale, amax.value
 
 
-def round_nearest(x: torch.Tensor, params: torch.Tensor, out_dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    """``q(x * scale)``, round to nearest even: `kernel.round_nearest_by_scaling`'s contract."""
-    lib = library()
+def round_to_grid(x: torch.Tensor, params: torch.Tensor, out_dtype: torch.dtype, scale: float = 1.0,
+          seed: torch.Tensor | None = None) -> torch.Tensor:
+    """``q(x * scale)``: `kernel.round_nearest_by_scaling` (seed None) or the stochastic
+    branch of `kernel.round_float32_bits` (seed given), bit for bit."""
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=out_dtype)
-    lib.altgrad_round_nearest(x.data_ptr(), _TYPES[x.dtype], x.numel(), scale, params.data_ptr(), out.data_ptr(),
-                              _TYPES[out_dtype], torch.get_num_threads())
+    library().altgrad_round(x.data_ptr(), _TYPES[x.dtype], x.numel(), scale, params.data_ptr(), _seed_pointer(seed),
+                            out.data_ptr(), _TYPES[out_dtype], torch.get_num_threads())
+    return out
+
+
+def random_bits(start: int, n: int, seed: torch.Tensor) -> torch.Tensor:
+    """The stochastic kernel's 30 random bits for flat indices start .. start + n - 1 (int32)."""
+    out = torch.empty(n, dtype=torch.int32)
+    library().altgrad_random_bits(start, n, _seed_pointer(seed), out.data_ptr())
     return out
 
 

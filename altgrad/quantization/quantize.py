@@ -99,8 +99,8 @@ def quantize(
     params = _params(fmt, bool(saturate), x.device)
     seed = draw_seed(generator, x.device) if rounding == "stochastic" else None
     by_scaling = seed is None and scaling_kernel_fits(fmt.mantissa_bits, fmt.emin)
-    if use_native(kernel, by_scaling and native.supports(x, x.dtype)):
-        return native.round_nearest(x, params, x.dtype)
+    if use_native(kernel, (by_scaling or seed is not None) and native.supports(x, x.dtype)):
+        return native.round_to_grid(x, params, x.dtype, seed=seed)
     if by_scaling:
         return run_compiled(round_nearest_by_scaling, kernel, x.numel(), x, params).to(x.dtype)
     return run_compiled(round_float32_bits, kernel, x.numel(), x, params, seed)

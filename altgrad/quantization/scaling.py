@@ -158,7 +158,7 @@ def cast_to_grid(
     The scale comes from ``reference_amax`` (delayed scaling) or, when None, from x's own
     amax. The values are the scaled grid values (``x ≈ q / scale``), in ``out_dtype``
     (default x's dtype). amax, scale and rounding run in the native C kernel on CPU
-    (nearest rounding, power-of-two scales), else as one compiled graph, also for small
+    (power-of-two scales), else as one compiled graph, also for small
     tensors; all bit-identical. Equals ``quantize(x * scale_from_amax(amax, ...), ...)``.
     scale and amax are Python floats from the native kernel (no tensor ops for scalars), else
     0-d tensors on x's device (no host sync on an accelerator).
@@ -167,8 +167,8 @@ def cast_to_grid(
     out_dtype = out_dtype or x.dtype
     seed = draw_seed(generator, x.device) if rounding == "stochastic" else None
     by_scaling = seed is None and scaling_kernel_fits(fmt.mantissa_bits, fmt.emin)
-    if use_native(kernel, by_scaling and power_of_two and native.supports(x, out_dtype)):
-        return native.cast(x, params, reference_amax, margin, out_dtype)
+    if use_native(kernel, (by_scaling or seed is not None) and power_of_two and native.supports(x, out_dtype)):
+        return native.cast(x, params, reference_amax, margin, out_dtype, seed)
     use_reference = reference_amax is not None
     reference = reference_amax.float() if use_reference else params  # any tensor: unused
     # float32 out, cast after: inductor's CPU loop for this kernel with a bfloat16 store runs
