@@ -1,10 +1,11 @@
-"""The native CPU kernel (``native.c``): the operand cast and nearest rounding without dispatch cost.
+"""The native CPU kernel (``native.c``): the operand cast and rounding without dispatch cost.
 
 Why: on CPU at nanoGPT-small sizes an FP8 step makes ~50 casts of 10^4 to 10^6 elements, and
 a torch.compile'd kernel costs ~40 us of Python dispatch per call before any work, plus a
 float32 output that must be cast again. The C kernel is called through ctypes (a few us),
 reads float32 or bfloat16, writes the GEMM dtype directly, and is bit-identical to the
-torch kernels (tested on every bfloat16 value and across float32).
+torch kernels: nearest rounding where `kernel.scaling_kernel_fits`, stochastic rounding for
+every format (tested on every bfloat16 value, across float32 and against gfloat).
 
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``), for the
 machine it runs on, and cached in ``$ALTGRAD_CACHE_DIR`` (default ``~/.cache/altgrad``)
