@@ -14,8 +14,8 @@ from functools import lru_cache
 
 import torch
 
-from .formats import FloatFormat, get_format
 from . import native
+from .formats import FloatFormat, get_format
 from .kernel import (
     P_MAX_BITS,
     round_float32_bits,
