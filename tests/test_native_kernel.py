@@ -191,3 +191,26 @@ def test_the_native_stochastic_cast_equals_the_eager_cast(fmt, xs, reference_ama
                             out_dtype=torch.bfloat16, kernel=kernel) for kernel in ("native", "eager")]
     assert _bits_equal(results[0][0], results[1][0]).all()
     assert float(results[0][1]) == float(results[1][1])
+
+
+# ---- cast statistics ----------------------------------------------------------------------
+@needs_native
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 17, 5_000, 100_003])
+def test_native_cast_statistics_equal_the_torch_ones(x_dtype, n):
+    from altgrad.quantization.scaling import measure_cast
+
+    fmt = get_format("E4M3")
+    generator = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=generator) * torch.exp2(torch.randint(-25, 5, (n,), generator=generator))
+    x[: min(n, 5)] = torch.tensor([float("nan"), float("inf"), 1e30, -0.0, 1e-30])[: min(n, 5)]
+    x = x.to(x_dtype)
+    for reference in (None, torch.tensor(0.05)):  # own amax; a stale one: overflow, saturation
+        q, scale, _ = cast_to_grid(x, fmt, reference, out_dtype=torch.bfloat16, kernel="native")
+        mine = measure_cast(x, scale, q, fmt, kernel="native")
+        torch_stats = measure_cast(x, scale, q, fmt, kernel="eager")
+        assert (mine.numel, mine.overflow, mine.underflow, mine.binades_used, mine.scale) == (
+            torch_stats.numel, torch_stats.overflow, torch_stats.underflow, torch_stats.binades_used, torch_stats.scale)
+        assert mine.signal == pytest.approx(torch_stats.signal, rel=1e-12)
+        assert mine.noise == pytest.approx(torch_stats.noise, rel=1e-12)
+    assert mine.overflow > 0 or n < 5

@@ -24,7 +24,7 @@ from torch import nn
 
 from .formats import FloatFormat, get_format
 from .quantize import ROUNDINGS, quantize
-from .scaling import AmaxTracker, QuantStats, ScalingConfig, cast_to_grid, measure_quantization
+from .scaling import AmaxTracker, QuantStats, ScalingConfig, cast_to_grid, measure_cast
 
 GEMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 OPERANDS = ("activation", "weight", "gradient")
@@ -97,7 +97,7 @@ class OperandQuantizer:
             if record:
                 self.tracker.record_amax(amax)
         if self.collecting:
-            self.stats.append(measure_quantization(x.float() * scale, q, self.fmt, scale))
+            self.stats.append(measure_cast(x, scale, q, self.fmt))
             if self.track_alive:
                 alive = (q != 0).reshape(-1, q.shape[-1]).any(0)
                 self.alive = alive if self.alive is None else self.alive | alive

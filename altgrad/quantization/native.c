@@ -304,3 +304,71 @@ float altgrad_cast(const void *x, int in_type, int64_t n, const float *reference
     round_map(x, in_type, n, scale, params, out, out_type, threads, mode, words);
     return scale;
 }
+
+/* What a cast did (scaling.measure_quantization's statistics) in one pass over x and q, with
+ * y = x * scale formed on the fly: counts {overflow: finite |y| > max, underflow: y != 0 and
+ * q == 0}, sums {signal: sum y^2, noise: sum (y - q)^2 where both are finite} in double, and
+ * present[256]: 1 for every float32 exponent field that occurs in q. */
+typedef double vd __attribute__((vector_size(LANES * 4)));
+
+static inline vd low_half(vf v) {
+    return __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), vd);
+}
+static inline vd high_half(vf v) {
+    return __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15), vd);
+}
+
+void altgrad_measure(const void *x, int x_type, const void *q, int q_type, int64_t n, float scale, float largest,
+                     int64_t *counts, double *sums, uint8_t *present, int threads) {
+    int64_t overflow = 0, underflow = 0;
+    double signal = 0.0, noise = 0.0;
+    int64_t blocks = (n + LANES - 1) / LANES;
+    #pragma omp parallel num_threads(threads) reduction(+ : overflow, underflow, signal, noise) if(n >= 65536)
+    {
+        uint8_t seen[256] = {0};
+        vd signal_acc = {0}, noise_acc = {0};
+        vi overflow_acc = {0}, underflow_acc = {0};
+        #pragma omp for nowait
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t i = b * LANES, count = n - i < LANES ? n - i : LANES;
+            vi x_bits = count == LANES ? load_full(x, x_type, i) : load_part(x, x_type, i, count);
+            vi q_bits = count == LANES ? load_full(q, q_type, i) : load_part(q, q_type, i, count);
+            vf y, qf;
+            memcpy(&y, &x_bits, sizeof y);
+            memcpy(&qf, &q_bits, sizeof qf);
+            y = y * scale;
+            vi y_bits;
+            memcpy(&y_bits, &y, sizeof y_bits);
+            vi y_finite = (y_bits & ABS_MASK) < INF_BITS, q_finite = (q_bits & ABS_MASK) < INF_BITS;
+            vf clean;
+            vi clean_bits = y_bits & y_finite;
+            memcpy(&clean, &clean_bits, sizeof clean);
+            vf error = clean - qf;
+            vi error_bits;
+            memcpy(&error_bits, &error, sizeof error_bits);
+            error_bits &= y_finite & q_finite;
+            memcpy(&error, &error_bits, sizeof error);
+            /* padding lanes are x = 0, q = 0: they add nothing to any count or sum */
+            overflow_acc -= (clean > largest) | (clean < -largest); /* a true lane is -1 */
+            underflow_acc -= (y != 0.0f) & (qf == 0.0f);
+            vd c_lo = low_half(clean), c_hi = high_half(clean), e_lo = low_half(error), e_hi = high_half(error);
+            signal_acc += c_lo * c_lo + c_hi * c_hi;
+            noise_acc += e_lo * e_lo + e_hi * e_hi;
+            for (int k = 0; k < count; k++) seen[((uint32_t)q_bits[k] >> 23) & 0xff] = 1;
+        }
+        for (int k = 0; k < LANES; k++) {
+            overflow += overflow_acc[k];
+            underflow += underflow_acc[k];
+        }
+        for (int k = 0; k < LANES / 2; k++) {
+            signal += signal_acc[k];
+            noise += noise_acc[k];
+        }
+        #pragma omp critical
+        for (int e = 0; e < 256; e++) present[e] |= seen[e];
+    }
+    counts[0] = overflow;
+    counts[1] = underflow;
+    sums[0] = signal;
+    sums[1] = noise;
+}

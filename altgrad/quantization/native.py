@@ -83,6 +83,9 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.altgrad_cast.restype = ctypes.c_float
     lib.altgrad_round.argtypes = [p, ctypes.c_int, i64, ctypes.c_float, p, p, p, ctypes.c_int, ctypes.c_int]
     lib.altgrad_round.restype = None
+    lib.altgrad_measure.argtypes = [p, ctypes.c_int, p, ctypes.c_int, i64, ctypes.c_float, ctypes.c_float, p, p, p,
+                                     ctypes.c_int]
+    lib.altgrad_measure.restype = None
     lib.altgrad_random_bits.argtypes = [i64, i64, p, p]
     lib.altgrad_random_bits.restype = None
     lib.altgrad_amax_bits.argtypes = [p, ctypes.c_int, i64, ctypes.c_int]
@@ -149,6 +152,19 @@ def round_to_grid(x: torch.Tensor, params: torch.Tensor, out_dtype: torch.dtype,
     library().altgrad_round(x.data_ptr(), _TYPES[x.dtype], x.numel(), scale, params.data_ptr(), _seed_pointer(seed),
                             out.data_ptr(), _TYPES[out_dtype], torch.get_num_threads())
     return out
+
+
+def measure(x: torch.Tensor, scale: float, q: torch.Tensor, fmt_max: float) -> tuple[int, int, float, float, list[int]]:
+    """One pass over a cast: (overflow, underflow, signal energy, noise energy, the exponent
+    fields present in q) with ``x * scale`` formed on the fly; `scaling.measure_quantization`'s
+    quantities (the float sums agree to rounding, their order differs)."""
+    x, q = x.contiguous(), q.contiguous()
+    counts = (ctypes.c_int64 * 2)()
+    sums = (ctypes.c_double * 2)()
+    present = (ctypes.c_uint8 * 256)()
+    library().altgrad_measure(x.data_ptr(), _TYPES[x.dtype], q.data_ptr(), _TYPES[q.dtype], x.numel(), scale, fmt_max,
+                              counts, sums, present, torch.get_num_threads())
+    return counts[0], counts[1], sums[0], sums[1], [field for field in range(256) if present[field]]
 
 
 def random_bits(start: int, n: int, seed: torch.Tensor) -> torch.Tensor:

@@ -250,6 +250,19 @@ def measure_quantization(scaled: torch.Tensor, q: torch.Tensor, fmt: FloatFormat
     )
 
 
+def measure_cast(x: torch.Tensor, scale: torch.Tensor | float, q: torch.Tensor, fmt: FloatFormat,
+                 kernel: str = "auto") -> QuantStats:
+    """`measure_quantization` of a cast ``q = q(x * scale)`` (`cast_to_grid`'s output): on CPU
+    one native pass that forms ``x * scale`` on the fly, else the torch version. The counts
+    are identical; the energies agree to float64 rounding (the summation order differs)."""
+    if use_native(kernel, native.supports(x, q.dtype) and q.shape == x.shape):
+        overflow, underflow, signal, noise, fields = native.measure(x, float(scale), q, fmt.max)
+        return QuantStats(numel=x.numel(), overflow=overflow, underflow=underflow,
+                          binades_used=sum(1 for field in fields if 0 < field < 255),
+                          binades_total=len(fmt.exponents), scale=float(scale), signal=signal, noise=noise)
+    return measure_quantization(x.float() * scale, q, fmt, scale)
+
+
 def scaled_quantize(
     x: torch.Tensor,
     fmt: str | FloatFormat,
