@@ -26,10 +26,12 @@ def comparison_table(comparison: Comparison) -> Table:
                   title_justify="left")
     for column in ("run", "format", "status", "final val", "best val", "ppl", "loss ratio", "ppl ratio",
                    "grad cos", "bit-stall", "max overflow", "verdict"):
-        table.add_column(column, justify="left" if column in ("run", "format", "status", "verdict") else "right",
-                         no_wrap=column in ("run", "verdict"))
+        # In a narrow terminal the headers wrap, never the numbers (8 characters: 0.00e+00).
+        numeric = column not in ("run", "format", "status", "verdict")
+        table.add_column(column, justify="right" if numeric else "left", no_wrap=column == "run",
+                         min_width=8 if numeric else None)
     for row in comparison.rows:
-        verdict = f"[{VERDICT_STYLE[row.verdict]}]{row.verdict}[/]" + (f"\n{row.reason}" if row.reason else "")
+        verdict = f"[{VERDICT_STYLE[row.verdict]}]{row.verdict}[/]"
         table.add_row(row.name, row.label, row.status, _num(row.final_val_loss), _num(row.best_val_loss),
                       _num(row.final_ppl, ".2f"), _num(row.loss_ratio, ".3f"), _num(row.ppl_ratio, ".3f"),
                       _num(row.mean_grad_cos), _num(row.mean_bit_stall), _num(row.max_overflow, ".2e"), verdict)
@@ -55,6 +57,9 @@ def compare(
             typer.echo(json.dumps(comparison.to_dict(), indent=2))
         else:
             console.print(comparison_table(comparison))
+            for row in comparison.rows:
+                if row.reason:
+                    console.print(f"[{VERDICT_STYLE[row.verdict]}]{row.verdict}[/] {row.name}: {row.reason}")
             for note in comparison.notes:
                 console.print(f"[yellow]note:[/] {note}")
             if plot is not None:
