@@ -24,17 +24,20 @@ def _num(value: float | None, spec: str = ".4f") -> str:
 def comparison_table(comparison: Comparison) -> Table:
     table = Table(title=f"runs vs {comparison.rows[0].name} (tolerance {comparison.tolerance:.0%})",
                   title_justify="left")
-    for column in ("run", "format", "status", "final val", "best val", "ppl", "loss ratio", "ppl ratio",
-                   "grad cos", "bit-stall", "max overflow", "verdict"):
-        # In a narrow terminal the headers wrap, never the numbers (8 characters: 0.00e+00).
+    show_status = any(row.status != "completed" for row in comparison.rows)  # diverged, interrupted
+    columns = ("run", "format", *(("status",) if show_status else ()), "final val", "best val", "ppl",
+               "loss ratio", "grad cos", "bit-stall", "max overflow", "verdict")
+    for column in columns:
+        # In a narrow terminal the headers wrap, never the numbers.
         numeric = column not in ("run", "format", "status", "verdict")
         table.add_column(column, justify="right" if numeric else "left", no_wrap=column == "run",
-                         min_width=8 if numeric else None)
+                         min_width=(8 if column == "max overflow" else 6) if numeric else None)
     for row in comparison.rows:
-        verdict = f"[{VERDICT_STYLE[row.verdict]}]{row.verdict}[/]"
-        table.add_row(row.name, row.label, row.status, _num(row.final_val_loss), _num(row.best_val_loss),
-                      _num(row.final_ppl, ".2f"), _num(row.loss_ratio, ".3f"), _num(row.ppl_ratio, ".3f"),
-                      _num(row.mean_grad_cos), _num(row.mean_bit_stall), _num(row.max_overflow, ".2e"), verdict)
+        cells = [row.name, row.label, *((row.status,) if show_status else ()), _num(row.final_val_loss),
+                 _num(row.best_val_loss), _num(row.final_ppl, ".2f"), _num(row.loss_ratio, ".3f"),
+                 _num(row.mean_grad_cos), _num(row.mean_bit_stall), _num(row.max_overflow, ".2e"),
+                 f"[{VERDICT_STYLE[row.verdict]}]{row.verdict}[/]"]
+        table.add_row(*cells)
     return table
 
 
