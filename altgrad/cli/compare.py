@@ -30,8 +30,8 @@ def comparison_table(comparison: Comparison) -> Table:
     for column in columns:
         # In a narrow terminal the headers wrap, never the numbers.
         numeric = column not in ("run", "format", "status", "verdict")
-        table.add_column(column, justify="right" if numeric else "left", no_wrap=column == "run",
-                         min_width=(8 if column == "max overflow" else 6) if numeric else None)
+        widths = {"max overflow": 8, "verdict": len("INVESTIGATE"), "run": 12}
+        table.add_column(column, justify="right" if numeric else "left", min_width=widths.get(column, 6))
     for row in comparison.rows:
         cells = [row.name, row.label, *((row.status,) if show_status else ()), _num(row.final_val_loss),
                  _num(row.best_val_loss), _num(row.final_ppl, ".2f"), _num(row.loss_ratio, ".3f"),
