@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from ..experiments.compare import DEFAULT_TOLERANCE, Comparison, compare_runs
@@ -23,14 +24,14 @@ def _num(value: float | None, spec: str = ".4f") -> str:
 
 def comparison_table(comparison: Comparison) -> Table:
     table = Table(title=f"runs vs {comparison.rows[0].name} (tolerance {comparison.tolerance:.0%})",
-                  title_justify="left")
+                  title_justify="left", box=box.SIMPLE_HEAD)  # no column rules: fits 80 columns
     show_status = any(row.status != "completed" for row in comparison.rows)  # diverged, interrupted
     columns = ("run", "format", *(("status",) if show_status else ()), "final val", "best val", "ppl",
                "loss ratio", "grad cos", "bit-stall", "max overflow", "verdict")
     for column in columns:
         # In a narrow terminal the headers wrap, never the numbers.
         numeric = column not in ("run", "format", "status", "verdict")
-        widths = {"max overflow": 8, "verdict": len("INVESTIGATE"), "run": 12}
+        widths = {"max overflow": 8, "verdict": len("INVESTIGATE"), "run": 12, "ppl": 5}
         table.add_column(column, justify="right" if numeric else "left", min_width=widths.get(column, 6))
     for row in comparison.rows:
         cells = [row.name, row.label, *((row.status,) if show_status else ()), _num(row.final_val_loss),
