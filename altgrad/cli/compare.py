@@ -28,16 +28,17 @@ def comparison_table(comparison: Comparison) -> Table:
     show_status = any(row.status != "completed" for row in comparison.rows)  # diverged, interrupted
     columns = ("run", "format", *(("status",) if show_status else ()), "final val", "best val", "ppl",
                "loss ratio", "grad cos", "bit-stall", "max overflow", "verdict")
-    for column in columns:
-        # In a narrow terminal the headers wrap, never the numbers.
-        numeric = column not in ("run", "format", "status", "verdict")
-        widths = {"max overflow": 8, "verdict": len("INVESTIGATE"), "run": 12, "ppl": 5}
-        table.add_column(column, justify="right" if numeric else "left", min_width=widths.get(column, 6))
-    for row in comparison.rows:
-        cells = [row.name, row.label, *((row.status,) if show_status else ()), _num(row.final_val_loss),
-                 _num(row.best_val_loss), _num(row.final_ppl, ".2f"), _num(row.loss_ratio, ".3f"),
-                 _num(row.mean_grad_cos), _num(row.mean_bit_stall), _num(row.max_overflow, ".2e"),
-                 f"[{VERDICT_STYLE[row.verdict]}]{row.verdict}[/]"]
+    rows = [[row.name, row.label, *((row.status,) if show_status else ()), _num(row.final_val_loss),
+             _num(row.best_val_loss), _num(row.final_ppl, ".2f"), _num(row.loss_ratio, ".3f"),
+             _num(row.mean_grad_cos), _num(row.mean_bit_stall), _num(row.max_overflow, ".2e"), row.verdict]
+            for row in comparison.rows]
+    for index, column in enumerate(columns):
+        # In a narrow terminal headers and run names wrap; numbers and verdicts keep their width.
+        widest = max(len(cells[index]) for cells in rows)
+        table.add_column(column, justify="left" if column in ("run", "format", "status", "verdict") else "right",
+                         min_width=None if column == "run" else widest, overflow="fold")
+    for cells in rows:
+        cells[-1] = f"[{VERDICT_STYLE[cells[-1]]}]{cells[-1]}[/]"
         table.add_row(*cells)
     return table
 
