@@ -1,10 +1,12 @@
-/* The CPU fast path of the operand cast: amax, power-of-two scale and round-to-nearest-even
- * onto a minifloat grid, for float32 or bfloat16 tensors, in two passes over memory.
+/* The CPU fast path of the operand cast: amax, power-of-two scale and rounding onto a
+ * minifloat grid (nearest even or stochastic), for float32 or bfloat16 tensors, in two passes
+ * over memory; and the statistics of a cast in one more.
  *
  * Built on first use by altgrad/quantization/native.py (the system C compiler, -O3
  * -march=native, OpenMP when available) and loaded with ctypes. It computes exactly what
- * kernel.round_nearest_by_scaling and scaling.pow2_scale compute; the tests compare the two
- * bit for bit on every bfloat16 value and on float32 values across all binades.
+ * kernel.round_nearest_by_scaling, kernel.round_float32_bits (stochastic) and
+ * scaling.pow2_scale compute; the tests compare them bit for bit on every bfloat16 value, on
+ * float32 values across all binades, and against gfloat.
  *
  * Rounding is by magic addition: for |y| in binade e (floored at the format's emin), the
  * constant C = 2^(e + 23 - M) has a float32 ulp equal to the grid spacing 2^(e - M), so
