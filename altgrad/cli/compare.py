@@ -24,7 +24,8 @@ def _num(value: float | None, spec: str = ".4f") -> str:
 
 def comparison_table(comparison: Comparison) -> Table:
     table = Table(title=f"runs vs {comparison.rows[0].name} (tolerance {comparison.tolerance:.0%})",
-                  title_justify="left", box=box.SIMPLE_HEAD)  # no column rules: fits 80 columns
+                  title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True,
+                  pad_edge=False)  # no column rules, single spaces: fits an 80-column terminal
     show_status = any(row.status != "completed" for row in comparison.rows)  # diverged, interrupted
     columns = ("run", "format", *(("status",) if show_status else ()), "final val", "best val", "ppl",
                "loss ratio", "grad cos", "bit-stall", "max overflow", "verdict")
