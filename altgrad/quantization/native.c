@@ -34,9 +34,9 @@ enum { P_MANTISSA, P_EMIN_BIASED, P_MAX_BITS, P_OVERFLOW_BITS };
 #define INF_BITS 0x7f800000
 
 static inline vi splat(int32_t v) { return (vi){0} + v; }
-static inline vi select(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
-static inline vi vmax(vi a, vi b) { return select(a > b, a, b); }
-static inline vi vmin(vi a, vi b) { return select(a < b, a, b); }
+static inline vi blend(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
+static inline vi vmax(vi a, vi b) { return blend(a > b, a, b); }
+static inline vi vmin(vi a, vi b) { return blend(a < b, a, b); }
 
 /* LANES elements from x + i as float32 bit patterns (a bfloat16 is the top half of one). */
 static inline vi load_full(const void *x, int type, int64_t i) {
@@ -62,7 +62,7 @@ static inline vi load_part(const void *x, int type, int64_t i, int64_t count) {
 static inline vh to_bfloat16(vi bits) {
     vi rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
     vi quiet_nan = (bits >> 16) | 0x40;
-    return __builtin_convertvector(select((bits & ABS_MASK) > INF_BITS, quiet_nan, rounded), vh);
+    return __builtin_convertvector(blend((bits & ABS_MASK) > INF_BITS, quiet_nan, rounded), vh);
 }
 
 static inline void store(void *out, int type, int64_t i, int64_t count, vi bits) {
@@ -94,9 +94,9 @@ static inline vi round_nearest(vi bits, vf scale, const int32_t *p, int64_t inde
     vf r = (m + c) - c;
     vi out;
     memcpy(&out, &r, sizeof out);
-    out = select(out > p[P_MAX_BITS], splat(p[P_OVERFLOW_BITS]), out); /* overflow, and inf in */
+    out = blend(out > p[P_MAX_BITS], splat(p[P_OVERFLOW_BITS]), out); /* overflow, and inf in */
     out |= y_bits & (int32_t)0x80000000;
-    return select(magnitude > INF_BITS, y_bits, out); /* NaN in, NaN out */
+    return blend(magnitude > INF_BITS, y_bits, out); /* NaN in, NaN out */
 }
 
 /* The same for inputs known to be finite with |y| <= max (no overflow, no inf, no NaN): the
@@ -172,10 +172,10 @@ static inline vi round_stochastic(vi bits, vf scale, const int32_t *p, int64_t i
     memcpy(&out, &steps_f, sizeof out);
     /* times 2^(target - 127 - M): added to the exponent field, in wrapping unsigned arithmetic */
     out = (vi)((vu)out + ((vu)(exponent_target - 127 - p[P_MANTISSA]) << 23));
-    out = select(steps == 0, splat(0), out);
-    out = select(out > p[P_MAX_BITS], splat(p[P_OVERFLOW_BITS]), out);
-    out = select(magnitude == INF_BITS, splat(p[P_OVERFLOW_BITS]), out); /* inf in: as overflow */
-    out = select(magnitude > INF_BITS, magnitude, out); /* NaN in, NaN out */
+    out = blend(steps == 0, splat(0), out);
+    out = blend(out > p[P_MAX_BITS], splat(p[P_OVERFLOW_BITS]), out);
+    out = blend(magnitude == INF_BITS, splat(p[P_OVERFLOW_BITS]), out); /* inf in: as overflow */
+    out = blend(magnitude > INF_BITS, magnitude, out); /* NaN in, NaN out */
     return out | (y_bits & (int32_t)0x80000000);
 }
 
@@ -312,12 +312,14 @@ float altgrad_cast(const void *x, int in_type, int64_t n, const float *reference
  * q == 0}, sums {signal: sum y^2, noise: sum (y - q)^2 where both are finite} in double, and
  * present[256]: 1 for every float32 exponent field that occurs in q. */
 typedef double vd __attribute__((vector_size(LANES * 4)));
+typedef float vf_half __attribute__((vector_size(LANES * 2)));
 
-static inline vd low_half(vf v) {
-    return __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), vd);
-}
-static inline vd high_half(vf v) {
-    return __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15), vd);
+/* the lanes [offset, offset + LANES/2) widened to double (memcpy, not __builtin_shufflevector,
+ * which GCC only has from version 12) */
+static inline vd half_to_double(vf v, int offset) {
+    vf_half half;
+    memcpy(&half, (const float *)&v + offset, sizeof half);
+    return __builtin_convertvector(half, vd);
 }
 
 void altgrad_measure(const void *x, int x_type, const void *q, int q_type, int64_t n, float scale, float largest,
@@ -353,7 +355,8 @@ void altgrad_measure(const void *x, int x_type, const void *q, int q_type, int64
             /* padding lanes are x = 0, q = 0: they add nothing to any count or sum */
             overflow_acc -= (clean > largest) | (clean < -largest); /* a true lane is -1 */
             underflow_acc -= (y != 0.0f) & (qf == 0.0f);
-            vd c_lo = low_half(clean), c_hi = high_half(clean), e_lo = low_half(error), e_hi = high_half(error);
+            vd c_lo = half_to_double(clean, 0), c_hi = half_to_double(clean, LANES / 2);
+            vd e_lo = half_to_double(error, 0), e_hi = half_to_double(error, LANES / 2);
             signal_acc += c_lo * c_lo + c_hi * c_hi;
             noise_acc += e_lo * e_lo + e_hi * e_hi;
             for (int k = 0; k < count; k++) seen[((uint32_t)q_bits[k] >> 23) & 0xff] = 1;

@@ -56,24 +56,35 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: list[str]) -> Path:
+    """The library built with these flags (cached); RuntimeError with the compiler's last words."""
     source = SOURCE.read_bytes()
-    for extra in _FLAG_SETS:
-        flags = _BASE_FLAGS + extra
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
-                                         _cpu_signature().encode()])).hexdigest()[:16]
-        target = cache_dir() / f"native-{key}.so"
-        if target.exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
-            if result.returncode == 0:
-                os.replace(built, target)  # atomic: a concurrent build of the same key is harmless
-                return target
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    target = cache_dir() / f"native-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        if result.returncode != 0:
             error = result.stderr.strip().splitlines()[-1:] or [f"exit code {result.returncode}"]
-    raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {error[0]}")
+            raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {error[0]}")
+        os.replace(built, target)  # atomic: a concurrent build of the same key is harmless
+    return target
+
+
+def _load(compiler: str) -> ctypes.CDLL:
+    """The first flag set that builds and loads: an OpenMP build can compile and still not load
+    (clang's OpenMP needs libomp, while torch brings libgomp), so loading is part of the test."""
+    errors = []
+    for extra in _FLAG_SETS:
+        try:
+            return _bind(_build(compiler, _BASE_FLAGS + extra))
+        except (OSError, RuntimeError) as error:
+            errors.append(str(error))
+    raise RuntimeError(errors[-1] if len(set(errors)) == 1 else "; ".join(errors))
 
 
 def _bind(path: Path) -> ctypes.CDLL:
@@ -101,7 +112,7 @@ def library() -> ctypes.CDLL | None:
         try:
             if shutil.which(compiler) is None:
                 raise RuntimeError(f"no C compiler ({compiler!r} not found; set CC)")
-            _state["lib"] = _bind(_build(compiler))
+            _state["lib"] = _load(compiler)
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             _state["error"] = str(error)
             log.warning("native quantize kernel unavailable (%s); using the torch kernels", error)
