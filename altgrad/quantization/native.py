@@ -133,9 +133,10 @@ def supports(x: torch.Tensor, out_dtype: torch.dtype) -> bool:
     return x.device.type == "cpu" and x.dtype in _TYPES and out_dtype in _TYPES and x.numel() > 0
 
 
-def _seed_pointer(seed: torch.Tensor | None) -> int | None:
-    """The two int64 seed words of the stochastic kernel (`quantize.draw_seed`), or None: nearest."""
-    return None if seed is None else seed.to("cpu", torch.int64).contiguous().data_ptr()
+def _seed_words(seed: torch.Tensor | None) -> ctypes.Array | None:
+    """The two int64 seed words of the stochastic kernel (`quantize.draw_seed`), or None: nearest.
+    A ctypes array owns its memory, so no temporary tensor can be freed under the C call."""
+    return None if seed is None else (ctypes.c_int64 * 2)(*(int(word) for word in seed.tolist()))
 
 
 def cast(x: torch.Tensor, params: torch.Tensor, reference_amax: torch.Tensor | float | None, margin: int,
@@ -149,7 +150,7 @@ def cast(x: torch.Tensor, params: torch.Tensor, reference_amax: torch.Tensor | f
     amax = ctypes.c_float()
     reference = None if reference_amax is None else ctypes.byref(ctypes.c_float(float(reference_amax)))
     scale = library().altgrad_cast(x.data_ptr(), _TYPES[x.dtype], x.numel(), reference, params.data_ptr(), margin,
-                                   _seed_pointer(seed), out.data_ptr(), _TYPES[out_dtype], torch.get_num_threads(),
+                                   _seed_words(seed), out.data_ptr(), _TYPES[out_dtype], torch.get_num_threads(),
                                    ctypes.byref(amax))
     return out, scale, amax.value
 
@@ -160,7 +161,7 @@ def round_to_grid(x: torch.Tensor, params: torch.Tensor, out_dtype: torch.dtype,
     branch of `kernel.round_float32_bits` (seed given), bit for bit."""
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=out_dtype)
-    library().altgrad_round(x.data_ptr(), _TYPES[x.dtype], x.numel(), scale, params.data_ptr(), _seed_pointer(seed),
+    library().altgrad_round(x.data_ptr(), _TYPES[x.dtype], x.numel(), scale, params.data_ptr(), _seed_words(seed),
                             out.data_ptr(), _TYPES[out_dtype], torch.get_num_threads())
     return out
 
@@ -181,7 +182,7 @@ def measure(x: torch.Tensor, scale: float, q: torch.Tensor, fmt_max: float) -> t
 def random_bits(start: int, n: int, seed: torch.Tensor) -> torch.Tensor:
     """The stochastic kernel's 30 random bits for flat indices start .. start + n - 1 (int32)."""
     out = torch.empty(n, dtype=torch.int32)
-    library().altgrad_random_bits(start, n, _seed_pointer(seed), out.data_ptr())
+    library().altgrad_random_bits(start, n, _seed_words(seed), out.data_ptr())
     return out
 
 
