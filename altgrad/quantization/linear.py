@@ -137,7 +137,7 @@ class _QuantizedLinearFunction(torch.autograd.Function):
         with no_autocast or contextlib.nullcontext():
             qx, sx = layer.quantizers["activation"](x, dtype, layer.training)
             qw, sw = layer.quantizers["weight"](weight, dtype, layer.training)
-            inverse = 1.0 / (sx * sw)
+            inverse = (1.0 / sx) * (1.0 / sw)  # not 1/(sx sw): that product can overflow float32
             b = None if bias is None else bias.detach().to(dtype)
             if layer.exact_scales:
                 y = F.linear(qx, qw * inverse, b)  # a power of two: exact, in qw's dtype
@@ -159,7 +159,7 @@ class _QuantizedLinearFunction(torch.autograd.Function):
         qg, sg = ctx.layer.quantizers["gradient"](grad_y, qx.dtype)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            inverse = 1.0 / (sg * sw)
+            inverse = (1.0 / sg) * (1.0 / sw)
             if exact:
                 grad_x = torch.matmul(qg, qw * inverse)
             else:
@@ -167,7 +167,7 @@ class _QuantizedLinearFunction(torch.autograd.Function):
             grad_x = grad_x.to(x_dtype)
         if ctx.needs_input_grad[1]:
             product = torch.mm(qg.reshape(-1, qg.shape[-1]).t(), qx.reshape(-1, qx.shape[-1]))
-            inverse = 1.0 / (sg * sx)
+            inverse = (1.0 / sg) * (1.0 / sx)
             grad_w = (product * inverse if exact else product.float() * inverse).to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(b_dtype)

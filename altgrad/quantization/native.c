@@ -24,6 +24,7 @@
 typedef float vf __attribute__((vector_size(LANES * 4)));
 typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 typedef uint16_t vh __attribute__((vector_size(LANES * 2)));
+typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
 
 enum { FLOAT32 = 0, BFLOAT16 = 1 };
 /* params[]: the same int32 layout as kernel.py's params tensor */
@@ -60,8 +61,9 @@ static inline vi load_part(const void *x, int type, int64_t i, int64_t count) {
 
 /* float32 to bfloat16, round to nearest even (exact values are simply truncated); NaN stays NaN. */
 static inline vh to_bfloat16(vi bits) {
-    vi rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
-    vi quiet_nan = (bits >> 16) | 0x40;
+    vu u = (vu)bits; /* unsigned: the rounding carry may wrap, which signed lanes must not */
+    vi rounded = (vi)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    vi quiet_nan = (vi)((u >> 16) | 0x40u);
     return __builtin_convertvector(blend((bits & ABS_MASK) > INF_BITS, quiet_nan, rounded), vh);
 }
 
@@ -76,14 +78,22 @@ static inline void store(void *out, int type, int64_t i, int64_t count, vi bits)
     }
 }
 
-/* q(y * scale) as float32 bits: the rules of kernel.round_nearest_by_scaling. */
-static inline vi round_nearest(vi bits, vf scale, const int32_t *p, int64_t index, const uint32_t *seed) {
-    (void)index, (void)seed;
+/* y = x * scale as float32 bits; without a scale (quantize), x itself: no multiplication, so
+ * that signalling NaNs and subnormals under flush-to-zero pass exactly as in the torch kernel. */
+static inline vi scaled_bits(vi bits, vf scale, int scaled) {
+    if (!scaled) return bits;
     vf y;
     memcpy(&y, &bits, sizeof y);
     y = y * scale;
-    vi y_bits;
-    memcpy(&y_bits, &y, sizeof y_bits);
+    memcpy(&bits, &y, sizeof bits);
+    return bits;
+}
+
+/* q(y * scale) as float32 bits: the rules of kernel.round_nearest_by_scaling. */
+static inline vi round_nearest(vi bits, vf scale, int scaled, const int32_t *p, int64_t index,
+                              const uint32_t *seed) {
+    (void)index, (void)seed;
+    vi y_bits = scaled_bits(bits, scale, scaled);
     vi magnitude = y_bits & ABS_MASK;
     /* capped so that C stays finite; only values beyond 2^(232+M) are capped, far past any max */
     vi binade = vmin(vmax(magnitude >> 23, splat(p[P_EMIN_BIASED])), splat(231 + p[P_MANTISSA]));
@@ -101,13 +111,10 @@ static inline vi round_nearest(vi bits, vf scale, const int32_t *p, int64_t inde
 
 /* The same for inputs known to be finite with |y| <= max (no overflow, no inf, no NaN): the
  * operand cast's usual case, where the scale comes from the tensor's own finite amax. */
-static inline vi round_nearest_in_range(vi bits, vf scale, const int32_t *p, int64_t index, const uint32_t *seed) {
+static inline vi round_nearest_in_range(vi bits, vf scale, int scaled, const int32_t *p, int64_t index,
+                                       const uint32_t *seed) {
     (void)index, (void)seed;
-    vf y;
-    memcpy(&y, &bits, sizeof y);
-    y = y * scale;
-    vi y_bits;
-    memcpy(&y_bits, &y, sizeof y_bits);
+    vi y_bits = scaled_bits(bits, scale, scaled);
     vi magnitude = y_bits & ABS_MASK;
     vi c_bits = (vmax(magnitude >> 23, splat(p[P_EMIN_BIASED])) + (23 - p[P_MANTISSA])) << 23;
     vf c, m;
@@ -120,7 +127,6 @@ static inline vi round_nearest_in_range(vi bits, vf scale, const int32_t *p, int
 }
 
 /* kernel._mix32 in 32-bit lanes: the int64 products masked to 32 bits are uint32 products. */
-typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
 
 static inline vu mix32(vu h) {
     h ^= h >> 16;
@@ -151,12 +157,9 @@ void altgrad_random_bits(int64_t start, int64_t n, const int64_t *seed, int32_t 
 }
 
 /* Stochastic rounding of y = x * scale: the integer rules of kernel.round_float32_bits. */
-static inline vi round_stochastic(vi bits, vf scale, const int32_t *p, int64_t index, const uint32_t *seed) {
-    vf y;
-    memcpy(&y, &bits, sizeof y);
-    y = y * scale;
-    vi y_bits;
-    memcpy(&y_bits, &y, sizeof y_bits);
+static inline vi round_stochastic(vi bits, vf scale, int scaled, const int32_t *p, int64_t index,
+                                 const uint32_t *seed) {
+    vi y_bits = scaled_bits(bits, scale, scaled);
     vi magnitude = y_bits & ABS_MASK;
     vi exponent = magnitude >> 23;
     vi exponent_eff = vmax(exponent, splat(1));
@@ -182,7 +185,7 @@ static inline vi round_stochastic(vi bits, vf scale, const int32_t *p, int64_t i
 #define ROUND_LOOP(ROUND, IN, OUT)                                                            \
     _Pragma("omp parallel for num_threads(threads) if(blocks >= 4096)")                      \
     for (int64_t b = 0; b < blocks; b++)                                                      \
-        store(out, OUT, b * LANES, LANES, ROUND(load_full(x, IN, b * LANES), s, params, b * LANES, seed));
+        store(out, OUT, b * LANES, LANES, ROUND(load_full(x, IN, b * LANES), s, scaled, params, b * LANES, seed));
 
 /* One loop per type pair, so that the loads and stores inside are branch-free. */
 #define ROUND_ALL(ROUND)                                                                      \
@@ -193,13 +196,13 @@ static inline vi round_stochastic(vi bits, vf scale, const int32_t *p, int64_t i
         else { ROUND_LOOP(ROUND, FLOAT32, FLOAT32) }                                          \
         int64_t done = blocks * LANES;                                                        \
         if (done < n)                                                                         \
-            store(out, out_type, done, n - done, ROUND(load_part(x, in_type, done, n - done), s, params, done, seed)); \
+            store(out, out_type, done, n - done, ROUND(load_part(x, in_type, done, n - done), s, scaled, params, done, seed)); \
     } while (0)
 
 enum { NEAREST, NEAREST_IN_RANGE, STOCHASTIC };
 
-static void round_map(const void *x, int in_type, int64_t n, float scale, const int32_t *params, void *out,
-                      int out_type, int threads, int mode, const uint32_t *seed) {
+static void round_map(const void *x, int in_type, int64_t n, float scale, int scaled, const int32_t *params,
+                      void *out, int out_type, int threads, int mode, const uint32_t *seed) {
     vf s = (vf){0} + scale;
     int64_t blocks = n / LANES;
     if (mode == STOCHASTIC) ROUND_ALL(round_stochastic);
@@ -220,7 +223,8 @@ void altgrad_round(const void *x, int in_type, int64_t n, float scale, const int
                    const int64_t *seed, void *out, int out_type, int threads) {
     uint32_t words[2] = {0, 0};
     if (seed) seed_words(seed, words);
-    round_map(x, in_type, n, scale, params, out, out_type, threads, seed ? STOCHASTIC : NEAREST, words);
+    round_map(x, in_type, n, scale, scale != 1.0f, params, out, out_type, threads, seed ? STOCHASTIC : NEAREST,
+              words);
 }
 
 /* max |x| as float32 bits. Integer max of the magnitudes orders finite values and inf as floats
@@ -303,7 +307,7 @@ float altgrad_cast(const void *x, int in_type, int64_t n, const float *reference
          * exact or round monotonically, so none exceeds amax * scale) */
         if (amax_bits < INF_BITS && amax * scale <= largest) mode = NEAREST_IN_RANGE;
     }
-    round_map(x, in_type, n, scale, params, out, out_type, threads, mode, words);
+    round_map(x, in_type, n, scale, 1, params, out, out_type, threads, mode, words); /* x * scale, as torch */
     return scale;
 }
 

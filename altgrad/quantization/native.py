@@ -20,9 +20,11 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -32,10 +34,10 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native.c")
 _TYPES = {torch.float32: 0, torch.bfloat16: 1}
 _BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off", "-Wno-unknown-pragmas"]
-# Tried in order: the first that builds is used (OpenMP and -march=native are not everywhere).
-_FLAG_SETS = (["-march=native", "-fopenmp"], ["-march=native"], [])
+_BUILD_TIMEOUT_S = 300
 
 _state: dict = {}
+_lock = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -45,41 +47,60 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "altgrad"
 
 
-def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU's feature flags where Linux lists them."""
+def _cpu_flags() -> str | None:
+    """The CPU's feature flags where Linux lists them: what a -march=native build depends on."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
                 return line
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
 
 
-def _build(compiler: str, flags: list[str]) -> Path:
-    """The library built with these flags (cached); RuntimeError with the compiler's last words."""
+def _torch_uses_libgomp() -> bool:
+    """Whether this process runs GNU OpenMP (pip's Linux torch): then an -fopenmp build shares
+    torch's thread pool. Another runtime (libomp, Intel's) must not be loaded beside it."""
+    try:
+        return "libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+def _flag_sets() -> list[list[str]]:
+    """Builds to try, best first: -march=native only where the cache key can name the CPU."""
+    native = ["-march=native"] if _cpu_flags() is not None else []
+    sets = [native + ["-fopenmp"]] if _torch_uses_libgomp() else []
+    return sets + [native] + ([[]] if native else [])
+
+
+def _build(compiler: list[str], flags: list[str]) -> Path:
+    """The library built with these flags (cached); RuntimeError with the compiler's first error."""
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([source, " ".join(compiler).encode(), " ".join(flags).encode(),
+                                     (_cpu_flags() or platform.machine()).encode()])).hexdigest()[:16]
     target = cache_dir() / f"native-{key}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: it holds code we load
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        result = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(built)], capture_output=True, text=True,
+                                timeout=_BUILD_TIMEOUT_S)
         if result.returncode != 0:
-            error = result.stderr.strip().splitlines()[-1:] or [f"exit code {result.returncode}"]
-            raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {error[0]}")
+            lines = result.stderr.strip().splitlines()
+            error = next((line for line in lines if "error" in line), lines[-1] if lines else "")
+            raise RuntimeError(f"{' '.join(compiler)} could not build {SOURCE.name}: "
+                               f"{error or f'exit code {result.returncode}'}")
         os.replace(built, target)  # atomic: a concurrent build of the same key is harmless
     return target
 
 
-def _load(compiler: str) -> ctypes.CDLL:
+def _load(compiler: list[str]) -> ctypes.CDLL:
     """The first flag set that builds and loads: an OpenMP build can compile and still not load
-    (clang's OpenMP needs libomp, while torch brings libgomp), so loading is part of the test."""
+    (clang's OpenMP needs libomp), so loading is part of the test."""
     errors = []
-    for extra in _FLAG_SETS:
+    for extra in _flag_sets():
         try:
             return _bind(_build(compiler, _BASE_FLAGS + extra))
         except (OSError, RuntimeError) as error:
@@ -106,16 +127,20 @@ def _bind(path: Path) -> ctypes.CDLL:
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, building it if needed; None (logged once) where it cannot be had."""
-    if "lib" not in _state:
-        _state["lib"] = None
-        compiler = os.environ.get("CC", "cc")
-        try:
-            if shutil.which(compiler) is None:
-                raise RuntimeError(f"no C compiler ({compiler!r} not found; set CC)")
-            _state["lib"] = _load(compiler)
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            _state["error"] = str(error)
-            log.warning("native quantize kernel unavailable (%s); using the torch kernels", error)
+    if "lib" in _state:
+        return _state["lib"]
+    with _lock:  # one build; other threads wait for it rather than see a half-made state
+        if "lib" not in _state:
+            compiler = shlex.split(os.environ.get("CC", "cc")) or ["cc"]  # CC may carry arguments
+            try:
+                if shutil.which(compiler[0]) is None:
+                    raise RuntimeError(f"no C compiler ({compiler[0]!r} not found; set CC)")
+                lib = _load(compiler)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                _state["error"] = str(error)
+                lib = None
+                log.warning("native quantize kernel unavailable (%s); using the torch kernels", error)
+            _state["lib"] = lib
     return _state["lib"]
 
 
@@ -133,6 +158,13 @@ def supports(x: torch.Tensor, out_dtype: torch.dtype) -> bool:
     return x.device.type == "cpu" and x.dtype in _TYPES and out_dtype in _TYPES and x.numel() > 0
 
 
+def nearest_fits(mantissa_bits: int, emin: int, fmt_max: float) -> bool:
+    """Whether the native nearest rounding is exact for a format: where the by-scaling kernel
+    is (`kernel.scaling_kernel_fits`), and max < 2^(105 + M), so that the magic constant
+    2^(e + 23 - M) of every binade up to max is a finite float32."""
+    return mantissa_bits >= 1 and emin - mantissa_bits >= -125 and fmt_max < 2.0 ** (105 + mantissa_bits)
+
+
 def _seed_words(seed: torch.Tensor | None) -> ctypes.Array | None:
     """The two int64 seed words of the stochastic kernel (`quantize.draw_seed`), or None: nearest.
     A ctypes array owns its memory, so no temporary tensor can be freed under the C call."""
@@ -146,8 +178,9 @@ def cast(x: torch.Tensor, params: torch.Tensor, reference_amax: torch.Tensor | f
     Nearest rounding where ``seed`` is None (formats where `kernel.scaling_kernel_fits`), else
     stochastic rounding with the random bits of `kernel.random_bits` (any format)."""
     x = x.contiguous()
-    out = torch.empty(x.shape, dtype=out_dtype)
+    out = torch.empty(x.shape, dtype=out_dtype, device="cpu")
     amax = ctypes.c_float()
+    margin = max(-1024, min(1024, margin))  # beyond +-300 every scale is clamped alike; no int overflow in C
     reference = None if reference_amax is None else ctypes.byref(ctypes.c_float(float(reference_amax)))
     scale = library().altgrad_cast(x.data_ptr(), _TYPES[x.dtype], x.numel(), reference, params.data_ptr(), margin,
                                    _seed_words(seed), out.data_ptr(), _TYPES[out_dtype], torch.get_num_threads(),
@@ -160,7 +193,7 @@ def round_to_grid(x: torch.Tensor, params: torch.Tensor, out_dtype: torch.dtype,
     """``q(x * scale)``: `kernel.round_nearest_by_scaling` (seed None) or the stochastic
     branch of `kernel.round_float32_bits` (seed given), bit for bit."""
     x = x.contiguous()
-    out = torch.empty(x.shape, dtype=out_dtype)
+    out = torch.empty(x.shape, dtype=out_dtype, device="cpu")
     library().altgrad_round(x.data_ptr(), _TYPES[x.dtype], x.numel(), scale, params.data_ptr(), _seed_words(seed),
                             out.data_ptr(), _TYPES[out_dtype], torch.get_num_threads())
     return out
@@ -181,12 +214,13 @@ def measure(x: torch.Tensor, scale: float, q: torch.Tensor, fmt_max: float) -> t
 
 def random_bits(start: int, n: int, seed: torch.Tensor) -> torch.Tensor:
     """The stochastic kernel's 30 random bits for flat indices start .. start + n - 1 (int32)."""
-    out = torch.empty(n, dtype=torch.int32)
+    out = torch.empty(n, dtype=torch.int32, device="cpu")
     library().altgrad_random_bits(start, n, _seed_words(seed), out.data_ptr())
     return out
 
 
 def amax(x: torch.Tensor) -> torch.Tensor:
     """max |x| (NaN if any NaN), as a float32 scalar tensor."""
-    bits = library().altgrad_amax_bits(x.contiguous().data_ptr(), _TYPES[x.dtype], x.numel(), torch.get_num_threads())
-    return torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+    x = x.contiguous()  # held while C reads it
+    bits = library().altgrad_amax_bits(x.data_ptr(), _TYPES[x.dtype], x.numel(), torch.get_num_threads())
+    return torch.tensor(bits, dtype=torch.int32, device="cpu").view(torch.float32)

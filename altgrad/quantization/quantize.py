@@ -99,7 +99,8 @@ def quantize(
     params = _params(fmt, bool(saturate), x.device)
     seed = draw_seed(generator, x.device) if rounding == "stochastic" else None
     by_scaling = seed is None and scaling_kernel_fits(fmt.mantissa_bits, fmt.emin)
-    if use_native(kernel, (by_scaling or seed is not None) and native.supports(x, x.dtype)):
+    native_fits = seed is not None or native.nearest_fits(fmt.mantissa_bits, fmt.emin, fmt.max)
+    if use_native(kernel, native_fits and native.supports(x, x.dtype)):
         return native.round_to_grid(x, params, x.dtype, seed=seed)
     if by_scaling:
         return run_compiled(round_nearest_by_scaling, kernel, x.numel(), x, params).to(x.dtype)

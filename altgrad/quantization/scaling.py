@@ -109,7 +109,7 @@ class AmaxTracker:
         if self.config.mode != "delayed":
             return
         if self.history is None:
-            device = amax.device if isinstance(amax, torch.Tensor) else None
+            device = amax.device if isinstance(amax, torch.Tensor) else "cpu"
             self.history = torch.zeros(self.config.history_len, device=device)
         self.history[self.count % self.config.history_len] = amax
         self.count += 1
@@ -167,7 +167,8 @@ def cast_to_grid(
     out_dtype = out_dtype or x.dtype
     seed = draw_seed(generator, x.device) if rounding == "stochastic" else None
     by_scaling = seed is None and scaling_kernel_fits(fmt.mantissa_bits, fmt.emin)
-    if use_native(kernel, (by_scaling or seed is not None) and power_of_two and native.supports(x, out_dtype)):
+    native_fits = seed is not None or native.nearest_fits(fmt.mantissa_bits, fmt.emin, fmt.max)
+    if use_native(kernel, native_fits and power_of_two and native.supports(x, out_dtype)):
         return native.cast(x, params, reference_amax, margin, out_dtype, seed)
     use_reference = reference_amax is not None
     reference = reference_amax.float() if use_reference else params  # any tensor: unused
@@ -229,13 +230,14 @@ def _measure_kernel(scaled: torch.Tensor, q: torch.Tensor, params: torch.Tensor)
                         clean.double().square().sum(), error.square().sum()])
 
 
-def measure_quantization(scaled: torch.Tensor, q: torch.Tensor, fmt: FloatFormat, scale: torch.Tensor | float) -> QuantStats:
+def measure_quantization(scaled: torch.Tensor, q: torch.Tensor, fmt: FloatFormat, scale: torch.Tensor | float,
+                         kernel: str = "auto") -> QuantStats:
     """The statistics of rounding ``scaled`` (already multiplied by its scale) to ``q``."""
     scaled, q = scaled.float().reshape(-1), q.float().reshape(-1)
     # The float32 exponent field of each value is its binade: 0 holds the zeros (format values
     # are float32 normals), 255 inf and NaN; a histogram is one pass, unlike unique().
     fields = torch.bincount((q.view(torch.int32) >> 23) & 0xFF, minlength=256)
-    sums = run_compiled(_measure_kernel, "auto", scaled.numel(), scaled, q,
+    sums = run_compiled(_measure_kernel, kernel, scaled.numel(), scaled, q,
                         _params(fmt, True, scaled.device))
     overflow, underflow, signal, noise = sums.tolist()
     return QuantStats(
@@ -260,7 +262,7 @@ def measure_cast(x: torch.Tensor, scale: torch.Tensor | float, q: torch.Tensor, 
         return QuantStats(numel=x.numel(), overflow=overflow, underflow=underflow,
                           binades_used=sum(1 for field in fields if 0 < field < 255),
                           binades_total=len(fmt.exponents), scale=float(scale), signal=signal, noise=noise)
-    return measure_quantization(x.float() * scale, q, fmt, scale)
+    return measure_quantization(x.float() * scale, q, fmt, scale, kernel)
 
 
 def scaled_quantize(
