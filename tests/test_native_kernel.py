@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from oracles import ALL_FORMATS, gfloat_info, probe_points, same_bits
 
 from altgrad.quantization import get_format, native, quantize
-from altgrad.quantization.kernel import round_float32_bits
+from altgrad.quantization.kernel import native_nearest_fits, round_float32_bits
 from altgrad.quantization.quantize import _params
 from altgrad.quantization.scaling import cast_to_grid, pow2_scale
 
-NATIVE_FORMATS = [f for f in ALL_FORMATS if native.nearest_fits(f.mantissa_bits, f.emin, f.max)]
+NATIVE_FORMATS = [f for f in ALL_FORMATS if native_nearest_fits(f.mantissa_bits, f.emin, f.max)]
 BF16_FORMATS = [f for f in NATIVE_FORMATS if f.fits(torch.bfloat16)]
 CPU = torch.device("cpu")
 needs_native = pytest.mark.skipif(native.library() is None, reason="native kernel unavailable (no C compiler)")
@@ -221,7 +221,7 @@ def test_native_cast_statistics_equal_the_torch_ones(x_dtype, n):
 def test_formats_with_a_huge_max_round_exactly(spec):
     """max >= 2^(105+M) would overflow the magic constant: such formats take the torch kernel."""
     fmt = get_format(spec)
-    assert not native.nearest_fits(fmt.mantissa_bits, fmt.emin, fmt.max)
+    assert not native_nearest_fits(fmt.mantissa_bits, fmt.emin, fmt.max)
     x = torch.tensor([1.3 * 2.0**110, -1.7 * 2.0**120, 3.0, fmt.max * 0.9, 1e-30])
     assert _bits_equal(quantize(x, fmt, kernel="native"), quantize(x, fmt, kernel="eager")).all()
     for kernel in ("native", "eager"):

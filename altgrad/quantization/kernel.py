@@ -138,6 +138,13 @@ def scaling_kernel_fits(mantissa_bits: int, emin: int) -> bool:
     return mantissa_bits >= 1 and emin - mantissa_bits >= -125
 
 
+def native_nearest_fits(mantissa_bits: int, emin: int, fmt_max: float) -> bool:
+    """Whether the native kernel's nearest rounding (magic addition, ``native.c``) is exact for a
+    format: where `round_nearest_by_scaling` is, and max < 2^(105 + M), so that the constant
+    2^(e + 23 - M) of every binade up to max is a finite float32."""
+    return scaling_kernel_fits(mantissa_bits, emin) and fmt_max < 2.0 ** (105 + mantissa_bits)
+
+
 _compiled: dict = {}
 _compile_failed = False
 

@@ -12,7 +12,8 @@
  * constant C = 2^(e + 23 - M) has a float32 ulp equal to the grid spacing 2^(e - M), so
  * (|y| + C) - C rounds |y| to the grid, ties to even, in the FPU's default rounding mode. Both
  * operations are exact but the one rounding; the file must be compiled without fast-math
- * (no reassociation). Needs M >= 1 and a spacing of at least 2^-125 (as the by-scaling kernel).
+ * (no reassociation). Needs M >= 1, a spacing of at least 2^-125 (as the by-scaling kernel)
+ * and max < 2^(105 + M), so that C is a finite float32: kernel.native_nearest_fits.
  *
  * Vectors are GCC/Clang vector extensions, 16 lanes: one AVX-512 register, two AVX2 ones, four
  * NEON ones; the compiler picks the instructions for the machine it builds on.

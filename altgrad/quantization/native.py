@@ -4,7 +4,7 @@ Why: on CPU at nanoGPT-small sizes an FP8 step makes ~50 casts of 10^4 to 10^6 e
 a torch.compile'd kernel costs ~40 us of Python dispatch per call before any work, plus a
 float32 output that must be cast again. The C kernel is called through ctypes (a few us),
 reads float32 or bfloat16, writes the GEMM dtype directly, and is bit-identical to the
-torch kernels: nearest rounding where `kernel.scaling_kernel_fits`, stochastic rounding for
+torch kernels: nearest rounding where `kernel.native_nearest_fits`, stochastic rounding for
 every format (tested on every bfloat16 value, across float32 and against gfloat).
 
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``), for the
@@ -158,13 +158,6 @@ def supports(x: torch.Tensor, out_dtype: torch.dtype) -> bool:
     return x.device.type == "cpu" and x.dtype in _TYPES and out_dtype in _TYPES and x.numel() > 0
 
 
-def nearest_fits(mantissa_bits: int, emin: int, fmt_max: float) -> bool:
-    """Whether the native nearest rounding is exact for a format: where the by-scaling kernel
-    is (`kernel.scaling_kernel_fits`), and max < 2^(105 + M), so that the magic constant
-    2^(e + 23 - M) of every binade up to max is a finite float32."""
-    return mantissa_bits >= 1 and emin - mantissa_bits >= -125 and fmt_max < 2.0 ** (105 + mantissa_bits)
-
-
 def _seed_words(seed: torch.Tensor | None) -> ctypes.Array | None:
     """The two int64 seed words of the stochastic kernel (`quantize.draw_seed`), or None: nearest.
     A ctypes array owns its memory, so no temporary tensor can be freed under the C call."""
@@ -175,7 +168,7 @@ def cast(x: torch.Tensor, params: torch.Tensor, reference_amax: torch.Tensor | f
          out_dtype: torch.dtype, seed: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
     """``(q(x * scale), scale, amax(x))`` with a power-of-two scale: `scaling.cast_to_grid`'s
     contract, with the scale and amax as Python floats (no tensor ops for scalars on CPU).
-    Nearest rounding where ``seed`` is None (formats where `kernel.scaling_kernel_fits`), else
+    Nearest rounding where ``seed`` is None (formats where `kernel.native_nearest_fits`), else
     stochastic rounding with the random bits of `kernel.random_bits` (any format)."""
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=out_dtype, device="cpu")

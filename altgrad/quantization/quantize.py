@@ -17,6 +17,7 @@ from .kernel import (
     P_OVERFLOW_BITS,
     round_float32_bits,
     round_nearest_by_scaling,
+    native_nearest_fits,
     run_compiled,
     scaling_kernel_fits,
     use_native,
@@ -99,7 +100,7 @@ def quantize(
     params = _params(fmt, bool(saturate), x.device)
     seed = draw_seed(generator, x.device) if rounding == "stochastic" else None
     by_scaling = seed is None and scaling_kernel_fits(fmt.mantissa_bits, fmt.emin)
-    native_fits = seed is not None or native.nearest_fits(fmt.mantissa_bits, fmt.emin, fmt.max)
+    native_fits = seed is not None or native_nearest_fits(fmt.mantissa_bits, fmt.emin, fmt.max)
     if use_native(kernel, native_fits and native.supports(x, x.dtype)):
         return native.round_to_grid(x, params, x.dtype, seed=seed)
     if by_scaling:

@@ -20,6 +20,7 @@ from .kernel import (
     P_MAX_BITS,
     round_float32_bits,
     round_nearest_by_scaling,
+    native_nearest_fits,
     run_compiled,
     scaling_kernel_fits,
     use_native,
@@ -167,7 +168,7 @@ def cast_to_grid(
     out_dtype = out_dtype or x.dtype
     seed = draw_seed(generator, x.device) if rounding == "stochastic" else None
     by_scaling = seed is None and scaling_kernel_fits(fmt.mantissa_bits, fmt.emin)
-    native_fits = seed is not None or native.nearest_fits(fmt.mantissa_bits, fmt.emin, fmt.max)
+    native_fits = seed is not None or native_nearest_fits(fmt.mantissa_bits, fmt.emin, fmt.max)
     if use_native(kernel, native_fits and power_of_two and native.supports(x, out_dtype)):
         return native.cast(x, params, reference_amax, margin, out_dtype, seed)
     use_reference = reference_amax is not None
