@@ -88,6 +88,7 @@ def compare_runs(runs: list[RunRecord], tolerance: float = DEFAULT_TOLERANCE) ->
     rows, notes = [], []
     for index, run in enumerate(runs):
         final, best = _val_losses(run)
+        status = _status(run)
         ratio = final / reference_final if final is not None and reference_final else None
         ppl, ref_ppl = _ppl(final), _ppl(reference_final)
         if index == 0:
@@ -99,11 +100,11 @@ def compare_runs(runs: list[RunRecord], tolerance: float = DEFAULT_TOLERANCE) ->
             if unpaired:
                 notes.append(f"{run.name} is not paired with {runs[0].name}: {', '.join(unpaired)}")
         rows.append(RunComparison(
-            name=run.name, label=run.label, status=_status(run), steps=run.summary.get("steps", run.metrics[-1]["step"]),
+            name=run.name, label=run.label, status=status, steps=run.summary.get("steps", run.metrics[-1]["step"]),
             final_val_loss=final, best_val_loss=best, final_ppl=ppl, best_ppl=_ppl(best), loss_ratio=ratio,
             ppl_ratio=ppl / ref_ppl if ppl is not None and ref_ppl else None,
             mean_grad_cos=_mean(run.series("grad_cos_sim/mean")[1]),
             mean_bit_stall=_mean(run.series("quant/bit_stall_rate")[1]),
             max_overflow=max(run.series("quant/overflow_rate")[1], default=None),
-            diverged=_status(run) == "diverged", verdict=verdict, reason=reason))
+            diverged=status == "diverged", verdict=verdict, reason=reason))
     return Comparison(rows=rows, tolerance=tolerance, notes=notes)

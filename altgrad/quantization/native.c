@@ -90,6 +90,19 @@ static inline vi scaled_bits(vi bits, vf scale, int scaled) {
     return bits;
 }
 
+/* |y| (float32 bits) rounded to nearest even on the grid of its binade (biased exponent, floored
+ * at emin): the magic addition (|y| + C) - C with C = 2^(binade + 23 - M) described above. */
+static inline vi round_magnitude(vi magnitude, vi binade, int32_t mantissa_bits) {
+    vi c_bits = (binade + (23 - mantissa_bits)) << 23;
+    vf c, m;
+    memcpy(&c, &c_bits, sizeof c);
+    memcpy(&m, &magnitude, sizeof m);
+    vf r = (m + c) - c;
+    vi out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
 /* q(y * scale) as float32 bits: the rules of kernel.round_nearest_by_scaling. */
 static inline vi round_nearest(vi bits, vf scale, int scaled, const int32_t *p, int64_t index,
                               const uint32_t *seed) {
@@ -98,13 +111,7 @@ static inline vi round_nearest(vi bits, vf scale, int scaled, const int32_t *p, 
     vi magnitude = y_bits & ABS_MASK;
     /* capped so that C stays finite; only values beyond 2^(232+M) are capped, far past any max */
     vi binade = vmin(vmax(magnitude >> 23, splat(p[P_EMIN_BIASED])), splat(231 + p[P_MANTISSA]));
-    vi c_bits = (binade + (23 - p[P_MANTISSA])) << 23;
-    vf c, m;
-    memcpy(&c, &c_bits, sizeof c);
-    memcpy(&m, &magnitude, sizeof m);
-    vf r = (m + c) - c;
-    vi out;
-    memcpy(&out, &r, sizeof out);
+    vi out = round_magnitude(magnitude, binade, p[P_MANTISSA]);
     out = blend(out > p[P_MAX_BITS], splat(p[P_OVERFLOW_BITS]), out); /* overflow, and inf in */
     out |= y_bits & (int32_t)0x80000000;
     return blend(magnitude > INF_BITS, y_bits, out); /* NaN in, NaN out */
@@ -117,13 +124,7 @@ static inline vi round_nearest_in_range(vi bits, vf scale, int scaled, const int
     (void)index, (void)seed;
     vi y_bits = scaled_bits(bits, scale, scaled);
     vi magnitude = y_bits & ABS_MASK;
-    vi c_bits = (vmax(magnitude >> 23, splat(p[P_EMIN_BIASED])) + (23 - p[P_MANTISSA])) << 23;
-    vf c, m;
-    memcpy(&c, &c_bits, sizeof c);
-    memcpy(&m, &magnitude, sizeof m);
-    vf r = (m + c) - c;
-    vi out;
-    memcpy(&out, &r, sizeof out);
+    vi out = round_magnitude(magnitude, vmax(magnitude >> 23, splat(p[P_EMIN_BIASED])), p[P_MANTISSA]);
     return out | (y_bits & (int32_t)0x80000000);
 }
 

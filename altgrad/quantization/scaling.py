@@ -65,15 +65,21 @@ def pow2_scale(amax: torch.Tensor, max_bits: torch.Tensor, margin: torch.Tensor)
     return torch.where(torch.isfinite(amax) & (amax > 0), scale, torch.ones_like(scale))
 
 
+def _scale(amax: torch.Tensor, max_bits: torch.Tensor, margin: torch.Tensor, power_of_two: bool) -> torch.Tensor:
+    """``max / amax * 2^-margin`` (as `pow2_scale` if asked); 1 where amax is 0 or the scale not
+    finite. Traceable: also the scale step of the compiled cast."""
+    if power_of_two:
+        return pow2_scale(amax, max_bits, margin)
+    usable = torch.isfinite(amax) & (amax > 0)
+    scale = max_bits.view(torch.float32) / torch.where(usable, amax, torch.ones_like(amax)) * torch.exp2(-margin.float())
+    return torch.where(usable & torch.isfinite(scale), scale, torch.ones_like(scale))
+
+
 def scale_from_amax(amax: torch.Tensor, fmt: FloatFormat, margin: int = 0, power_of_two: bool = True) -> torch.Tensor:
     """``max / amax * 2^-margin`` (as `pow2_scale` if asked); 1 where amax is 0 or not finite."""
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    if power_of_two:
-        max_bits = torch.tensor(float32_bits(fmt.max), dtype=torch.int32, device=amax.device)
-        return pow2_scale(amax, max_bits, torch.tensor(margin, dtype=torch.int32, device=amax.device))
-    usable = torch.isfinite(amax) & (amax > 0)
-    scale = fmt.max / torch.where(usable, amax, torch.ones_like(amax)) * 2.0**-margin
-    return torch.where(usable & torch.isfinite(scale), scale, torch.ones_like(scale))
+    max_bits = torch.tensor(float32_bits(fmt.max), dtype=torch.int32, device=amax.device)
+    return _scale(amax, max_bits, torch.tensor(margin, dtype=torch.int32, device=amax.device), power_of_two)
 
 
 class AmaxTracker:
@@ -129,14 +135,7 @@ def _cast_kernel(x, reference_amax, params, margin, power_of_two: bool, use_refe
     """amax, scale, rounding of ``x * scale``: one compiled graph (two loops: reduce, map)."""
     x = x.float()
     amax = x.abs().amax()
-    scale_amax = reference_amax if use_reference else amax
-    if power_of_two:
-        scale = pow2_scale(scale_amax, params[P_MAX_BITS], margin)
-    else:
-        fmt_max = params[P_MAX_BITS].view(torch.float32)
-        usable = torch.isfinite(scale_amax) & (scale_amax > 0)
-        scale = fmt_max / torch.where(usable, scale_amax, torch.ones_like(scale_amax)) * torch.exp2(-margin.float())
-        scale = torch.where(usable & torch.isfinite(scale), scale, torch.ones_like(scale))
+    scale = _scale(reference_amax if use_reference else amax, params[P_MAX_BITS], margin, power_of_two)
     if by_scaling:
         return round_nearest_by_scaling(x * scale, params), scale, amax
     return round_float32_bits(x * scale, params, seed), scale, amax

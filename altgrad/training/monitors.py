@@ -34,6 +34,13 @@ def _mean(values: list[float]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
+def _rates(stats: list[QuantStats], suffix: str = "") -> dict[str, float]:
+    """Element-weighted overflow and underflow rates of a group of casts."""
+    numel = sum(s.numel for s in stats)
+    return {f"quant/overflow_rate{suffix}": sum(s.overflow for s in stats) / numel,
+            f"quant/underflow_rate{suffix}": sum(s.underflow for s in stats) / numel}
+
+
 def summarize_stats(per_layer: dict[str, dict[str, list[QuantStats]]]) -> dict[str, float]:
     """Overall, per-kind and per-layer metrics from the QuantStats of one stats step."""
     out: dict[str, float] = {}
@@ -43,9 +50,7 @@ def summarize_stats(per_layer: dict[str, dict[str, list[QuantStats]]]) -> dict[s
         if not kind_stats:
             continue
         everything += kind_stats
-        numel = sum(s.numel for s in kind_stats)
-        out[f"quant/overflow_rate/{kind}"] = sum(s.overflow for s in kind_stats) / numel
-        out[f"quant/underflow_rate/{kind}"] = sum(s.underflow for s in kind_stats) / numel
+        out |= _rates(kind_stats, f"/{kind}")
         out[f"quant/dynamic_range_used/{kind}"] = _mean([s.dynamic_range_used for s in kind_stats])
         snr = _mean([s.snr_db for s in kind_stats])
         if snr is not None:
@@ -53,17 +58,13 @@ def summarize_stats(per_layer: dict[str, dict[str, list[QuantStats]]]) -> dict[s
         for name, layer in per_layer.items():
             stats = layer.get(kind, [])
             if stats:
-                layer_numel = sum(s.numel for s in stats)
-                out[f"quant/overflow_rate/{kind}/{name}"] = sum(s.overflow for s in stats) / layer_numel
-                out[f"quant/underflow_rate/{kind}/{name}"] = sum(s.underflow for s in stats) / layer_numel
+                out |= _rates(stats, f"/{kind}/{name}")
                 if kind == "gradient":
                     signal, noise = sum(s.signal for s in stats), sum(s.noise for s in stats)
                     if noise > 0 and signal > 0:
                         out[f"grad_snr_db/{name}"] = 10.0 * math.log10(signal / noise)
     if everything:
-        numel = sum(s.numel for s in everything)
-        out["quant/overflow_rate"] = sum(s.overflow for s in everything) / numel
-        out["quant/underflow_rate"] = sum(s.underflow for s in everything) / numel
+        out |= _rates(everything)
         out["quant/dynamic_range_used"] = _mean([s.dynamic_range_used for s in everything])
     return out
 
