@@ -189,3 +189,16 @@ def test_bad_format_options_are_one_line_errors(tmp_path, tiny_data, args, messa
     result = runner.invoke(app, ["train", "--preset", "tiny", "--data", str(tiny_data), "--runs-dir",
                                  str(tmp_path / "runs"), *args])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_train_says_what_to_run_next(tmp_path, tiny_data):
+    """A baseline points at its FP8 twin; an FP8 run at the comparison with its baseline."""
+    common = ["train", "--preset", "tiny", "--data", str(tiny_data), "--runs-dir", str(tmp_path / "runs"),
+              "--max-steps", "3"]
+    baseline = runner.invoke(app, common, env={"COLUMNS": "200"})
+    assert baseline.exit_code == 0, baseline.output
+    assert "--format E5M2" in baseline.output
+    assert "altgrad compare tiny-bf16-seed1337 tiny-e5m2-seed1337" in baseline.output
+    fp8 = runner.invoke(app, [*common, "--format", "E4M3"], env={"COLUMNS": "200"})
+    assert fp8.exit_code == 0, fp8.output
+    assert "altgrad compare tiny-bf16-seed1337 tiny-e4m3-seed1337" in fp8.output and "baseline:" not in fp8.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,6 +13,7 @@ from rich.table import Table
 
 from ..model.surgery import LayerAssignment
 from ..training import Trainer, TrainResult, resolve_config, resume_config, run_directory
+from ..training.config import TrainConfig
 from .common import console, error_console, user_errors
 
 
@@ -102,6 +105,19 @@ def _summary_table(result: TrainResult) -> Table:
     return table
 
 
+def _next_step(config: TrainConfig) -> str:
+    """The paired run to train next (a BF16 run's FP8 twin) or the comparison with the baseline."""
+    runs = "" if config.runs_dir == "runs" else f" --runs-dir {config.runs_dir}"
+    if config.quant_policy() is None:
+        twin = dataclasses.replace(config, format="E5M2")
+        return (f"[bold]next:[/] the same command with [cyan]--format E5M2[/] (same seed and batches), then "
+                f"[cyan]altgrad compare {config.name} {twin.name}{runs}[/]")
+    baseline = dataclasses.replace(config, format=None, policy=())
+    missing = "" if (Path(config.runs_dir) / baseline.name).exists() else \
+        f" (after the {baseline.label.upper()} baseline: the same command without the format)"
+    return f"[bold]next:[/] [cyan]altgrad compare {baseline.name} {config.name}{runs}[/]{missing}"
+
+
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
     preset: Optional[str] = typer.Option(None, help="tiny | small | paper"),
@@ -150,6 +166,8 @@ def train(
         if not console.is_terminal:
             console.print()  # the live table's last frame ends without a newline off a terminal
         console.print(_summary_table(result))
+        if result.status == "completed" and not resolved.run_name:
+            console.print(_next_step(resolved))
         if result.status == "interrupted":
             error_console.print("interrupted: a checkpoint was saved; continue with --resume")
             raise typer.Exit(130)
