@@ -57,7 +57,8 @@ class QuantPolicy:
 
 #: Keys of one rule in a YAML policy (besides ``layers``) and of the defaults they fall back on.
 RULE_KEYS = ("format", "weight", "activation", "gradient", "rounding", "grad_rounding", "scaling",
-             "amax_history_len", "scale_margin", "power_of_two_scales", "gemm_dtype")
+             "amax_history_len", "scale_margin", "power_of_two_scales", "gemm_dtype", "weight_storage",
+             "update_rounding")
 
 
 def _operand_format(value: Any, where: str):
@@ -89,6 +90,8 @@ def rule_config(rule: dict[str, Any], defaults: dict[str, Any], where: str) -> L
     gradient = _operand_format(values.get("gradient"), where)
     if weight is None and activation is None and gradient is None:
         return None
+    if weight is None and "weight_storage" not in rule:
+        values["weight_storage"] = "master"  # a policy-wide storage applies to layers with a weight format
     for key, allowed in (("rounding", ROUNDINGS), ("grad_rounding", ROUNDINGS), ("scaling", SCALING_MODES),
                          ("gemm_dtype", tuple(GEMM_DTYPES))):
         if values[key] not in allowed:
@@ -98,7 +101,8 @@ def rule_config(rule: dict[str, Any], defaults: dict[str, Any], where: str) -> L
                                 margin=int(values["scale_margin"]), power_of_two=bool(values["power_of_two_scales"]))
         return LinearQuantConfig(weight=weight, activation=activation, gradient=gradient,
                                  rounding=values["rounding"], grad_rounding=values["grad_rounding"],
-                                 scaling=scaling, gemm_dtype=values["gemm_dtype"])
+                                 scaling=scaling, gemm_dtype=values["gemm_dtype"],
+                                 weight_storage=values["weight_storage"], update_rounding=values["update_rounding"])
     except ValueError as error:
         raise UserError(f"{where}: {error}") from None
 

@@ -3,7 +3,9 @@
 Forward ``y = Q_a(x) Q_w(W)^T + b``; backward quantizes the incoming gradient with the
 gradient format and forms ``grad_x`` and ``grad_W`` from quantized operands (no extra
 gradient through Q: straight-through). Each operand has its own per-tensor scale (current or
-delayed amax scaling). Weights stay FP32 masters; only their quantized copy enters the GEMM.
+delayed amax scaling). Weights are FP32 masters whose quantized copy enters the GEMM, or, with
+``weight_storage: format``, live on their grid at a storage scale that the optimizer owns
+(`optim.FormatWeight`); their cast is then the identity.
 
 The GEMM runs on the scaled grid values. Every value of a format that `fits` bfloat16 is a
 bfloat16 value, so with ``gemm_dtype="bf16"`` the cast loses nothing and the product runs on
@@ -28,6 +30,7 @@ from .scaling import AmaxTracker, QuantStats, ScalingConfig, cast_to_grid, measu
 
 GEMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 OPERANDS = ("activation", "weight", "gradient")
+WEIGHT_STORAGES = ("master", "format")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class LinearQuantConfig:
     grad_rounding: str = "nearest"
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     gemm_dtype: str = "bf16"
+    weight_storage: str = "master"  # master: FP32 weights, cast each forward; format: the weight lives on its grid
+    update_rounding: str = "nearest"  # how an optimizer writes w + delta onto the grid (format storage)
 
     def __post_init__(self) -> None:
         for name in OPERANDS:
@@ -55,6 +60,12 @@ class LinearQuantConfig:
             fmt = getattr(self, name)
             if fmt is not None and not fmt.fits(GEMM_DTYPES[self.gemm_dtype]):
                 raise ValueError(f"{fmt.name} values are not all exact in {self.gemm_dtype}; use gemm_dtype fp32")
+        if self.weight_storage not in WEIGHT_STORAGES:
+            raise ValueError(f"weight_storage must be one of {', '.join(WEIGHT_STORAGES)}, got {self.weight_storage!r}")
+        if self.update_rounding not in ROUNDINGS:
+            raise ValueError(f"update_rounding must be one of {', '.join(ROUNDINGS)}, got {self.update_rounding!r}")
+        if self.weight_storage == "format" and (self.weight is None or not self.scaling.power_of_two):
+            raise ValueError("weight_storage: format needs a weight format and power-of-two scales")
 
     def format_name(self, operand: str) -> str:
         fmt = getattr(self, operand)
@@ -75,6 +86,9 @@ class OperandQuantizer:
         self.stats: list[QuantStats] = []
         self.last_scale: torch.Tensor | float | None = None
         self.alive: torch.Tensor | None = None  # per input feature: non-zero anywhere while collecting
+        # A format-stored weight (`optim.FormatWeight`): already on the grid at its scale, so the
+        # cast is the identity (no re-rounding), as torchao skips a tensor already in FP8.
+        self.stored = None
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype, record: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor | float]:
@@ -87,7 +101,10 @@ class OperandQuantizer:
             return x.to(dtype), 1.0
         x = x.detach()
         scaling = self.tracker.config
-        if scaling.mode == "none":
+        if self.stored is not None:
+            scale = self.stored.forward_scale()
+            q = (x * scale).to(dtype)  # on the grid: exact, nothing to round
+        elif scaling.mode == "none":
             scale = 1.0
             q = quantize(x, self.fmt, rounding=self.rounding, generator=self.generator).to(dtype)
         else:
@@ -216,4 +233,4 @@ class QuantizedLinear(nn.Linear):
         cfg = self.config
         return (f"{super().extra_repr()}, weight={cfg.format_name('weight')}, "
                 f"activation={cfg.format_name('activation')}, gradient={cfg.format_name('gradient')}, "
-                f"rounding={cfg.rounding}, gemm={cfg.gemm_dtype}")
+                f"rounding={cfg.rounding}, gemm={cfg.gemm_dtype}, storage={cfg.weight_storage}")

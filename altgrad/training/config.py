@@ -15,12 +15,19 @@ import yaml
 
 from ..errors import UserError
 from ..model.surgery import QuantPolicy, build_policy
+from ..optim import GRID_DIRECTIONS, OPTIMIZERS, OptimizerSpec
+from ..quantization.linear import WEIGHT_STORAGES
+from ..quantization.quantize import ROUNDINGS
 
 PRECISIONS = ("fp32", "bf16")
 WANDB_MODES = ("disabled", "offline", "online")
 DEVICES = ("auto", "cpu", "cuda")
 POLICY_DEFAULT_KEYS = ("rounding", "grad_rounding", "scaling", "amax_history_len", "scale_margin",
-                       "power_of_two_scales", "gemm_dtype")
+                       "power_of_two_scales", "gemm_dtype", "weight_storage", "update_rounding")
+#: What an optimizer implies when weight_storage / update_rounding are not given (DESIGN §4 arms):
+#: adamw -> FP32 masters (arm A; with format storage, nearest: arm B); manifold -> D; grid -> E.
+ARM_DEFAULTS = {"adamw": ("master", "nearest"), "manifold": ("format", "stochastic"),
+                "grid": ("format", "stochastic")}
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,14 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     nan_patience: int = 5
+    # the optimizer and where weights live (DESIGN §4): adamw | manifold | grid; master | format
+    optimizer: str = "adamw"
+    weight_storage: str | None = None  # default: master for adamw, format for manifold and grid
+    update_rounding: str | None = None  # format storage: default nearest for adamw, else stochastic
+    grid_lr: float = 0.5  # manifold: ULPs per step; grid: rungs per step (format weights; same schedule as lr)
+    max_stiffness: float | None = None  # manifold: cap on the stiffness S(w) (absolute)
+    rung_clip: int = 4  # grid: most rungs a weight moves in one step
+    grid_direction: str = "adam"  # grid: adam | momentum
     # simulated low precision (DESIGN §2): `format` puts every Linear in one format; `policy`
     # (a list of rules {layers: pattern, format | weight/activation/gradient, ...}) mixes them.
     format: str | None = None
@@ -102,11 +117,34 @@ class TrainConfig:
             (self.stats_interval >= 1 and self.shadow_interval >= 1 and self.dead_window >= 1,
              "stats_interval, shadow_interval and dead_window must be >= 1"),
             (not (self.format and self.policy), "give either format (one format everywhere) or policy, not both"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.weight_storage in (None, *WEIGHT_STORAGES), f"weight_storage must be one of {', '.join(WEIGHT_STORAGES)}"),
+            (self.update_rounding in (None, *ROUNDINGS), f"update_rounding must be one of {', '.join(ROUNDINGS)}"),
+            (self.grid_direction in GRID_DIRECTIONS, f"grid_direction must be one of {', '.join(GRID_DIRECTIONS)}"),
+            (self.grid_lr >= 0 and self.rung_clip >= 1, "need grid_lr >= 0 and rung_clip >= 1"),
+            (self.max_stiffness is None or self.max_stiffness > 0, "max_stiffness must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(f"bad config: {message}")
-        self.quant_policy()  # a bad format or rule fails here, before any work
+        storage, rounding = ARM_DEFAULTS[self.optimizer]
+        object.__setattr__(self, "weight_storage", self.weight_storage or storage)
+        object.__setattr__(self, "update_rounding", self.update_rounding or rounding)
+        policy = self.quant_policy()  # a bad format or rule fails here, before any work
+        self._check_arm(policy)
+
+    def _check_arm(self, policy: QuantPolicy | None) -> None:
+        """The optimizer and storage need weights with a format (GridOptim: stored ones)."""
+        configs = [rule.config for rule in (policy.rules if policy else ()) if rule.config is not None]
+        with_format = [c for c in configs if c.weight is not None]
+        if self.optimizer != "adamw" and not with_format:
+            raise UserError(f"bad config: optimizer {self.optimizer} moves weights on a format's grid; "
+                            "give a weight format (--format or a policy)")
+        if self.weight_storage == "format" and not with_format:
+            raise UserError("bad config: weight_storage format needs a weight format (--format or a policy)")
+        if self.optimizer == "grid" and any(c.weight_storage != "format" for c in with_format):
+            raise UserError("bad config: GridOptim moves weights in codes, so every layer with a weight format "
+                            "needs weight_storage: format")
 
     def quant_policy(self) -> QuantPolicy | None:
         """The Linear-layer policy: None for a plain FP32/BF16 run."""
@@ -124,9 +162,27 @@ class TrainConfig:
         if self.policy:
             return "mixed"
         return self.format.lower().replace(":", "-").replace("=", "") if self.format else self.precision
+
+    @property
+    def arm(self) -> str:
+        """How weights are updated: ``adamw`` (FP32 masters, the standard recipe), else
+        ``<optimizer>[-momentum]-<master | rtn | sr>`` (storage and update rounding)."""
+        if self.optimizer == "adamw" and self.weight_storage == "master":
+            return "adamw"
+        how = "master" if self.weight_storage == "master" else {"nearest": "rtn", "stochastic": "sr"}[self.update_rounding]
+        direction = "-momentum" if self.optimizer == "grid" and self.grid_direction == "momentum" else ""
+        return f"{self.optimizer}{direction}-{how}"
+
     @property
     def name(self) -> str:
-        return self.run_name or f"{self.preset}-{self.label}-seed{self.seed}"
+        """Default: <preset>-<label>[-<arm>]-seed<seed> (the standard AdamW arm unnamed)."""
+        arm = "" if self.arm == "adamw" else f"-{self.arm}"
+        return self.run_name or f"{self.preset}-{self.label}{arm}-seed{self.seed}"
+
+    def optimizer_spec(self) -> OptimizerSpec:
+        return OptimizerSpec(name=self.optimizer, lr=self.lr, grid_lr=self.grid_lr, weight_decay=self.weight_decay,
+                             betas=(self.beta1, self.beta2), max_stiffness=self.max_stiffness,
+                             rung_clip=self.rung_clip, grid_direction=self.grid_direction)
 
     @property
     def decay_steps(self) -> int:

@@ -24,10 +24,10 @@ from ..errors import UserError
 from ..io import write_yaml
 from ..model import GPT, GPTConfig
 from ..model.surgery import LayerAssignment, quantize_model
+from ..optim import build_optimizer, set_learning_rates
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from .config import CONFIG_FILE_NAME, TrainConfig, config_from_dict, read_yaml
-from .monitors import QuantMonitor, Thresholds
-from .shadow import GradientShadow
+from .monitors import Monitor, QuantStatsMonitor, ShadowMonitor, StepContext, Thresholds, UpdateMonitor
 from .tracking import RunTracker
 
 DEFAULT_DATA = DEFAULT_DATA_ROOT / "eurlex"
@@ -46,6 +46,7 @@ class TrainResult:
     run_dir: Path
     message: str = ""
     alerts: dict[str, Any] = dataclasses.field(default_factory=dict)  # threshold alerts: name -> count, steps
+    layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per Linear: formats, storage, updates
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,15 +93,6 @@ def resume_config(run_dir: Path, max_steps: int | None = None, wandb: str | None
     return dataclasses.replace(config, **changes)
 
 
-def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices and embeddings (>= 2-D) only, never on biases and norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False, on_event: Event | None = None):
         self.config = config
@@ -128,12 +120,14 @@ class Trainer:
         policy = cfg.quant_policy()
         # Surgery after the weights exist: the same seed gives the same weights in every format.
         self.layers: list[LayerAssignment] = quantize_model(self.model, policy, cfg.seed) if policy else []
-        self.monitor = QuantMonitor(self.model, cfg.dead_window)
-        self.shadow = GradientShadow(model_config, self.device) if cfg.use_shadow else None
+        # Format-stored weights are projected onto their grid here: every arm starts from the same grid.
+        self.optimizer = build_optimizer(self.model, cfg.optimizer_spec(), cfg.seed)
+        self.monitors: list[Monitor] = [QuantStatsMonitor(self.model, cfg.stats_interval, cfg.dead_window),
+                                        UpdateMonitor(self.model, cfg.stats_interval)]
+        if cfg.use_shadow:
+            self.monitors.append(ShadowMonitor(self.model, model_config, self.device, cfg.shadow_interval))
         self.thresholds = Thresholds(cfg.overflow_threshold, cfg.underflow_threshold, cfg.bit_stall_threshold,
                                      cfg.grad_cos_threshold)
-        self.optimizer = torch.optim.AdamW(_decay_groups(self.model, cfg.weight_decay), lr=cfg.lr,
-                                           betas=(cfg.beta1, cfg.beta2))
         self.batches = TokenBatches(self.data_dir, cfg.block_size, cfg.batch_size, cfg.seed, self.device)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
@@ -173,27 +167,23 @@ class Trainer:
 
     def _step(self, step: int) -> tuple[float, float, bool, dict[str, float]]:
         """One optimizer step (1-based ``step`` once done): (loss, grad norm, applied, monitor metrics)."""
-        cfg = self.config
-        stats_now = self.monitor.active and (step + 1) % cfg.stats_interval == 0
-        shadow_now = self.shadow is not None and (step + 1) % cfg.shadow_interval == 0
-        rng_state = capture_rng() if shadow_now else None
-        self.monitor.collect(stats_now)
-        batches = self._micro_batches(step)
-        try:
-            loss = self._forward_backward(batches)
-        finally:
-            self.monitor.collect(False)
-        metrics = self.monitor.quantization_metrics(step + 1) if stats_now else {}
-        if shadow_now:
-            metrics |= self.shadow.compare(self.model, batches, cfg.grad_accum, rng_state)
+        due = [monitor for monitor in self.monitors if monitor.due(step + 1)]
+        rng_state = capture_rng() if any(monitor.needs_rng for monitor in due) else None
+        ctx = StepContext(step + 1, self._micro_batches(step), self.config.grad_accum, rng_state)
+        metrics: dict[str, float] = {}
+        for monitor in due:
+            monitor.before_forward(ctx)
+        loss = self._forward_backward(ctx.batches)
+        for monitor in due:
+            metrics |= monitor.after_backward(ctx)
         grad_norm = self._clip()
         applied = math.isfinite(loss) and math.isfinite(grad_norm)
         if applied:
-            if stats_now:
-                self.monitor.before_step()
+            for monitor in due:
+                monitor.before_update(ctx)
             self.optimizer.step()
-            if stats_now:
-                metrics |= self.monitor.after_step()
+            for monitor in due:
+                metrics |= monitor.after_update(ctx)
         return loss, grad_norm, applied, metrics
 
     def _state(self, step: int) -> dict[str, Any]:
@@ -203,7 +193,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": capture_rng(),
             "trainer": dict(self.counters),
-            "monitor": self.monitor.state_dict(),
+            "monitors": {monitor.name: monitor.state_dict() for monitor in self.monitors},
             "config": self.config.to_dict(),
         }
 
@@ -220,7 +210,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"])
         self.counters.update(state["trainer"])
-        self.monitor.load_state_dict(state.get("monitor", {"alive": {}, "window_began": 0}))
+        for monitor in self.monitors:
+            if monitor.name in state.get("monitors", {}):
+                monitor.load_state_dict(state["monitors"][monitor.name])
         return int(state["step"])
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -247,8 +239,7 @@ class Trainer:
             window_start, window_tokens = time.perf_counter(), 0
             while step < cfg.max_steps:
                 lr = learning_rate(step, cfg)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                set_learning_rates(self.optimizer, lr / cfg.lr if cfg.lr > 0 else 0.0)
                 loss, grad_norm, applied, monitored = self._step(step)
                 step += 1
                 if applied:
@@ -286,11 +277,11 @@ class Trainer:
                              final_val_loss=self.counters["final_val_loss"],
                              best_val_loss=self.counters["best_val_loss"],
                              nonfinite_steps=self.counters["nonfinite_steps"], run_dir=self.run_dir, message=message,
-                             alerts=self.counters["alerts"])
+                             alerts=self.counters["alerts"], layers=self._layer_summary())
         tracker.write_summary({k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
                               | {"params": self.model.num_parameters(), "precision": cfg.precision,
-                                 "seed": cfg.seed, "device": str(self.device), "label": cfg.label,
-                                 "layers": {a.name: _describe(a) for a in self.layers}})
+                                 "seed": cfg.seed, "device": str(self.device), "label": cfg.label, "arm": cfg.arm,
+                                 "optimizer": cfg.optimizer})
         tracker.close()
         return result
 
@@ -321,8 +312,20 @@ class Trainer:
         self.counters["alerting"] = [n for n in alerting if n in crossed or not self.thresholds.measured(n, record)]
 
 
-def _describe(assignment: LayerAssignment) -> dict[str, str]:
+    def _layer_summary(self) -> dict[str, dict[str, Any]]:
+        """Per Linear layer: formats, storage, optimizer, and what the monitors totalled."""
+        totals: dict[str, dict[str, Any]] = {}
+        for monitor in self.monitors:
+            for name, values in monitor.summary().items():
+                totals.setdefault(name, {}).update(values)
+        return {a.name: _describe(a, self.config.optimizer) | totals.get(a.name, {}) for a in self.layers}
+
+
+def _describe(assignment: LayerAssignment, optimizer: str) -> dict[str, str]:
     config = assignment.config
     if config is None:
-        return {"weight": "high precision", "activation": "high precision", "gradient": "high precision"}
-    return {operand: config.format_name(operand) for operand in ("weight", "activation", "gradient")}
+        return {"weight": "high precision", "activation": "high precision", "gradient": "high precision",
+                "storage": "master", "optimizer": "adamw"}
+    described = {operand: config.format_name(operand) for operand in ("weight", "activation", "gradient")}
+    storage = config.weight_storage if config.weight_storage == "master" else f"format ({config.update_rounding})"
+    return described | {"storage": storage, "optimizer": optimizer if config.weight is not None else "adamw"}

@@ -1,0 +1,113 @@
+"""The one place optimizers are built: from an `OptimizerSpec`, the model and its quantized layers.
+
+Parameter groups keep the trainer's decay rule (weight decay on tensors of two or more
+dimensions, none on biases and norms). Each group records its peak learning rate as
+``base_lr``; the trainer multiplies it by the schedule. Weights with a format get a
+`FormatWeight`; a format-stored one is projected onto its grid here, and its layer's forward
+cast is told the storage scale (the cast is then the identity).
+
+| optimizer | format weights | class |
+|---|---|---|
+| adamw, all master | - | ``torch.optim.AdamW`` (arm A) |
+| adamw, some stored | stored on the grid, projected after each step | `StoredAdamW` (arms B, C) |
+| manifold | steps in ULPs (stored or master) | `ManifoldAdamW` (arm D) |
+| grid | moves in codes (stored only) | `GridOptim` (arm E) |
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..model.surgery import quantized_layers
+from .adamw import StoredAdamW
+from .grid import GRID_DIRECTIONS, GridOptim
+from .manifold import ManifoldAdamW
+from .storage import FormatWeight
+
+OPTIMIZERS = ("adamw", "manifold", "grid")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str = "adamw"
+    lr: float = 1e-3  # absolute: AdamW, and every parameter without a format
+    grid_lr: float = 0.5  # ULPs (manifold) or rungs (grid) per step, for weights with a format
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    max_stiffness: float | None = None  # manifold: cap on S(w), absolute
+    rung_clip: int = 4  # grid: most rungs one step moves a weight
+    grid_direction: str = "adam"  # grid: adam | momentum
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.name!r}")
+        if self.grid_direction not in GRID_DIRECTIONS:
+            raise ValueError(f"grid_direction must be one of {', '.join(GRID_DIRECTIONS)}")
+
+
+def format_weights(model: nn.Module) -> list[FormatWeight]:
+    """A `FormatWeight` for every quantized layer's weight that has a format, in model order."""
+    weights, seen = [], set()
+    for name, layer in quantized_layers(model).items():
+        config = layer.config
+        if config.weight is None or id(layer.weight) in seen:
+            continue
+        seen.add(id(layer.weight))
+        stored = config.weight_storage == "format"
+        weight = FormatWeight(name, layer.weight, config.weight, stored, config.update_rounding,
+                              margin=config.scaling.margin)
+        if stored:
+            layer.quantizers["weight"].stored = weight
+        weights.append(weight)
+    return weights
+
+
+def _groups(model: nn.Module, spec: OptimizerSpec, geometric: set[int]) -> list[dict]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = [p for p in params if id(p) not in geometric]
+    groups = [
+        {"params": [p for p in plain if p.dim() >= 2], "weight_decay": spec.weight_decay, "lr": spec.lr},
+        {"params": [p for p in plain if p.dim() < 2], "weight_decay": 0.0, "lr": spec.lr},
+        {"params": [p for p in params if id(p) in geometric], "weight_decay": spec.weight_decay,
+         "lr": spec.grid_lr, "geometry": True},
+    ]
+    groups = [g for g in groups if g["params"]]
+    for group in groups:
+        group["base_lr"] = group["lr"]
+    return groups
+
+
+def build_optimizer(model: nn.Module, spec: OptimizerSpec, seed: int = 0) -> torch.optim.Optimizer:
+    """The optimizer of one run (see the module table). Call after model surgery."""
+    weights = format_weights(model)
+    adamw = dict(betas=spec.betas, eps=spec.eps, foreach=True)
+    if spec.name == "grid":
+        master = [w.name for w in weights if not w.stored]
+        if master or not weights:
+            raise ValueError("GridOptim moves weights in codes: it needs layers with a weight format and "
+                             f"weight_storage: format{' (master: ' + ', '.join(master) + ')' if master else ''}")
+    if spec.name == "manifold" and not weights:
+        raise ValueError("ManifoldAdamW needs layers with a weight format (use --format or a policy)")
+    geometric = {id(w.param) for w in weights} if spec.name != "adamw" else set()
+    groups = _groups(model, spec, geometric)
+    generator_seed = (seed * 1_000_003 + zlib.crc32(b"altgrad.optim")) % 2**62
+    if spec.name == "manifold":
+        return ManifoldAdamW(groups, weights, generator_seed, max_stiffness=spec.max_stiffness, **adamw)
+    if spec.name == "grid":
+        return GridOptim(groups, weights, generator_seed, rung_clip=spec.rung_clip,
+                         grid_direction=spec.grid_direction, **adamw)
+    stored = [w for w in weights if w.stored]
+    if stored:
+        return StoredAdamW(groups, stored, generator_seed, **adamw)
+    return torch.optim.AdamW(groups, **adamw)
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Every group's learning rate at ``factor`` (the schedule, peak 1) of its own peak ``base_lr``."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor

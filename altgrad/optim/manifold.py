@@ -1,0 +1,44 @@
+"""ManifoldAdamW (DESIGN §4, arm D): AdamW whose step is measured in ULPs of the weight's format.
+
+For a weight with a format, the AdamW step (after Adam's normalisation, weight decay included)
+is multiplied by the local stiffness ``S(w) = 2^(floor(log2 |w s|) - M) / s``, the grid
+spacing at w under the tensor's scale s (the smallest spacing at w = 0; capped by
+``max_stiffness``)::
+
+    delta = -lr * S(w) * (m_hat / (sqrt(v_hat) + eps) + weight_decay * w)
+
+so ``lr`` is in ULPs per step and every weight moves about the same number of codes: a
+multiplicative update, like Madam's. Scaling the *gradient* by S instead would be almost
+undone by Adam's normalisation (the tests show that variant fails the definition).
+Format-stored weights then round ``w + delta`` onto their grid (their update rounding);
+FP32-master weights take ``w + delta``. Parameters without a format take torch's AdamW step,
+with their own (absolute) learning rate. On E0M7 and E1M6 S is constant, so this is AdamW with
+a rescaled learning rate: a built-in sanity check.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import GridAwareOptimizer
+
+
+class ManifoldAdamW(GridAwareOptimizer):
+    def __init__(self, param_groups, weights, seed, max_stiffness: float | None = None, **adamw):
+        super().__init__(param_groups, weights, seed, **adamw)
+        self.max_stiffness = max_stiffness
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = self._run_closure(closure)
+        self._plain_step()
+        for group, params in self._geometry_groups():
+            for param, direction in zip(params, self.adam_directions(group, params)):
+                weight = self.weight_of(param)
+                stiffness = weight.stiffness(self.max_stiffness)  # at w before the step
+                delta = direction.add_(param, alpha=group["weight_decay"]).mul_(stiffness).mul_(-group["lr"])
+                if weight.stored:
+                    weight.project(param + delta, None, self.generator)
+                else:
+                    param.add_(delta)
+        return loss

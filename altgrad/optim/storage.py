@@ -1,0 +1,100 @@
+"""Weights on a format's grid (DESIGN §4): storage in the format, its scale, its geometry.
+
+`FormatWeight` is one weight of a quantized layer that has a weight format, seen by an
+optimizer. With ``stored=True`` (``weight_storage: format``) the parameter itself holds values
+of the format divided by a per-tensor power-of-two scale ``s`` owned here; no FP32 master
+exists. Every update is written as ``w <- Q(y s) / s`` with ``y = w + delta`` and
+
+- ``s`` = the largest power of two with ``amax(y) s <= max`` (times ``2^-margin``): the rule
+  current amax scaling uses for the forward cast, so the stored tensor is exactly what the
+  forward cast of it would produce. A change of ``s`` is a *rescale*: it happens only by
+  powers of two, the same single rounding of ``y`` lands on the new grid, and it is counted;
+- ``Q`` = the update rounding (``nearest``: ties to even; ``stochastic``: unbiased, from the
+  optimizer's seeded generator).
+
+With ``stored=False`` (FP32 master) the weight's scale is the one current scaling would give
+it now, and only the geometry (`stiffness`, `codes`) is used, by ManifoldAdamW.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quantization.codes import magnitude_codes
+from ..quantization.formats import FloatFormat
+from ..quantization.quantize import quantize
+from ..quantization.scaling import cast_to_grid, scale_from_amax
+
+
+class FormatWeight:
+    """One weight with a format: its grid, its scale, and (when stored) its projection."""
+
+    def __init__(self, name: str, param: nn.Parameter, fmt: FloatFormat, stored: bool, update_rounding: str,
+                 margin: int = 0):
+        self.name = name
+        self.param = param
+        self.fmt = fmt
+        self.stored = stored
+        self.update_rounding = update_rounding
+        self.margin = margin
+        self.scale = torch.ones((), dtype=torch.float32, device=param.device)  # stored: the storage scale
+        self.rescales = torch.zeros((), dtype=torch.int64, device=param.device)
+        if stored:
+            with torch.no_grad():
+                self.project(param.detach(), "nearest", None, count=False)  # every arm starts from the same grid
+
+    # ---- the scale ----------------------------------------------------------------------
+    def current_scale(self) -> torch.Tensor:
+        """The tensor's scale now: the storage scale, or a master weight's current amax scale."""
+        if self.stored:
+            return self.scale
+        return scale_from_amax(self.param.detach().abs().amax(), self.fmt, self.margin).to(self.param.device)
+
+    def forward_scale(self) -> torch.Tensor | float:
+        """The storage scale as the forward cast uses it: a Python float on CPU (no tensor ops)."""
+        return float(self.scale) if self.scale.device.type == "cpu" else self.scale
+
+    # ---- geometry -----------------------------------------------------------------------
+    def stiffness(self, max_stiffness: float | None = None) -> torch.Tensor:
+        """S(w): the grid spacing at each element under the tensor's scale, ``ulp(w s) / s``.
+
+        w = 0 gets the smallest spacing; ``max_stiffness`` (absolute) caps it.
+        """
+        scale = self.current_scale()
+        spacing = self.fmt.ulp(self.param.detach() * scale) / scale
+        return spacing if max_stiffness is None else torch.clamp(spacing, max=max_stiffness)
+
+    def codes(self, values: torch.Tensor | None = None) -> torch.Tensor:
+        """Magnitude codes of on-grid values (default: the stored weight) under the scale."""
+        values = self.param.detach() if values is None else values
+        return magnitude_codes(values * self.current_scale(), self.fmt)
+
+    # ---- storage ------------------------------------------------------------------------
+    @torch.no_grad()
+    def project(self, y: torch.Tensor, rounding: str | None, generator: torch.Generator | None,
+                count: bool = True) -> None:
+        """``w <- Q(y s') / s'`` with s' the power-of-two amax scale of y (see the module doc)."""
+        q, scale, _ = cast_to_grid(y.float(), self.fmt, margin=self.margin, rounding=rounding or self.update_rounding,
+                                   generator=generator, out_dtype=torch.float32)
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=self.scale.device)
+        if count:
+            self.rescales += (scale != self.scale).to(torch.int64)
+        self.scale.copy_(scale)
+        self.param.copy_(q * (1.0 / scale))  # 1/s is a power of two: exact
+
+    @torch.no_grad()
+    def rescale(self, factor: float, generator: torch.Generator | None) -> None:
+        """Change the scale by a power of two ``factor`` and re-round the tensor onto the new grid."""
+        scale = self.scale * factor
+        q = quantize(self.param.detach() * scale, self.fmt, rounding=self.update_rounding, generator=generator)
+        self.param.copy_(q * (1.0 / scale))
+        self.scale.copy_(scale)
+        self.rescales += 1
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"scale": self.scale.clone(), "rescales": self.rescales.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.scale.copy_(state["scale"])
+        self.rescales.copy_(state["rescales"])

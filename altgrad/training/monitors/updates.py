@@ -1,0 +1,148 @@
+"""What the optimizer step does to the weights on their grid (DESIGN §3), per quantized layer
+with a weight format, on every ``stats_interval``-th step.
+
+The *on-grid* weight is the stored weight (``weight_storage: format``) or, for an FP32
+master, its cast at the scale of this step's forward, with the run's weight rounding
+(stochastic casts before and after the step share their random bits, so a flip is caused by
+the update, not by the noise). With that:
+
+- ``optim/updates/<layer>``: elements with a non-zero gradient; ``optim/update_rate/<layer>``;
+- ``optim/flips/<layer>``: elements whose on-grid value changed, over **all** elements
+  (momentum and weight decay move weights too); ``optim/flip_rate/<layer>``;
+- ``optim/stall_ratio/<layer>`` = 1 - flips / updates (NaN when there were no updates; it
+  can be negative when more weights flip than get gradients);
+- ``quant/bit_stall_rate/<layer>``: updates whose on-grid value did not change, over updates
+  (NaN without updates), i.e. the realised outcome of the run's own rounding;
+- ``bit_position/{mean,std}/<layer>``: the magnitude code of each on-grid weight
+  (0 .. 2^(E+M) - 1 per sign) after the step;
+- ``optim/rescales/<layer>``: storage scale changes so far (format storage);
+- headlines: the mean over layers of each rate (``optim/update_rate``, ``optim/flip_rate``,
+  ``optim/stall_ratio``, ``quant/bit_stall_rate``), the element-weighted ones beside them as
+  ``..._elementwise``, and ``optim/rescales`` (the sum).
+
+The run's summary gets, per layer, the totals over the measured steps: updates, flips,
+stall ratio, and the bit-position drift (mean code at the last measurement minus the first).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...model.surgery import quantized_layers
+from ...quantization.codes import magnitude_codes
+from ...quantization.linear import QuantizedLinear
+from ...quantization.quantize import quantize
+from .base import BaseMonitor, StepContext, layer_mean, ratio
+
+
+def _on_grid(layer: QuantizedLinear, scale, generator_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(on-grid weight in weight units, the scaled grid values) under ``scale``."""
+    weight = layer.weight.detach()
+    quantizer = layer.quantizers["weight"]
+    if quantizer.stored is not None:
+        return weight.clone(), weight * scale
+    config = layer.config
+    generator = torch.Generator().manual_seed(generator_seed) if config.rounding == "stochastic" else None
+    scaled = quantize(weight.float() * scale, config.weight, rounding=config.rounding, generator=generator)
+    return scaled / scale, scaled
+
+
+class UpdateMonitor(BaseMonitor):
+    name = "updates"
+
+    def __init__(self, model: nn.Module, interval: int):
+        super().__init__(interval)
+        self.layers = {name: layer for name, layer in quantized_layers(model).items() if layer.config.weight is not None}
+        self.totals: dict[str, dict[str, Any]] = {
+            name: {"updates": 0, "flips": 0, "stalled": 0, "first_position": None, "last_position": None}
+            for name in self.layers}
+        self._before: dict[str, tuple[torch.Tensor, torch.Tensor, Any, int]] = {}
+
+    def due(self, step: int) -> bool:
+        return bool(self.layers) and super().due(step)
+
+    def _scale(self, layer: QuantizedLinear):
+        quantizer = layer.quantizers["weight"]
+        return quantizer.stored.current_scale() if quantizer.stored is not None else quantizer.last_scale
+
+    def before_update(self, ctx: StepContext) -> None:
+        self._before = {}
+        for name, layer in self.layers.items():
+            if layer.weight.grad is None or layer.quantizers["weight"].last_scale is None:
+                continue
+            seed = (ctx.step * 1_000_003 + zlib.crc32(name.encode())) % 2**62
+            scale = self._scale(layer)
+            before, _ = _on_grid(layer, scale, seed)
+            self._before[name] = (before, layer.weight.grad != 0, scale, seed)
+
+    def after_update(self, ctx: StepContext) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        rates: dict[str, dict[str, float]] = {"optim/update_rate": {}, "optim/flip_rate": {},
+                                              "optim/stall_ratio": {}, "quant/bit_stall_rate": {}}
+        updates_all = flips_all = stalled_all = numel_all = 0
+        rescales = 0
+        for name, (before, updated, scale, seed) in self._before.items():
+            layer = self.layers[name]
+            stored = layer.quantizers["weight"].stored
+            after, scaled = _on_grid(layer, stored.current_scale() if stored is not None else scale, seed)
+            changed = after != before  # -0 and +0 are the same weight
+            updates, flips = int(updated.sum()), int(changed.sum())
+            stalled = int((updated & ~changed).sum())
+            numel = after.numel()
+            codes = magnitude_codes(scaled, layer.config.weight).float()
+            position = float(codes.mean())
+            layer_rates = {"optim/update_rate": updates / numel, "optim/flip_rate": flips / numel,
+                           "optim/stall_ratio": 1.0 - ratio(flips, updates),
+                           "quant/bit_stall_rate": ratio(stalled, updates)}
+            for key, value in layer_rates.items():
+                metrics[f"{key}/{name}"] = value
+                rates[key][name] = value
+            metrics |= {f"optim/updates/{name}": updates, f"optim/flips/{name}": flips,
+                        f"bit_position/mean/{name}": position, f"bit_position/std/{name}": float(codes.std())}
+            if stored is not None:
+                metrics[f"optim/rescales/{name}"] = int(stored.rescales)
+                rescales += int(stored.rescales)
+            totals = self.totals[name]
+            totals["updates"] += updates
+            totals["flips"] += flips
+            totals["stalled"] += stalled
+            totals["last_position"] = position
+            if totals["first_position"] is None:
+                totals["first_position"] = position
+            updates_all, flips_all, stalled_all, numel_all = (updates_all + updates, flips_all + flips,
+                                                              stalled_all + stalled, numel_all + numel)
+        self._before = {}
+        if not numel_all:
+            return metrics
+        metrics |= {key: layer_mean(values.values()) for key, values in rates.items()}
+        metrics |= {"optim/update_rate_elementwise": updates_all / numel_all,
+                    "optim/flip_rate_elementwise": flips_all / numel_all,
+                    "optim/stall_ratio_elementwise": 1.0 - ratio(flips_all, updates_all),
+                    "quant/bit_stall_rate_elementwise": ratio(stalled_all, updates_all)}
+        if any(layer.quantizers["weight"].stored is not None for layer in self.layers.values()):
+            metrics["optim/rescales"] = rescales
+        return metrics
+
+    def summary(self) -> dict[str, Any]:
+        """Per layer: totals over the measured steps."""
+        out = {}
+        for name, totals in self.totals.items():
+            stored = self.layers[name].quantizers["weight"].stored
+            first, last = totals["first_position"], totals["last_position"]
+            out[name] = {"updates": totals["updates"], "flips": totals["flips"],
+                         "stall_ratio": 1.0 - ratio(totals["flips"], totals["updates"]),
+                         "bit_stall_rate": ratio(totals["stalled"], totals["updates"]),
+                         "bit_position_drift": last - first if first is not None else float("nan"),
+                         "rescales": int(stored.rescales) if stored is not None else None}
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"totals": {name: dict(t) for name, t in self.totals.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, totals in state["totals"].items():
+            self.totals[name] = dict(totals)
