@@ -51,10 +51,14 @@ def test_monitor_metrics_have_stable_names_and_sane_values(paired_runs):
     runs_dir, _ = paired_runs
     record = next(r for r in read_metrics(runs_dir / "e5m2") if r["step"] == 20)
     for key in ("quant/overflow_rate", "quant/underflow_rate", "quant/dynamic_range_used", "quant/bit_stall_rate",
-                "quant/flip_rate", "quant/zero_update_rate", "grad/norm", "quant/dead_fraction",
-                "quant/overflow_rate/weight", "quant/underflow_rate/gradient/transformer.h.1.mlp.c_proj",
-                "grad_snr_db/transformer.h.0.attn.c_attn", "quant/dead_fraction/transformer.h.0.mlp.c_proj"):
+                "quant/overflow_rate_elementwise", "quant/bit_stall_rate_elementwise", "optim/flip_rate",
+                "optim/update_rate", "optim/stall_ratio", "optim/stall_ratio_elementwise", "grad/norm",
+                "quant/dead_fraction_sampled", "quant/overflow_rate/weight",
+                "quant/underflow_rate/gradient/transformer.h.1.mlp.c_proj", "optim/flips/lm_head",
+                "optim/updates/transformer.h.0.mlp.c_fc", "bit_position/mean/lm_head", "bit_position/std/lm_head",
+                "grad_snr_db/transformer.h.0.attn.c_attn", "quant/dead_fraction_sampled/transformer.h.0.mlp.c_proj"):
         assert key in record, key
+    assert "optim/rescales" not in record  # FP32 masters: no storage scale
     assert record["quant/overflow_rate"] == 0.0  # current scaling maps amax onto max
     assert 0.0 < record["quant/bit_stall_rate"] < 1.0
     assert 0.0 < record["quant/dynamic_range_used"] <= 1.0

@@ -65,28 +65,49 @@ class LiveDisplay:
 
 
 #: Quantization metrics shown live once a run logs them: (column, metric name).
-MONITORED = (("bit-stall", "quant/bit_stall_rate"), ("overflow", "quant/overflow_rate"),
-             ("underflow", "quant/underflow_rate"), ("grad cos", "grad_cos_sim/mean"))
+MONITORED = (("bit-stall", "quant/bit_stall_rate"), ("stall ratio", "optim/stall_ratio"),
+             ("overflow", "quant/overflow_rate"), ("underflow", "quant/underflow_rate"),
+             ("grad cos", "grad_cos_sim/mean"))
 
 
 def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    return "-" if value is None or value != value else f"{value:.4f}"
 
 
 def layer_table(layers: list[LayerAssignment]) -> Table:
     """Which Linear layer computes in which format (the result of model surgery)."""
     table = Table(title="Linear layers after surgery", title_justify="left")
     table.add_column("layer", no_wrap=True)
-    for column in ("rule", "weight", "activation", "gradient", "rounding"):
+    for column in ("rule", "weight", "activation", "gradient", "rounding", "weight storage"):
         table.add_column(column)
     for layer in layers:
         cfg = layer.config
         if cfg is None:
-            table.add_row(layer.name, layer.pattern or "-", *["[dim]high precision[/]"] * 3, "-")
+            table.add_row(layer.name, layer.pattern or "-", *["[dim]high precision[/]"] * 3, "-", "master")
         else:
             rounding = cfg.rounding if cfg.rounding == cfg.grad_rounding else f"{cfg.rounding} / grad {cfg.grad_rounding}"
+            storage = "master" if cfg.weight_storage == "master" else f"format, {cfg.update_rounding} updates"
             table.add_row(layer.name, layer.pattern, cfg.format_name("weight"), cfg.format_name("activation"),
-                          cfg.format_name("gradient"), rounding)
+                          cfg.format_name("gradient"), rounding, storage)
+    return table
+
+
+def update_table(result: TrainResult) -> Table | None:
+    """Per quantized layer: format, storage, optimizer, and what the updates did over the run."""
+    rows = {name: layer for name, layer in result.layers.items() if "updates" in layer}
+    if not rows:
+        return None
+    table = Table(title="weights on the grid (totals over the measured steps)", title_justify="left")
+    for column in ("layer", "weight", "storage", "optimizer", "updates", "flips", "stall ratio", "bit-stall",
+                   "code drift", "rescales"):
+        table.add_column(column, justify="left" if column in ("layer", "weight", "storage", "optimizer") else "right",
+                         no_wrap=column == "layer")
+    for name, layer in rows.items():
+        rescales = layer.get("rescales")
+        table.add_row(name, layer["weight"], layer["storage"], layer["optimizer"], f"{layer['updates']:,}",
+                      f"{layer['flips']:,}", _fmt(layer["stall_ratio"]), _fmt(layer["bit_stall_rate"]),
+                      f"{layer['bit_position_drift']:+.2f}" if layer["bit_position_drift"] == layer["bit_position_drift"]
+                      else "-", "-" if rescales is None else str(rescales))
     return table
 
 
@@ -112,7 +133,7 @@ def _next_step(config: TrainConfig) -> str:
         twin = dataclasses.replace(config, format="E5M2")
         return (f"[bold]next:[/] the same command with [cyan]--format E5M2[/] (same seed and batches), then "
                 f"[cyan]altgrad compare {config.name} {twin.name}{runs}[/]")
-    baseline = dataclasses.replace(config, format=None, policy=())
+    baseline = dataclasses.replace(config, format=None, policy=(), optimizer="adamw", weight_storage="master")
     missing = "" if (Path(config.runs_dir) / baseline.name).exists() else \
         f" (after the {baseline.label.upper()} baseline: the same command without the format)"
     return f"[bold]next:[/] [cyan]altgrad compare {baseline.name} {config.name}{runs}[/]{missing}"
@@ -128,6 +149,16 @@ def train(
     rounding: Optional[str] = typer.Option(None, help="nearest | stochastic (weights and activations)"),
     grad_rounding: Optional[str] = typer.Option(None, "--grad-rounding", help="nearest | stochastic"),
     scaling: Optional[str] = typer.Option(None, help="current | delayed | none (per-tensor amax scaling)"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", "-o",
+                                            help="adamw | manifold (steps in ULPs) | grid (moves in codes)"),
+    weight_storage: Optional[str] = typer.Option(
+        None, "--weight-storage", help="master (FP32 weights) | format (weights live on the grid); "
+                                       "default: master for adamw, format for manifold and grid"),
+    update_rounding: Optional[str] = typer.Option(
+        None, "--update-rounding", help="nearest | stochastic: how w + delta lands on the grid (format storage); "
+                                        "default: nearest for adamw, stochastic for manifold and grid"),
+    grid_lr: Optional[float] = typer.Option(None, "--grid-lr",
+                                            help="manifold: ULPs per step; grid: rungs per step (default 0.5)"),
     shadow: Optional[bool] = typer.Option(None, "--shadow/--no-shadow",
                                           help="Compare gradients with an FP32 shadow every --shadow-interval steps."),
     shadow_interval: Optional[int] = typer.Option(None, "--shadow-interval"),
@@ -156,7 +187,8 @@ def train(
                          checkpoint_interval=checkpoint_interval, compile=compile_model, wandb=wandb,
                          format=fmt, grad_format=grad_format, rounding=rounding, grad_rounding=grad_rounding,
                          scaling=scaling, use_shadow=shadow, shadow_interval=shadow_interval,
-                         stats_interval=stats_interval)
+                         stats_interval=stats_interval, optimizer=optimizer, weight_storage=weight_storage,
+                         update_rounding=update_rounding, grid_lr=grid_lr)
         resolved = resolve_config(config, overrides)
         if resume:
             resolved = resume_config(run_directory(resolved), max_steps=max_steps, wandb=wandb)
@@ -166,6 +198,9 @@ def train(
         if not console.is_terminal:
             console.print()  # the live table's last frame ends without a newline off a terminal
         console.print(_summary_table(result))
+        updates = update_table(result)
+        if updates is not None:
+            console.print(updates)
         if result.status == "completed" and not resolved.run_name:
             console.print(_next_step(resolved))
         if result.status == "interrupted":

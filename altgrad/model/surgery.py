@@ -102,7 +102,8 @@ def rule_config(rule: dict[str, Any], defaults: dict[str, Any], where: str) -> L
         return LinearQuantConfig(weight=weight, activation=activation, gradient=gradient,
                                  rounding=values["rounding"], grad_rounding=values["grad_rounding"],
                                  scaling=scaling, gemm_dtype=values["gemm_dtype"],
-                                 weight_storage=values["weight_storage"], update_rounding=values["update_rounding"])
+                                 weight_storage=values.get("weight_storage", "master"),
+                                 update_rounding=values.get("update_rounding", "nearest"))
     except ValueError as error:
         raise UserError(f"{where}: {error}") from None
 

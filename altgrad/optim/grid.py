@@ -70,6 +70,8 @@ class GridOptim(GridAwareOptimizer):
             for param, direction in zip(params, self._directions(group, params)):
                 weight = self.weight_of(param)
                 proposed = direction.add_(param, alpha=group["weight_decay"]).mul_(-group["lr"])
+                # 0/0 (a zero gradient with eps 0) or an overflowed direction never becomes a NaN weight
+                torch.nan_to_num_(proposed, nan=0.0, posinf=self.rung_clip, neginf=-self.rung_clip)
                 if weight.update_rounding == "stochastic":
                     moves = torch.floor(proposed.add_(uniform(param.shape, self.generator, param.device)))
                 else:

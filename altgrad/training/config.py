@@ -223,18 +223,30 @@ def _check_keys(values: dict[str, Any], origin: str) -> None:
         raise UserError(f"unknown config key(s) {', '.join(unknown)} in {origin}; valid keys: {', '.join(FIELD_NAMES)}")
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """A config file's mapping (safe_load), with a clear error for anything else."""
+def read_yaml(path: Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping (safe_load), with a clear error for anything else.
+
+    ``base: other.yaml`` (relative to the file) composes configs: the base's keys first, then
+    this file's on top; bases may have bases. ``key: null`` in the file unsets a base's value.
+    """
+    path = Path(path)
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"config file {path} not found") from None
+        where = f" (base of {_including[-1]})" if _including else ""
+        raise UserError(f"config file {path} not found{where}") from None
     except yaml.YAMLError as error:
         raise UserError(f"config file {path} is not valid YAML: {error}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of keys to values")
+    base = data.pop("base", None)
+    if base is not None:
+        base_path = path.parent / str(base)
+        if base_path.resolve() in {p.resolve() for p in (*_including, path)}:
+            raise UserError(f"config file {path}: base {base} includes itself")
+        data = {**read_yaml(base_path, (*_including, path)), **data}
     _check_keys(data, str(path))
     return data
 
