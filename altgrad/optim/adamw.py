@@ -21,5 +21,5 @@ class StoredAdamW(GridAwareOptimizer):
         self._plain_step()  # every group: there is no geometry here, only storage
         for weight in self.weights:
             if weight.param.grad is not None:
-                weight.project(weight.param, None, self.generator)
+                weight.project(self.generator)
         return loss

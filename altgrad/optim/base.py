@@ -52,41 +52,39 @@ class GridAwareOptimizer(torch.optim.AdamW):
                 if params:
                     yield group, params
 
-    def _moments(self, params: list[torch.Tensor], second: bool = True) -> tuple[list, list, int]:
-        """Each parameter's Adam state (created on first use, as torch's) and the step count after this step."""
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if second:
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-        steps = int(self.state[params[0]]["step"])
-        return ([self.state[p]["exp_avg"] for p in params],
-                [self.state[p]["exp_avg_sq"] for p in params] if second else [], steps)
+    def count_step(self, param: torch.Tensor, second: bool = True) -> int:
+        """Create a parameter's Adam state on first use (as torch's) and count this step; returns the count."""
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+            if second:
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        state["step"] += 1
+        return int(state["step"])
 
-    def adam_directions(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Adam's normalised step ``m_hat / (sqrt(v_hat) + eps)`` per parameter, moments updated as torch's AdamW."""
+    def adam_hyper(self, group: dict, step: int) -> list[float]:
+        """The scalars of Adam's step at ``step`` (the layout the native kernels take, native.c)."""
         beta1, beta2 = group["betas"]
-        grads = [p.grad for p in params]
-        exp_avgs, exp_avg_sqs, step = self._moments(params)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        denominators = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denominators, math.sqrt(1 - beta2**step))
-        torch._foreach_add_(denominators, group["eps"])
-        directions = torch._foreach_div(exp_avgs, denominators)
-        torch._foreach_div_(directions, 1 - beta1**step)
-        return directions
+        return [beta1, 1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2**step), group["eps"], 1 - beta1**step,
+                group["lr"], group["weight_decay"]]
 
-    def momentum_directions(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def adam_direction(self, param: torch.Tensor, hyper: list[float]) -> torch.Tensor:
+        """Adam's normalised step ``m_hat / (sqrt(v_hat) + eps)`` of one parameter, its moments
+        updated in place: the operation sequence of the native kernels (each op rounds once),
+        mathematically torch's AdamW."""
+        state, grad = self.state[param], param.grad
+        beta1, c1, beta2, c2, bias2_sqrt, eps, bias1 = hyper[:7]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(grad * c1)
+        exp_avg_sq.mul_(beta2).add_((grad * grad) * c2)
+        return (exp_avg / (exp_avg_sq.sqrt() / bias2_sqrt + eps)) / bias1
+
+    def momentum_direction(self, param: torch.Tensor, hyper: list[float]) -> torch.Tensor:
         """The gradient's momentum (EMA, beta1) over its RMS across the tensor: unitless, like Adam's."""
-        beta1, _ = group["betas"]
-        exp_avgs, _, _ = self._moments(params, second=False)
-        torch._foreach_lerp_(exp_avgs, [p.grad for p in params], 1 - beta1)
-        return [m / torch.clamp(m.square().mean().sqrt(), min=1e-30) for m in exp_avgs]
+        exp_avg = self.state[param]["exp_avg"]
+        exp_avg.mul_(hyper[0]).add_(param.grad * hyper[1])
+        return exp_avg / torch.clamp(exp_avg.square().mean().sqrt(), min=1e-30)
 
     def _run_closure(self, closure: Callable | None):
         if closure is None:

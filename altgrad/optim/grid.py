@@ -23,8 +23,8 @@ from typing import NamedTuple
 import torch
 
 from ..quantization import native
-from ..quantization.codes import rungs, top_code, values_of_rungs
-from ..quantization.kernel import random_bits
+from ..quantization.codes import rungs, top_code, values_of_codes, values_of_rungs
+from ..quantization.kernel import random_bits, use_native
 from ..quantization.quantize import draw_seed
 from .base import GridAwareOptimizer
 
@@ -36,9 +36,8 @@ class StepCounts(NamedTuple):
     updates: int
 
 
-def uniform(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """U[0, 1) with 30 random bits per element, from a seed drawn from ``generator`` (counter-based)."""
-    seed = draw_seed(generator, device)
+def uniform(seed: torch.Tensor, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """U[0, 1) with 30 random bits per element, from the counter-based hash of `kernel.random_bits`."""
     if device.type == "cpu" and native.library() is not None:
         bits = native.random_bits(0, shape.numel(), seed).reshape(shape)
     else:
@@ -56,35 +55,51 @@ class GridOptim(GridAwareOptimizer):
         self.rung_clip = rung_clip
         self.grid_direction = grid_direction
 
-    def _directions(self, group, params):
-        if self.grid_direction == "adam":
-            return self.adam_directions(group, params)
-        return self.momentum_directions(group, params)
-
     @torch.no_grad()
     def step(self, closure=None) -> StepCounts:
         self._run_closure(closure)
         self._plain_step()
         flips = updates = 0
         for group, params in self._geometry_groups():
-            for param, direction in zip(params, self._directions(group, params)):
+            for param in params:
                 weight = self.weight_of(param)
-                proposed = direction.add_(param, alpha=group["weight_decay"]).mul_(-group["lr"])
-                # 0/0 (a zero gradient with eps 0) or an overflowed direction never becomes a NaN weight
-                torch.nan_to_num_(proposed, nan=0.0, posinf=self.rung_clip, neginf=-self.rung_clip)
-                if weight.update_rounding == "stochastic":
-                    moves = torch.floor(proposed.add_(uniform(param.shape, self.generator, param.device)))
-                else:
-                    moves = torch.round(proposed)
-                moves = moves.clamp_(-self.rung_clip, self.rung_clip).to(torch.int32)
-                scale = weight.scale
-                before = rungs(param * scale, weight.fmt)
-                target = before + moves
-                top = top_code(weight.fmt)
-                after = target.clamp(-top, top)
-                param.copy_(values_of_rungs(after, weight.fmt) * (1.0 / scale))
-                flips += int((after != before).sum())
-                updates += int((param.grad != 0).sum())
-                if bool((target.abs() > top).any()):
+                hyper = self.adam_hyper(group, self.count_step(param, second=self.grid_direction == "adam"))
+                moved, updated, blocked = self._move(param, weight, group, hyper)
+                flips, updates = flips + moved, updates + updated
+                if blocked:
                     weight.rescale(0.5, self.generator)
         return StepCounts(flips, updates)
+
+    def _move(self, param, weight, group, hyper) -> tuple[int, int, bool]:
+        """One tensor's rung moves: (flips, updates, whether the top end stopped a move)."""
+        fmt, scale, state = weight.fmt, weight.scale, self.state[param]
+        stochastic = weight.update_rounding == "stochastic"
+        seed = draw_seed(self.generator, param.device) if stochastic else None
+        tensors = (param, param.grad, state["exp_avg"], state.get("exp_avg_sq", param))
+        if self.grid_direction == "adam" and use_native("auto", native.fits_step(*tensors)):
+            hyper = hyper + [float(scale), 1.0 / float(scale)]
+            flips, updates, blocked = native.grid_step(param.data, *tensors[1:], hyper, fmt.emin, fmt.mantissa_bits,
+                                                       top_code(fmt), self.rung_clip, _table(fmt), seed)
+            return flips, updates, blocked > 0
+        if self.grid_direction == "adam":
+            direction = self.adam_direction(param, hyper)
+        else:
+            direction = self.momentum_direction(param, hyper)
+        proposed = (direction + param * group["weight_decay"]) * -group["lr"]
+        # 0/0 (a zero gradient with eps 0) or an overflowed direction never becomes a NaN weight
+        torch.nan_to_num_(proposed, nan=0.0, posinf=self.rung_clip, neginf=-self.rung_clip)
+        if seed is not None:
+            moves = torch.floor(proposed + uniform(seed, param.shape, param.device))
+        else:
+            moves = torch.round(proposed)  # half to even
+        moves = moves.clamp_(-self.rung_clip, self.rung_clip).to(torch.int32)
+        before = rungs(param * scale, fmt)
+        target = before + moves
+        top = top_code(fmt)
+        after = target.clamp(-top, top)
+        param.copy_(values_of_rungs(after, fmt) * (1.0 / scale))
+        return int((after != before).sum()), int((param.grad != 0).sum()), bool((target.abs() > top).any())
+
+
+def _table(fmt) -> torch.Tensor:
+    return values_of_codes(torch.arange(top_code(fmt) + 1), fmt)

@@ -18,8 +18,12 @@ a rescaled learning rate: a built-in sanity check.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ..quantization import native
+from ..quantization.kernel import use_native
 from .base import GridAwareOptimizer
 
 
@@ -32,13 +36,22 @@ class ManifoldAdamW(GridAwareOptimizer):
     def step(self, closure=None):
         loss = self._run_closure(closure)
         self._plain_step()
+        cap = math.inf if self.max_stiffness is None else self.max_stiffness
         for group, params in self._geometry_groups():
-            for param, direction in zip(params, self.adam_directions(group, params)):
+            for param in params:
                 weight = self.weight_of(param)
-                stiffness = weight.stiffness(self.max_stiffness)  # at w before the step
-                delta = direction.add_(param, alpha=group["weight_decay"]).mul_(stiffness).mul_(-group["lr"])
-                if weight.stored:
-                    weight.project(param + delta, None, self.generator)
+                hyper = self.adam_hyper(group, self.count_step(param))
+                scale = weight.current_scale()
+                state = self.state[param]
+                if use_native("auto", native.fits_step(param, param.grad, state["exp_avg"], state["exp_avg_sq"])):
+                    fmt = weight.fmt
+                    native.manifold_step(param.data, param.grad, state["exp_avg"], state["exp_avg_sq"],
+                                         hyper + [float(scale), 1.0 / float(scale), cap], fmt.emin, fmt.mantissa_bits,
+                                         max(int(fmt.exponents[-1]), fmt.emin))
                 else:
-                    param.add_(delta)
+                    stiffness = weight.stiffness(self.max_stiffness)  # at w before the step
+                    direction = self.adam_direction(param, hyper)
+                    param.add_(((direction + param * group["weight_decay"]) * stiffness) * -group["lr"])
+                if weight.stored:
+                    weight.project(self.generator)  # w + delta onto the grid, in the weight's update rounding
         return loss

@@ -21,9 +21,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..quantization import native
 from ..quantization.codes import magnitude_codes
 from ..quantization.formats import FloatFormat
-from ..quantization.quantize import quantize
+from ..quantization.kernel import native_nearest_fits, use_native
+from ..quantization.quantize import _params, draw_seed, quantize
 from ..quantization.scaling import cast_to_grid, scale_from_amax
 
 
@@ -41,8 +43,7 @@ class FormatWeight:
         self.scale = torch.ones((), dtype=torch.float32, device=param.device)  # stored: the storage scale
         self.rescales = torch.zeros((), dtype=torch.int64, device=param.device)
         if stored:
-            with torch.no_grad():
-                self.project(param.detach(), "nearest", None, count=False)  # every arm starts from the same grid
+            self.project(None, "nearest", count=False)  # every arm starts from the same grid
 
     # ---- the scale ----------------------------------------------------------------------
     def current_scale(self) -> torch.Tensor:
@@ -72,16 +73,24 @@ class FormatWeight:
 
     # ---- storage ------------------------------------------------------------------------
     @torch.no_grad()
-    def project(self, y: torch.Tensor, rounding: str | None, generator: torch.Generator | None,
-                count: bool = True) -> None:
-        """``w <- Q(y s') / s'`` with s' the power-of-two amax scale of y (see the module doc)."""
-        q, scale, _ = cast_to_grid(y.float(), self.fmt, margin=self.margin, rounding=rounding or self.update_rounding,
-                                   generator=generator, out_dtype=torch.float32)
+    def project(self, generator: torch.Generator | None, rounding: str | None = None, count: bool = True) -> None:
+        """The parameter, holding ``y = w + delta``, becomes ``Q(y s') / s'`` with s' the
+        power-of-two amax scale of y (see the module doc). One cast: native in place on CPU,
+        else `cast_to_grid` (bit-identical; the same single seed drawn from ``generator``)."""
+        rounding = rounding or self.update_rounding
+        fmt, param = self.fmt, self.param.data
+        fits = rounding == "stochastic" or native_nearest_fits(fmt.mantissa_bits, fmt.emin, fmt.max)
+        if use_native("auto", fits and native.fits_step(param)):
+            seed = draw_seed(generator, param.device) if rounding == "stochastic" else None
+            scale = native.project(param, _params(fmt, True, param.device), self.margin, seed)
+        else:
+            q, scale, _ = cast_to_grid(param, fmt, margin=self.margin, rounding=rounding, generator=generator,
+                                       out_dtype=torch.float32)
+            param.copy_(q * (1.0 / scale))  # 1/s is a power of two: exact
         scale = torch.as_tensor(scale, dtype=torch.float32, device=self.scale.device)
         if count:
             self.rescales += (scale != self.scale).to(torch.int64)
         self.scale.copy_(scale)
-        self.param.copy_(q * (1.0 / scale))  # 1/s is a power of two: exact
 
     @torch.no_grad()
     def rescale(self, factor: float, generator: torch.Generator | None) -> None:

@@ -149,6 +149,15 @@ static inline vi random_bits(int64_t index, const uint32_t *seed) {
     return (vi)(h >> 2);
 }
 
+/* random_bits of one flat index, in scalar code (vectorizable loops use it). */
+static inline uint32_t random_bits_at(int64_t index, uint32_t seed0, uint32_t seed1) {
+    uint32_t h = (uint32_t)index ^ seed0;
+    h ^= h >> 16; h *= 0x21F0AAADu; h ^= h >> 15; h *= 0x735A2D97u; h ^= h >> 15;
+    h ^= (uint32_t)((uint64_t)index >> 32) ^ seed1;
+    h ^= h >> 16; h *= 0x21F0AAADu; h ^= h >> 15; h *= 0x735A2D97u; h ^= h >> 15;
+    return h >> 2;
+}
+
 /* random_bits for the n indices from start (tests compare it with the torch reference). */
 void altgrad_random_bits(int64_t start, int64_t n, const int64_t *seed, int32_t *out) {
     uint32_t words[2] = {(uint32_t)seed[0], (uint32_t)seed[1]};
@@ -382,4 +391,129 @@ void altgrad_measure(const void *x, int x_type, const void *q, int q_type, int64
     counts[1] = underflow;
     sums[0] = signal;
     sums[1] = noise;
+}
+
+/* ---- Optimizer steps on a format's grid (altgrad.optim) ------------------------------------
+ * One pass per weight tensor, float32, the exact operation sequence of the optimizers' eager
+ * torch code (each operation rounds once: no fast-math, no contraction), so both give the same
+ * bits (tested). Plain loops: the compiler vectorizes them (-O3, -fno-math-errno for sqrtf).
+ *
+ * hyper[] (float32): beta1, 1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^t), eps, 1 - beta1^t,
+ * lr, weight_decay, scale, 1 / scale, max_stiffness (manifold; +inf for none).
+ */
+#include <math.h>
+
+enum { H_BETA1, H_C1, H_BETA2, H_C2, H_BIAS2_SQRT, H_EPS, H_BIAS1, H_LR, H_WD, H_SCALE, H_INVERSE, H_CAP };
+
+static inline float pow2f(int32_t e) { /* 2^e for e in [-126, 127] */
+    int32_t bits = (e + 127) << 23;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Adam's moments (updated in place) and its normalised step m_hat / (sqrt(v_hat) + eps). */
+static inline float adam_direction(float g, float *m, float *v, const float *h) {
+    float mm = m[0] * h[H_BETA1] + g * h[H_C1];
+    float vv = v[0] * h[H_BETA2] + (g * g) * h[H_C2];
+    m[0] = mm;
+    v[0] = vv;
+    return (mm / (sqrtf(vv) / h[H_BIAS2_SQRT] + h[H_EPS])) / h[H_BIAS1];
+}
+
+/* The binade of |w * scale| floored at emin (zeros and float32 subnormals included), capped at top. */
+static inline int32_t scaled_binade(float w, float scale, int32_t emin, int32_t top) {
+    float a = fabsf(w * scale);
+    int32_t bits;
+    memcpy(&bits, &a, sizeof bits);
+    int32_t b = (bits >> 23) - 127;
+    b = b < emin ? emin : b;
+    return b > top ? top : b;
+}
+
+/* ManifoldAdamW: w <- w - lr S(w) (d + wd w), S(w) = min(2^(binade - M) / scale, max_stiffness). */
+void altgrad_manifold_step(float *w, const float *g, float *m, float *v, int64_t n, const float *h, int32_t emin,
+                           int32_t mantissa, int32_t top_binade, int threads) {
+    #pragma omp parallel for simd num_threads(threads) if(n >= 65536)
+    for (int64_t i = 0; i < n; i++) {
+        float d = adam_direction(g[i], m + i, v + i, h);
+        float stiffness = pow2f(scaled_binade(w[i], h[H_SCALE], emin, top_binade) - mantissa) * h[H_INVERSE];
+        stiffness = stiffness < h[H_CAP] ? stiffness : h[H_CAP];
+        w[i] = w[i] + ((d + w[i] * h[H_WD]) * stiffness) * -h[H_LR];
+    }
+}
+
+/* GridOptim on a stored weight: v = -lr (d + wd w) rungs, moved floor(v + U) (stochastic) or
+ * round-half-even(v) rungs, clipped to +-clip, along the signed codes, stopped at +-top_code.
+ * counts[]: flips (code changed), updates (g != 0), moves the top end stopped. Branch-free, so
+ * that the compiler vectorizes the inner loop (table lookups become gathers). */
+void altgrad_grid_step(float *restrict w, const float *restrict g, float *restrict m, float *restrict v, int64_t n,
+                       const float *h, int32_t emin, int32_t mantissa, int32_t top_code, int32_t clip,
+                       const float *restrict table, const int64_t *seed, int64_t *counts, int threads) {
+    uint32_t words[2] = {0, 0};
+    if (seed) seed_words(seed, words);
+    const int stochastic = seed != NULL;
+    const float limit = (float)clip, scale = h[H_SCALE], inverse = h[H_INVERSE], wd = h[H_WD], lr = -h[H_LR];
+    const float beta1 = h[H_BETA1], c1 = h[H_C1], beta2 = h[H_BETA2], c2 = h[H_C2], bias2_sqrt = h[H_BIAS2_SQRT],
+                eps = h[H_EPS], bias1 = h[H_BIAS1];
+    const uint32_t seed0 = words[0], seed1 = words[1];
+    int64_t flips = 0, updates = 0, blocked = 0;
+    const int64_t chunk = 4096, chunks = (n + chunk - 1) / chunk;
+    #pragma omp parallel for num_threads(threads) reduction(+ : flips, updates, blocked) if(n >= 65536)
+    for (int64_t c = 0; c < chunks; c++) {
+    int32_t flip = 0, update = 0, stop = 0; /* per chunk: the inner loop vectorizes */
+    int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+    #pragma omp simd reduction(+ : flip, update, stop)
+    for (int64_t i = c * chunk; i < end; i++) {
+        float wi = w[i], gi = g[i];
+        float u = (float)random_bits_at(i, seed0, seed1) * 0x1p-30f;
+        float mm = m[i] * beta1 + gi * c1;
+        float vv = v[i] * beta2 + (gi * gi) * c2;
+        m[i] = mm;
+        v[i] = vv;
+        float d = (mm / (sqrtf(vv) / bias2_sqrt + eps)) / bias1;
+        float proposed = (d + wi * wd) * lr;
+        proposed = proposed != proposed ? 0.0f : proposed; /* torch.nan_to_num */
+        proposed = proposed > 3.4028234663852886e38f ? limit : proposed;
+        proposed = proposed < -3.4028234663852886e38f ? -limit : proposed;
+        float stochastic_moves = floorf(proposed + u), nearest_moves = nearbyintf(proposed);
+        float moves = stochastic ? stochastic_moves : nearest_moves;
+        moves = moves > limit ? limit : moves;
+        moves = moves < -limit ? -limit : moves;
+        float a = fabsf(wi * scale);
+        int32_t bits, sign;
+        memcpy(&bits, &a, sizeof bits);
+        memcpy(&sign, &wi, sizeof sign);
+        sign >>= 31; /* -1 for negative (and -0), else 0 */
+        int32_t binade = (bits >> 23) - 127;
+        binade = binade < emin ? emin : binade;
+        int32_t code = ((binade - emin) << mantissa) + (int32_t)(a * pow2f(mantissa - binade));
+        int32_t rung = (code ^ sign) - sign;
+        int32_t target_raw = rung + (int32_t)moves, target = target_raw;
+        target = target > top_code ? top_code : target;
+        target = target < -top_code ? -top_code : target;
+        int32_t negative = target >> 31;
+        float value = table[(target ^ negative) - negative];
+        int32_t value_bits;
+        memcpy(&value_bits, &value, sizeof value_bits);
+        value_bits |= negative & (int32_t)0x80000000;
+        memcpy(&value, &value_bits, sizeof value);
+        w[i] = value * inverse;
+        stop += (target_raw > top_code) | (target_raw < -top_code);
+        flip += target != rung;
+        update += gi != 0.0f;
+    }
+    flips += flip;
+    updates += update;
+    blocked += stop;
+    }
+    counts[0] = flips;
+    counts[1] = updates;
+    counts[2] = blocked;
+}
+
+/* w <- w * factor in place (the unscale after a cast onto the grid). */
+void altgrad_scale_in_place(float *w, int64_t n, float factor, int threads) {
+    #pragma omp parallel for simd num_threads(threads) if(n >= 65536)
+    for (int64_t i = 0; i < n; i++) w[i] = w[i] * factor;
 }

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
 _TYPES = {torch.float32: 0, torch.bfloat16: 1}
-_BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off", "-Wno-unknown-pragmas"]
+_BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-fast-math", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
+               "-Wno-unknown-pragmas"]
 _BUILD_TIMEOUT_S = 300
 
 _state: dict = {}
@@ -122,6 +123,12 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.altgrad_random_bits.restype = None
     lib.altgrad_amax_bits.argtypes = [p, ctypes.c_int, i64, ctypes.c_int]
     lib.altgrad_amax_bits.restype = i32
+    lib.altgrad_manifold_step.argtypes = [p, p, p, p, i64, p, i32, i32, i32, ctypes.c_int]
+    lib.altgrad_manifold_step.restype = None
+    lib.altgrad_grid_step.argtypes = [p, p, p, p, i64, p, i32, i32, i32, i32, p, p, p, ctypes.c_int]
+    lib.altgrad_grid_step.restype = None
+    lib.altgrad_scale_in_place.argtypes = [p, i64, ctypes.c_float, ctypes.c_int]
+    lib.altgrad_scale_in_place.restype = None
     return lib
 
 
@@ -217,3 +224,39 @@ def amax(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()  # held while C reads it
     bits = library().altgrad_amax_bits(x.data_ptr(), _TYPES[x.dtype], x.numel(), torch.get_num_threads())
     return torch.tensor(bits, dtype=torch.int32, device="cpu").view(torch.float32)
+
+
+def _floats(values: list[float]) -> ctypes.Array:
+    return (ctypes.c_float * len(values))(*values)  # each rounded to float32, as torch rounds a Python scalar
+
+
+def manifold_step(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, hyper: list[float],
+                  emin: int, mantissa: int, top_binade: int) -> None:
+    """ManifoldAdamW's step on one float32 tensor, in place (``native.c``; the hyper layout is there)."""
+    library().altgrad_manifold_step(w.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), w.numel(),
+                                    _floats(hyper), emin, mantissa, top_binade, torch.get_num_threads())
+
+
+def grid_step(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, hyper: list[float], emin: int,
+              mantissa: int, top_code: int, clip: int, table: torch.Tensor, seed: torch.Tensor | None
+              ) -> tuple[int, int, int]:
+    """GridOptim's step on one float32 tensor, in place: (flips, updates, moves stopped at the top)."""
+    counts = (ctypes.c_int64 * 3)()
+    library().altgrad_grid_step(w.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), w.numel(), _floats(hyper),
+                                emin, mantissa, top_code, clip, table.data_ptr(), _seed_words(seed), counts,
+                                torch.get_num_threads())
+    return counts[0], counts[1], counts[2]
+
+
+def project(w: torch.Tensor, params: torch.Tensor, margin: int, seed: torch.Tensor | None) -> float:
+    """``w <- q(w s) / s`` in place with s the power-of-two amax scale of w; returns s."""
+    scale = library().altgrad_cast(w.data_ptr(), _TYPES[torch.float32], w.numel(), None, params.data_ptr(),
+                                   max(-1024, min(1024, margin)), _seed_words(seed), w.data_ptr(),
+                                   _TYPES[torch.float32], torch.get_num_threads(), ctypes.byref(ctypes.c_float()))
+    library().altgrad_scale_in_place(w.data_ptr(), w.numel(), 1.0 / scale, torch.get_num_threads())
+    return scale
+
+
+def fits_step(*tensors: torch.Tensor) -> bool:
+    """Whether the optimizer kernels can take these tensors: CPU, float32, contiguous."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
