@@ -78,7 +78,10 @@ class GridAwareOptimizer(torch.optim.AdamW):
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.mul_(beta1).add_(grad * c1)
         exp_avg_sq.mul_(beta2).add_((grad * grad) * c2)
-        return (exp_avg / (exp_avg_sq.sqrt() / bias2_sqrt + eps)) / bias1
+        # torch's float32 sqrt on CPU is within 0.5001 ulp, not correctly rounded; through float64 it is
+        # (a float64 square root of a float32 rounds to the float32 one exactly), as C's sqrtf.
+        root = exp_avg_sq.double().sqrt().float()
+        return (exp_avg / (root / bias2_sqrt + eps)) / bias1
 
     def momentum_direction(self, param: torch.Tensor, hyper: list[float]) -> torch.Tensor:
         """The gradient's momentum (EMA, beta1) over its RMS across the tensor: unitless, like Adam's."""
