@@ -27,17 +27,23 @@ def comparison_table(comparison: Comparison) -> Table:
                   title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True,
                   pad_edge=False)  # no column rules, single spaces: fits an 80-column terminal
     show_status = any(row.status != "completed" for row in comparison.rows)  # diverged, interrupted
-    columns = ("run", "format", *(("status",) if show_status else ()), "final val", "best val", "ppl",
-               "loss ratio", "grad cos", "bit-stall", "max overflow", "verdict")
+    # Best val, perplexity and the loss ratio are in --json (and the ratio in each verdict's reason
+    # below the table): the table fits 80 columns.
+    columns = ("run", "format", *(("status",) if show_status else ()), "final val", "grad cos",
+               "bit stall", "stall ratio", "max overflow", "verdict")
     rows = [[row.name, row.label, *((row.status,) if show_status else ()), _num(row.final_val_loss),
-             _num(row.best_val_loss), _num(row.final_ppl, ".2f"), _num(row.loss_ratio, ".3f"),
-             _num(row.mean_grad_cos), _num(row.mean_bit_stall), _num(row.max_overflow, ".2e"), row.verdict]
+             _num(row.mean_grad_cos), _num(row.mean_bit_stall),
+             _num(row.mean_stall_ratio), _num(row.max_overflow, ".1e"), row.verdict]
             for row in comparison.rows]
     for index, column in enumerate(columns):
         # In a narrow terminal headers and run names wrap; numbers and verdicts keep their width.
-        widest = max(len(cells[index]) for cells in rows)
+        # A label wraps between format and arm ("e5m2" / "manifold-sr"), never inside a word.
+        # Headers wrap between words; each other column is exactly as wide as its widest word.
+        words = [word for cells in rows for word in (cells[index].split() if column == "format" else [cells[index]])]
+        width = max(len(word) for word in words + column.split())
         table.add_column(column, justify="left" if column in ("run", "format", "status", "verdict") else "right",
-                         min_width=None if column == "run" else widest, overflow="fold")
+                         min_width=None if column == "run" else width, max_width=None if column == "run" else width,
+                         overflow="fold")
     for cells in rows:
         cells[-1] = f"[{VERDICT_STYLE[cells[-1]]}]{cells[-1]}[/]"
         table.add_row(*cells)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich import box
 from rich.live import Live
 from rich.table import Table
 
@@ -92,22 +93,36 @@ def layer_table(layers: list[LayerAssignment]) -> Table:
     return table
 
 
+def _count(value: int) -> str:
+    """1234567 -> 1.23M: counts over a run are long; the exact figures are in summary.json."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{unit}"
+    return str(value)
+
+
 def update_table(result: TrainResult) -> Table | None:
-    """Per quantized layer: format, storage, optimizer, and what the updates did over the run."""
+    """Per layer with a weight format: what the optimizer did on the grid over the run."""
     rows = {name: layer for name, layer in result.layers.items() if "updates" in layer}
     if not rows:
         return None
-    table = Table(title="weights on the grid (totals over the measured steps)", title_justify="left")
-    for column in ("layer", "weight", "storage", "optimizer", "updates", "flips", "stall ratio", "bit-stall",
-                   "code drift", "rescales"):
-        table.add_column(column, justify="left" if column in ("layer", "weight", "storage", "optimizer") else "right",
-                         no_wrap=column == "layer")
+    kinds = {(layer["weight"], layer["storage"], layer["optimizer"]) for layer in rows.values()}
+    uniform = len(kinds) == 1
+    title = "weights on the grid, totals over the measured steps"
+    if uniform:
+        weight, storage, optimizer = next(iter(kinds))
+        title += f": {weight}, {optimizer}, storage {storage}"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    columns = ["layer", *(() if uniform else ("weight", "storage", "optimizer")), "updates", "flips", "stall ratio",
+               "bit-stall", "code drift", "rescales"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("layer", "weight", "storage", "optimizer") else "right")
     for name, layer in rows.items():
-        rescales = layer.get("rescales")
-        table.add_row(name, layer["weight"], layer["storage"], layer["optimizer"], f"{layer['updates']:,}",
-                      f"{layer['flips']:,}", _fmt(layer["stall_ratio"]), _fmt(layer["bit_stall_rate"]),
-                      f"{layer['bit_position_drift']:+.2f}" if layer["bit_position_drift"] == layer["bit_position_drift"]
-                      else "-", "-" if rescales is None else str(rescales))
+        rescales, drift = layer.get("rescales"), layer["bit_position_drift"]
+        described = () if uniform else (layer["weight"], layer["storage"], layer["optimizer"])
+        table.add_row(name.removeprefix("transformer."), *described, _count(layer["updates"]), _count(layer["flips"]),
+                      _fmt(layer["stall_ratio"]), _fmt(layer["bit_stall_rate"]),
+                      "-" if drift != drift else f"{drift:+.2f}", "-" if rescales is None else str(rescales))
     return table
 
 
@@ -135,7 +150,7 @@ def _next_step(config: TrainConfig) -> str:
                 f"[cyan]altgrad compare {config.name} {twin.name}{runs}[/]")
     baseline = dataclasses.replace(config, format=None, policy=(), optimizer="adamw", weight_storage="master")
     missing = "" if (Path(config.runs_dir) / baseline.name).exists() else \
-        f" (after the {baseline.label.upper()} baseline: the same command without the format)"
+        f" (after the {baseline.label.upper()} baseline: the same command without the format and optimizer options)"
     return f"[bold]next:[/] [cyan]altgrad compare {baseline.name} {config.name}{runs}[/]{missing}"
 
 

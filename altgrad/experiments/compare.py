@@ -32,8 +32,9 @@ class RunComparison:
     loss_ratio: float | None  # final val loss / the reference's
     ppl_ratio: float | None
     mean_grad_cos: float | None  # mean over the run of grad_cos_sim/mean (FP32 shadow)
-    mean_bit_stall: float | None
-    max_overflow: float | None
+    mean_bit_stall: float | None  # mean over the run of quant/bit_stall_rate (itself a mean over layers)
+    mean_stall_ratio: float | None  # mean over the run of optim/stall_ratio (a mean over layers)
+    max_overflow: float | None  # max over the run of quant/overflow_rate (a mean over layers)
     diverged: bool
     verdict: str  # reference | PASS | INVESTIGATE
     reason: str
@@ -105,6 +106,7 @@ def compare_runs(runs: list[RunRecord], tolerance: float = DEFAULT_TOLERANCE) ->
             ppl_ratio=ppl / ref_ppl if ppl is not None and ref_ppl else None,
             mean_grad_cos=_mean(run.series("grad_cos_sim/mean")[1]),
             mean_bit_stall=_mean(run.series("quant/bit_stall_rate")[1]),
+            mean_stall_ratio=_mean(run.series("optim/stall_ratio")[1]),
             max_overflow=max(run.series("quant/overflow_rate")[1], default=None),
             diverged=status == "diverged", verdict=verdict, reason=reason))
     return Comparison(rows=rows, tolerance=tolerance, notes=notes)

@@ -31,7 +31,11 @@ class RunRecord:
 
     @property
     def label(self) -> str:
-        return self.summary.get("label") or self.config.get("format") or self.config.get("precision", "?")
+        """What the run computes in, and how its weights are updated when that is not the
+        standard AdamW on FP32 masters: ``bf16``, ``e5m2``, ``e5m2 manifold-sr``."""
+        label = self.summary.get("label") or self.config.get("format") or self.config.get("precision", "?")
+        arm = self.summary.get("arm", "adamw")
+        return label if arm == "adamw" else f"{label} {arm}"
 
 
 def available_runs(runs_dir: Path) -> list[str]:
