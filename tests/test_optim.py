@@ -17,6 +17,13 @@ from altgrad.quantization.scaling import cast_to_grid, scale_from_amax
 FORMATS = list(REGISTRY.values())
 
 
+@pytest.fixture(autouse=True, params=["auto", "eager"])
+def kernel(request, monkeypatch):
+    """Every definition is checked on both paths: the native kernels (auto, on CPU) and the torch code."""
+    monkeypatch.setenv("ALTGRAD_KERNEL", request.param)
+    return request.param
+
+
 def on_grid(values: torch.Tensor, fmt, scale) -> bool:
     """Every value is a format value divided by ``scale``."""
     scaled = values.detach().double() * float(scale)
@@ -294,11 +301,12 @@ def test_grid_rung_clip_zero_crossing_and_nearest_moves():
     fmt = get_format("E4M3")
     # w = 2 min_positive (under the scale of amax 448 -> 1): a move of -4 rungs crosses zero
     small = fmt.min_positive
-    weight, optimizer = grid_optimizer([448.0, 2 * small, 2 * small], fmt, [0.0, 1.0, 1.0], lr=10.0, rung_clip=4,
-                                       rounding="nearest")
+    weight, optimizer = grid_optimizer([448.0, 2 * small, 2 * small, 1.0], fmt, [0.0, 1.0, 1.0, -1.0], lr=10.0,
+                                       rung_clip=4, rounding="nearest")
     assert float(weight.scale) == 1.0
     optimizer.step()
-    assert weight.param.tolist() == [448.0, -2 * small, -2 * small]  # -10 clipped to -4: 2, 1, 0, -1, -2
+    # -10 rungs clipped to -4: 2, 1, 0, -1, -2 (through zero); +10 clipped to +4: 1.0 -> 1.5 (spacing 1/8)
+    assert weight.param.tolist() == [448.0, -2 * small, -2 * small, 1.5]
     weight, optimizer = grid_optimizer([448.0, 1.0], fmt, [0.0, 1.0], lr=0.5, rounding="nearest")
     optimizer.step()
     assert weight.param.tolist() == [448.0, 1.0]  # round(-0.5) = -0: ties to even, no move
@@ -369,7 +377,7 @@ ARM_SPECS = {
     "manifold-sr": (OptimizerSpec("manifold", grid_lr=1.5), "format", "stochastic"),
     "manifold-rtn": (OptimizerSpec("manifold", grid_lr=1.5, max_stiffness=0.05), "format", "nearest"),
     "manifold-master": (OptimizerSpec("manifold", grid_lr=1.5), "master", "nearest"),
-    "grid-sr": (OptimizerSpec("grid", grid_lr=1.5, rung_clip=2), "format", "stochastic"),
+    "grid-sr": (OptimizerSpec("grid", grid_lr=3.0, rung_clip=2, eps=0.0), "format", "stochastic"),  # clips, 0/0
     "grid-rtn": (OptimizerSpec("grid", grid_lr=1.5), "format", "nearest"),
 }
 
@@ -391,9 +399,11 @@ def _run_arm(arm, fmt, steps=3):
 
 @pytest.mark.parametrize("fmt", ["E5M2", "E3M4", "E0M7", "E7M0"])
 @pytest.mark.parametrize("arm", list(ARM_SPECS))
-def test_native_optimizer_kernels_equal_the_eager_code_bit_for_bit(monkeypatch, arm, fmt):
+def test_native_optimizer_kernels_equal_the_eager_code_bit_for_bit(monkeypatch, kernel, arm, fmt):
     from altgrad.quantization import native
 
+    if kernel == "eager":
+        pytest.skip("compares the two kernels itself")
     if native.library() is None:
         pytest.skip(f"no native kernel here: {native.unavailable_reason()}")
     native_weight, native_state, native_scales = _run_arm(arm, fmt)
