@@ -13,7 +13,9 @@ exists. Every update is written as ``w <- Q(y s) / s`` with ``y = w + delta`` an
   optimizer's seeded generator).
 
 With ``stored=False`` (FP32 master) the weight's scale is the one current scaling would give
-it now, and only the geometry (`stiffness`, `codes`) is used, by ManifoldAdamW.
+it now, and only the geometry (`stiffness`) is used, by ManifoldAdamW. GridOptim keeps the
+scale of a stored weight while it moves codes, and halves it (`rescale`) when the top end of
+the grid stopped a move.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import torch
 from torch import nn
 
 from ..quantization import native
-from ..quantization.codes import magnitude_codes
 from ..quantization.formats import FloatFormat
 from ..quantization.kernel import native_nearest_fits, use_native
 from ..quantization.quantize import _params, draw_seed, quantize
@@ -65,11 +66,6 @@ class FormatWeight:
         scale = self.current_scale()
         spacing = self.fmt.ulp(self.param.detach() * scale) / scale
         return spacing if max_stiffness is None else torch.clamp(spacing, max=max_stiffness)
-
-    def codes(self, values: torch.Tensor | None = None) -> torch.Tensor:
-        """Magnitude codes of on-grid values (default: the stored weight) under the scale."""
-        values = self.param.detach() if values is None else values
-        return magnitude_codes(values * self.current_scale(), self.fmt)
 
     # ---- storage ------------------------------------------------------------------------
     @torch.no_grad()
