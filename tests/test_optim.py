@@ -416,3 +416,44 @@ def test_native_optimizer_kernels_equal_the_eager_code_bit_for_bit(monkeypatch, 
                            else native_state[key], eager_state[key].view(torch.int32)
                            if eager_state[key].dtype == torch.float32 else eager_state[key]), key
     assert native_scales == eager_scales
+
+
+# ---- the update monitor on hand-built steps ---------------------------------------------------------
+@pytest.mark.parametrize("storage", ["format", "master"])
+def test_update_monitor_counts_exactly_on_a_hand_built_step(storage):
+    from altgrad.training.monitors import StepContext, UpdateMonitor
+
+    model = layer_model("E4M3", storage=storage)
+    build_optimizer(model, OptimizerSpec("adamw"))
+    model(torch.randn(2, 16))  # the forward cast sets a master weight's scale
+    layer = model.fc
+    monitor = UpdateMonitor(model, interval=1)
+    scale = float(layer.weight_scale)
+    with torch.no_grad():
+        layer.weight.copy_(quantize(layer.weight * scale, get_format("E4M3")) / scale)  # on the grid, both storages
+    weight = layer.weight.detach()
+    layer.weight.grad = torch.zeros_like(weight)
+    layer.weight.grad.view(-1)[:10] = 1.0  # 10 updates
+    ctx = StepContext(step=1, batches=[], grad_accum=1)
+    monitor.before_update(ctx)
+    rungs_before = rungs(weight * scale, get_format("E4M3"))
+    with torch.no_grad():
+        flat = layer.weight.view(-1)
+        for i in (2, 4, 6, 20, 21):  # 3 updated and 2 not-updated elements move one code up
+            flat[i] = float(values_of_rungs(rungs(flat[i:i + 1] * scale, get_format("E4M3")) + 1,
+                                            get_format("E4M3"))) / scale
+        flat[8] = flat[8] + 1e-3 * float(get_format("E4M3").ulp(torch.tensor(float(flat[8]) * scale))) / scale \
+            if storage == "master" else flat[8]  # a master moved by a thousandth of a step: no flip
+    metrics = monitor.after_update(ctx)
+    name = "fc"
+    assert metrics[f"optim/updates/{name}"] == 10 and metrics[f"optim/flips/{name}"] == 5
+    assert metrics[f"optim/stall_ratio/{name}"] == pytest.approx(1 - 5 / 10)
+    assert metrics[f"quant/bit_stall_rate/{name}"] == pytest.approx(7 / 10)  # 7 of the 10 updates kept their code
+    assert metrics[f"optim/update_rate/{name}"] == pytest.approx(10 / 128)
+    assert metrics[f"optim/flip_rate/{name}"] == pytest.approx(5 / 128)
+    on_grid_after = quantize(layer.weight.detach() * scale, get_format("E4M3"))  # a master's cast
+    codes_after = magnitude_codes(on_grid_after, get_format("E4M3")).float()
+    assert metrics[f"bit_position/mean/{name}"] == pytest.approx(float(codes_after.mean()))
+    assert int((rungs(on_grid_after, get_format("E4M3")) - rungs_before).sum()) == 5  # 5 moved one code up
+    assert metrics["optim/stall_ratio"] == metrics[f"optim/stall_ratio/{name}"]  # one layer: the mean is itself
+    assert (f"optim/rescales/{name}" in metrics) == (storage == "format")

@@ -222,6 +222,16 @@ class QuantizedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _QuantizedLinearFunction.apply(x, self.weight, self.bias, self)
 
+    @property
+    def weight_format(self) -> FloatFormat | None:
+        return self.config.weight
+
+    @property
+    def weight_scale(self) -> torch.Tensor | float | None:
+        """The weight's scale: its storage scale when stored in the format, else that of its last cast."""
+        quantizer = self.quantizers["weight"]
+        return quantizer.stored.forward_scale() if quantizer.stored is not None else quantizer.last_scale
+
     def get_extra_state(self) -> dict[str, Any]:
         return {name: quantizer.state_dict() for name, quantizer in self.quantizers.items()}
 

@@ -47,7 +47,7 @@ def _on_grid(layer: QuantizedLinear, scale, generator_seed: int) -> tuple[torch.
         return weight.clone(), weight * scale
     config = layer.config
     generator = torch.Generator().manual_seed(generator_seed) if config.rounding == "stochastic" else None
-    scaled = quantize(weight.float() * scale, config.weight, rounding=config.rounding, generator=generator)
+    scaled = quantize(weight.float() * scale, layer.weight_format, rounding=config.rounding, generator=generator)
     return scaled / scale, scaled
 
 
@@ -56,7 +56,7 @@ class UpdateMonitor(BaseMonitor):
 
     def __init__(self, model: nn.Module, interval: int):
         super().__init__(interval)
-        self.layers = {name: layer for name, layer in quantized_layers(model).items() if layer.config.weight is not None}
+        self.layers = {name: layer for name, layer in quantized_layers(model).items() if layer.weight_format is not None}
         self.totals: dict[str, dict[str, Any]] = {
             name: {"updates": 0, "flips": 0, "stalled": 0, "first_position": None, "last_position": None}
             for name in self.layers}
@@ -65,17 +65,13 @@ class UpdateMonitor(BaseMonitor):
     def due(self, step: int) -> bool:
         return bool(self.layers) and super().due(step)
 
-    def _scale(self, layer: QuantizedLinear):
-        quantizer = layer.quantizers["weight"]
-        return quantizer.stored.current_scale() if quantizer.stored is not None else quantizer.last_scale
-
     def before_update(self, ctx: StepContext) -> None:
         self._before = {}
         for name, layer in self.layers.items():
-            if layer.weight.grad is None or layer.quantizers["weight"].last_scale is None:
+            scale = layer.weight_scale
+            if layer.weight.grad is None or scale is None:
                 continue
             seed = (ctx.step * 1_000_003 + zlib.crc32(name.encode())) % 2**62
-            scale = self._scale(layer)
             before, _ = _on_grid(layer, scale, seed)
             self._before[name] = (before, layer.weight.grad != 0, scale, seed)
 
@@ -88,12 +84,12 @@ class UpdateMonitor(BaseMonitor):
         for name, (before, updated, scale, seed) in self._before.items():
             layer = self.layers[name]
             stored = layer.quantizers["weight"].stored
-            after, scaled = _on_grid(layer, stored.current_scale() if stored is not None else scale, seed)
+            after, scaled = _on_grid(layer, layer.weight_scale if stored is not None else scale, seed)
             changed = after != before  # -0 and +0 are the same weight
             updates, flips = int(updated.sum()), int(changed.sum())
             stalled = int((updated & ~changed).sum())
             numel = after.numel()
-            codes = magnitude_codes(scaled, layer.config.weight).float()
+            codes = magnitude_codes(scaled, layer.weight_format).float()
             position = float(codes.mean())
             layer_rates = {"optim/update_rate": updates / numel, "optim/flip_rate": flips / numel,
                            "optim/stall_ratio": 1.0 - ratio(flips, updates),
