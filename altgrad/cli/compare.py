@@ -42,7 +42,8 @@ def comparison_table(comparison: Comparison) -> Table:
         words = [word for cells in rows for word in (cells[index].split() if column == "format" else [cells[index]])]
         width = max(len(word) for word in words + column.split())
         table.add_column(column, justify="left" if column in ("run", "format", "status", "verdict") else "right",
-                         min_width=None if column == "run" else width, max_width=None if column == "run" else width,
+                         min_width=None if column == "run" else width,
+                         max_width=None if column in ("run", "format") else width,
                          overflow="fold")
     for cells in rows:
         cells[-1] = f"[{VERDICT_STYLE[cells[-1]]}]{cells[-1]}[/]"

@@ -63,25 +63,28 @@ class GridAwareOptimizer(torch.optim.AdamW):
         state["step"] += 1
         return int(state["step"])
 
-    def adam_hyper(self, group: dict, step: int) -> list[float]:
-        """The scalars of Adam's step at ``step`` (the layout the native kernels take, native.c)."""
+    def adam_hyper(self, group: dict, step: int, bias_corrected: bool = True) -> list[float]:
+        """The scalars of one step (the layout the native kernels take, native.c): Adam's, the
+        step size ``lr / (1 - beta1^t)`` (just ``lr`` for a direction without bias correction)
+        and the decay ``lr * weight_decay``."""
         beta1, beta2 = group["betas"]
-        return [beta1, 1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2**step), group["eps"], 1 - beta1**step,
-                group["lr"], group["weight_decay"]]
+        lr = group["lr"]
+        return [beta1, 1 - beta1, beta2, 1 - beta2, 1 / math.sqrt(1 - beta2**step), group["eps"],
+                lr / (1 - beta1**step) if bias_corrected else lr, lr * group["weight_decay"]]
 
     def adam_direction(self, param: torch.Tensor, hyper: list[float]) -> torch.Tensor:
-        """Adam's normalised step ``m_hat / (sqrt(v_hat) + eps)`` of one parameter, its moments
-        updated in place: the operation sequence of the native kernels (each op rounds once),
-        mathematically torch's AdamW."""
+        """``m / (sqrt(v_hat) + eps)`` of one parameter, its moments updated in place; times the
+        step size it is Adam's step. The operation sequence of the native kernels (each op
+        rounds once); mathematically torch's AdamW."""
         state, grad = self.state[param], param.grad
-        beta1, c1, beta2, c2, bias2_sqrt, eps, bias1 = hyper[:7]
+        beta1, c1, beta2, c2, inv_bias2_sqrt, eps = hyper[:6]
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         exp_avg.mul_(beta1).add_(grad * c1)
         exp_avg_sq.mul_(beta2).add_((grad * grad) * c2)
         # torch's float32 sqrt on CPU is within 0.5001 ulp, not correctly rounded; through float64 it is
         # (a float64 square root of a float32 rounds to the float32 one exactly), as C's sqrtf.
         root = exp_avg_sq.double().sqrt().float()
-        return (exp_avg / (root / bias2_sqrt + eps)) / bias1
+        return exp_avg / (root * inv_bias2_sqrt + eps)
 
     def momentum_direction(self, param: torch.Tensor, hyper: list[float]) -> torch.Tensor:
         """The gradient's momentum (EMA, beta1) over its RMS across the tensor: unitless, like Adam's."""

@@ -63,16 +63,17 @@ class GridOptim(GridAwareOptimizer):
         for group, params in self._geometry_groups():
             for param in params:
                 weight = self.weight_of(param)
-                hyper = self.adam_hyper(group, self.count_step(param, second=self.grid_direction == "adam"))
-                moved, updated, blocked = self._move(param, weight, group, hyper)
+                adam = self.grid_direction == "adam"
+                hyper = self.adam_hyper(group, self.count_step(param, second=adam), bias_corrected=adam)
+                moved, updated, blocked = self._move(param, weight, hyper)
                 flips, updates = flips + moved, updates + updated
                 if blocked:
                     weight.rescale(0.5, self.generator)
         return StepCounts(flips, updates)
 
-    def _move(self, param, weight, group, hyper) -> tuple[int, int, bool]:
+    def _move(self, param, weight, hyper) -> tuple[int, int, bool]:
         """One tensor's rung moves: (flips, updates, whether the top end stopped a move)."""
-        fmt, scale, state = weight.fmt, weight.scale, self.state[param]
+        fmt, scale, state = weight.fmt, weight.forward_scale(), self.state[param]
         stochastic = weight.update_rounding == "stochastic"
         seed = draw_seed(self.generator, param.device) if stochastic else None
         tensors = (param, param.grad, state["exp_avg"], state.get("exp_avg_sq", param))
@@ -85,7 +86,7 @@ class GridOptim(GridAwareOptimizer):
             direction = self.adam_direction(param, hyper)
         else:
             direction = self.momentum_direction(param, hyper)
-        proposed = (direction + param * group["weight_decay"]) * -group["lr"]
+        proposed = -(direction * hyper[6] + param * hyper[7])  # -(d step + w decay), as native.c
         # 0/0 (a zero gradient with eps 0) or an overflowed direction never becomes a NaN weight
         torch.nan_to_num_(proposed, nan=0.0, posinf=self.rung_clip, neginf=-self.rung_clip)
         if seed is not None:

@@ -7,6 +7,9 @@ spacing at w under the tensor's scale s (the smallest spacing at w = 0; capped b
 
     delta = -lr * S(w) * (m_hat / (sqrt(v_hat) + eps) + weight_decay * w)
 
+(computed as ``-(m / (sqrt(v_hat) + eps) * step_size + w * lr * weight_decay) * S(w)`` with
+``step_size = lr / (1 - beta1^t)``, the same ops in the native kernel and the torch code)
+
 so ``lr`` is in ULPs per step and every weight moves about the same number of codes: a
 multiplicative update, like Madam's. Scaling the *gradient* by S instead would be almost
 undone by Adam's normalisation (the tests show that variant fails the definition).
@@ -51,7 +54,8 @@ class ManifoldAdamW(GridAwareOptimizer):
                 else:
                     stiffness = weight.stiffness(self.max_stiffness)  # at w before the step
                     direction = self.adam_direction(param, hyper)
-                    param.add_(((direction + param * group["weight_decay"]) * stiffness) * -group["lr"])
+                    step_size, decay = hyper[6], hyper[7]
+                    param.sub_((direction * step_size + param * decay) * stiffness)
                 if weight.stored:
                     weight.project(self.generator)  # w + delta onto the grid, in the weight's update rounding
         return loss

@@ -26,7 +26,7 @@ from torch import nn
 from ..quantization import native
 from ..quantization.formats import FloatFormat
 from ..quantization.kernel import native_nearest_fits, use_native
-from ..quantization.quantize import _params, draw_seed, quantize
+from ..quantization.quantize import _params, draw_seed, float32_bits, quantize
 from ..quantization.scaling import cast_to_grid, scale_from_amax
 
 
@@ -43,19 +43,41 @@ class FormatWeight:
         self.margin = margin
         self.scale = torch.ones((), dtype=torch.float32, device=param.device)  # stored: the storage scale
         self.rescales = torch.zeros((), dtype=torch.int64, device=param.device)
+        # On CPU the scale is also kept as a Python float: no tensor ops for a scalar every step.
+        self._cpu = param.device.type == "cpu"
+        self._scale_value = 1.0
         if stored:
             self.project(None, "nearest", count=False)  # every arm starts from the same grid
 
+    def _native(self, fits: bool = True) -> bool:
+        return use_native("auto", fits and native.fits_step(self.param))
+
     # ---- the scale ----------------------------------------------------------------------
-    def current_scale(self) -> torch.Tensor:
-        """The tensor's scale now: the storage scale, or a master weight's current amax scale."""
+    def current_scale(self) -> torch.Tensor | float:
+        """The tensor's scale now: the storage scale, or a master weight's current amax scale
+        (a Python float on CPU, a 0-d tensor elsewhere)."""
         if self.stored:
-            return self.scale
+            return self.forward_scale()
+        if self._native():
+            return native.amax_scale(self.param.data, float32_bits(self.fmt.max), self.margin)
         return scale_from_amax(self.param.detach().abs().amax(), self.fmt, self.margin).to(self.param.device)
 
     def forward_scale(self) -> torch.Tensor | float:
         """The storage scale as the forward cast uses it: a Python float on CPU (no tensor ops)."""
-        return float(self.scale) if self.scale.device.type == "cpu" else self.scale
+        return self._scale_value if self._cpu else self.scale
+
+    def _set_scale(self, scale: torch.Tensor | float, count: bool) -> None:
+        if isinstance(scale, float):  # from the native kernel: compare floats, touch tensors on change only
+            if scale != self._scale_value:
+                self.scale.fill_(scale)
+                self.rescales += int(count)
+        else:
+            scale = scale.to(torch.float32)
+            if count:
+                self.rescales += (scale != self.scale).to(torch.int64)
+            self.scale.copy_(scale)
+        if self._cpu:
+            self._scale_value = float(self.scale)
 
     # ---- geometry -----------------------------------------------------------------------
     def stiffness(self, max_stiffness: float | None = None) -> torch.Tensor:
@@ -75,18 +97,14 @@ class FormatWeight:
         else `cast_to_grid` (bit-identical; the same single seed drawn from ``generator``)."""
         rounding = rounding or self.update_rounding
         fmt, param = self.fmt, self.param.data
-        fits = rounding == "stochastic" or native_nearest_fits(fmt.mantissa_bits, fmt.emin, fmt.max)
-        if use_native("auto", fits and native.fits_step(param)):
+        if self._native(rounding == "stochastic" or native_nearest_fits(fmt.mantissa_bits, fmt.emin, fmt.max)):
             seed = draw_seed(generator, param.device) if rounding == "stochastic" else None
             scale = native.project(param, _params(fmt, True, param.device), self.margin, seed)
         else:
             q, scale, _ = cast_to_grid(param, fmt, margin=self.margin, rounding=rounding, generator=generator,
                                        out_dtype=torch.float32)
             param.copy_(q * (1.0 / scale))  # 1/s is a power of two: exact
-        scale = torch.as_tensor(scale, dtype=torch.float32, device=self.scale.device)
-        if count:
-            self.rescales += (scale != self.scale).to(torch.int64)
-        self.scale.copy_(scale)
+        self._set_scale(scale, count)
 
     @torch.no_grad()
     def rescale(self, factor: float, generator: torch.Generator | None) -> None:
@@ -94,8 +112,7 @@ class FormatWeight:
         scale = self.scale * factor
         q = quantize(self.param.detach() * scale, self.fmt, rounding=self.update_rounding, generator=generator)
         self.param.copy_(q * (1.0 / scale))
-        self.scale.copy_(scale)
-        self.rescales += 1
+        self._set_scale(scale, count=True)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"scale": self.scale.clone(), "rescales": self.rescales.clone()}
@@ -103,3 +120,5 @@ class FormatWeight:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.scale.copy_(state["scale"])
         self.rescales.copy_(state["rescales"])
+        if self._cpu:
+            self._scale_value = float(self.scale)

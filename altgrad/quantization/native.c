@@ -398,12 +398,14 @@ void altgrad_measure(const void *x, int x_type, const void *q, int q_type, int64
  * torch code (each operation rounds once: no fast-math, no contraction), so both give the same
  * bits (tested). Plain loops: the compiler vectorizes them (-O3, -fno-math-errno for sqrtf).
  *
- * hyper[] (float32): beta1, 1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^t), eps, 1 - beta1^t,
- * lr, weight_decay, scale, 1 / scale, max_stiffness (manifold; +inf for none).
+ * hyper[] (float32): beta1, 1 - beta1, beta2, 1 - beta2, 1 / sqrt(1 - beta2^t), eps,
+ * step size (lr / (1 - beta1^t); the lr itself for a direction without bias correction),
+ * decay (lr * weight_decay), scale, 1 / scale, max_stiffness (manifold; +inf for none).
+ * Tensors from 16k elements are split over the threads.
  */
 #include <math.h>
 
-enum { H_BETA1, H_C1, H_BETA2, H_C2, H_BIAS2_SQRT, H_EPS, H_BIAS1, H_LR, H_WD, H_SCALE, H_INVERSE, H_CAP };
+enum { H_BETA1, H_C1, H_BETA2, H_C2, H_INV_BIAS2_SQRT, H_EPS, H_STEP, H_DECAY, H_SCALE, H_INVERSE, H_CAP };
 
 static inline float pow2f(int32_t e) { /* 2^e for e in [-126, 127] */
     int32_t bits = (e + 127) << 23;
@@ -412,13 +414,13 @@ static inline float pow2f(int32_t e) { /* 2^e for e in [-126, 127] */
     return f;
 }
 
-/* Adam's moments (updated in place) and its normalised step m_hat / (sqrt(v_hat) + eps). */
+/* Adam's moments (updated in place) and m / (sqrt(v_hat) + eps); times the step size, Adam's step. */
 static inline float adam_direction(float g, float *m, float *v, const float *h) {
     float mm = m[0] * h[H_BETA1] + g * h[H_C1];
     float vv = v[0] * h[H_BETA2] + (g * g) * h[H_C2];
     m[0] = mm;
     v[0] = vv;
-    return (mm / (sqrtf(vv) / h[H_BIAS2_SQRT] + h[H_EPS])) / h[H_BIAS1];
+    return mm / (sqrtf(vv) * h[H_INV_BIAS2_SQRT] + h[H_EPS]);
 }
 
 /* The binade of |w * scale| floored at emin (zeros and float32 subnormals included), capped at top. */
@@ -431,19 +433,19 @@ static inline int32_t scaled_binade(float w, float scale, int32_t emin, int32_t 
     return b > top ? top : b;
 }
 
-/* ManifoldAdamW: w <- w - lr S(w) (d + wd w), S(w) = min(2^(binade - M) / scale, max_stiffness). */
+/* ManifoldAdamW: w <- w - (d step + w decay) S(w), S(w) = min(2^(binade - M) / scale, max_stiffness). */
 void altgrad_manifold_step(float *w, const float *g, float *m, float *v, int64_t n, const float *h, int32_t emin,
                            int32_t mantissa, int32_t top_binade, int threads) {
-    #pragma omp parallel for simd num_threads(threads) if(n >= 65536)
+    #pragma omp parallel for simd num_threads(threads) if(n >= 16384)
     for (int64_t i = 0; i < n; i++) {
         float d = adam_direction(g[i], m + i, v + i, h);
         float stiffness = pow2f(scaled_binade(w[i], h[H_SCALE], emin, top_binade) - mantissa) * h[H_INVERSE];
         stiffness = stiffness < h[H_CAP] ? stiffness : h[H_CAP];
-        w[i] = w[i] + ((d + w[i] * h[H_WD]) * stiffness) * -h[H_LR];
+        w[i] = w[i] - (d * h[H_STEP] + w[i] * h[H_DECAY]) * stiffness;
     }
 }
 
-/* GridOptim on a stored weight: v = -lr (d + wd w) rungs, moved floor(v + U) (stochastic) or
+/* GridOptim on a stored weight: v = -(d step + w decay) rungs, moved floor(v + U) (stochastic) or
  * round-half-even(v) rungs, clipped to +-clip, along the signed codes, stopped at +-top_code.
  * counts[]: flips (code changed), updates (g != 0), moves the top end stopped. Branch-free, so
  * that the compiler vectorizes the inner loop (table lookups become gathers). */
@@ -453,13 +455,14 @@ void altgrad_grid_step(float *restrict w, const float *restrict g, float *restri
     uint32_t words[2] = {0, 0};
     if (seed) seed_words(seed, words);
     const int stochastic = seed != NULL;
-    const float limit = (float)clip, scale = h[H_SCALE], inverse = h[H_INVERSE], wd = h[H_WD], lr = -h[H_LR];
-    const float beta1 = h[H_BETA1], c1 = h[H_C1], beta2 = h[H_BETA2], c2 = h[H_C2], bias2_sqrt = h[H_BIAS2_SQRT],
-                eps = h[H_EPS], bias1 = h[H_BIAS1];
+    const float limit = (float)clip, scale = h[H_SCALE], inverse = h[H_INVERSE], decay = h[H_DECAY],
+                step = h[H_STEP];
+    const float beta1 = h[H_BETA1], c1 = h[H_C1], beta2 = h[H_BETA2], c2 = h[H_C2],
+                inv_bias2_sqrt = h[H_INV_BIAS2_SQRT], eps = h[H_EPS];
     const uint32_t seed0 = words[0], seed1 = words[1];
     int64_t flips = 0, updates = 0, blocked = 0;
     const int64_t chunk = 4096, chunks = (n + chunk - 1) / chunk;
-    #pragma omp parallel for num_threads(threads) reduction(+ : flips, updates, blocked) if(n >= 65536)
+    #pragma omp parallel for num_threads(threads) reduction(+ : flips, updates, blocked) if(n >= 16384)
     for (int64_t c = 0; c < chunks; c++) {
     int32_t flip = 0, update = 0, stop = 0; /* per chunk: the inner loop vectorizes */
     int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
@@ -471,8 +474,8 @@ void altgrad_grid_step(float *restrict w, const float *restrict g, float *restri
         float vv = v[i] * beta2 + (gi * gi) * c2;
         m[i] = mm;
         v[i] = vv;
-        float d = (mm / (sqrtf(vv) / bias2_sqrt + eps)) / bias1;
-        float proposed = (d + wi * wd) * lr;
+        float d = mm / (sqrtf(vv) * inv_bias2_sqrt + eps);
+        float proposed = -(d * step + wi * decay);
         proposed = proposed != proposed ? 0.0f : proposed; /* torch.nan_to_num */
         proposed = proposed > 3.4028234663852886e38f ? limit : proposed;
         proposed = proposed < -3.4028234663852886e38f ? -limit : proposed;
@@ -512,8 +515,47 @@ void altgrad_grid_step(float *restrict w, const float *restrict g, float *restri
     counts[2] = blocked;
 }
 
-/* w <- w * factor in place (the unscale after a cast onto the grid). */
-void altgrad_scale_in_place(float *w, int64_t n, float factor, int threads) {
-    #pragma omp parallel for simd num_threads(threads) if(n >= 65536)
-    for (int64_t i = 0; i < n; i++) w[i] = w[i] * factor;
+/* The weight-storage projection, in place: s = pow2_scale(amax(w)), w <- q(w s) / s, nearest or
+ * stochastic (seed given) as the operand cast; returns s. */
+static inline vi project_block(vi bits, vf s, vf inverse, const int32_t *params, int64_t i, const uint32_t *words,
+                               int mode) {
+    vi q = mode == STOCHASTIC ? round_stochastic(bits, s, 1, params, i, words)
+         : mode == NEAREST_IN_RANGE ? round_nearest_in_range(bits, s, 1, params, i, words)
+         : round_nearest(bits, s, 1, params, i, words);
+    vf f;
+    memcpy(&f, &q, sizeof f);
+    f = f * inverse; /* a power of two: exact */
+    memcpy(&q, &f, sizeof q);
+    return q;
+}
+
+float altgrad_project(float *w, int64_t n, const int32_t *params, int32_t margin, const int64_t *seed, int threads) {
+    int32_t amax_bits = altgrad_amax_bits(w, FLOAT32, n, threads);
+    float scale = pow2_scale(amax_bits, params[P_MAX_BITS], margin), amax, largest;
+    memcpy(&amax, &amax_bits, sizeof amax);
+    memcpy(&largest, &params[P_MAX_BITS], sizeof largest);
+    uint32_t words[2] = {0, 0};
+    int mode = NEAREST;
+    if (seed) {
+        seed_words(seed, words);
+        mode = STOCHASTIC;
+    } else if (amax_bits < INF_BITS && amax * scale <= largest) {
+        mode = NEAREST_IN_RANGE;
+    }
+    vf s = (vf){0} + scale, inverse = (vf){0} + 1.0f / scale;
+    int64_t blocks = n / LANES;
+    #pragma omp parallel for num_threads(threads) if(blocks >= 1024)
+    for (int64_t b = 0; b < blocks; b++)
+        store(w, FLOAT32, b * LANES, LANES,
+              project_block(load_full(w, FLOAT32, b * LANES), s, inverse, params, b * LANES, words, mode));
+    int64_t done = blocks * LANES;
+    if (done < n)
+        store(w, FLOAT32, done, n - done,
+              project_block(load_part(w, FLOAT32, done, n - done), s, inverse, params, done, words, mode));
+    return scale;
+}
+
+/* pow2_scale(amax(x)): the current power-of-two scale of a tensor, without casting it. */
+float altgrad_amax_scale(const float *x, int64_t n, int32_t max_bits, int32_t margin, int threads) {
+    return pow2_scale(altgrad_amax_bits(x, FLOAT32, n, threads), max_bits, margin);
 }

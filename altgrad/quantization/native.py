@@ -127,8 +127,10 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.altgrad_manifold_step.restype = None
     lib.altgrad_grid_step.argtypes = [p, p, p, p, i64, p, i32, i32, i32, i32, p, p, p, ctypes.c_int]
     lib.altgrad_grid_step.restype = None
-    lib.altgrad_scale_in_place.argtypes = [p, i64, ctypes.c_float, ctypes.c_int]
-    lib.altgrad_scale_in_place.restype = None
+    lib.altgrad_project.argtypes = [p, i64, p, i32, p, ctypes.c_int]
+    lib.altgrad_project.restype = ctypes.c_float
+    lib.altgrad_amax_scale.argtypes = [p, i64, i32, i32, ctypes.c_int]
+    lib.altgrad_amax_scale.restype = ctypes.c_float
     return lib
 
 
@@ -249,12 +251,17 @@ def grid_step(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor
 
 
 def project(w: torch.Tensor, params: torch.Tensor, margin: int, seed: torch.Tensor | None) -> float:
-    """``w <- q(w s) / s`` in place with s the power-of-two amax scale of w; returns s."""
-    scale = library().altgrad_cast(w.data_ptr(), _TYPES[torch.float32], w.numel(), None, params.data_ptr(),
-                                   max(-1024, min(1024, margin)), _seed_words(seed), w.data_ptr(),
-                                   _TYPES[torch.float32], torch.get_num_threads(), ctypes.byref(ctypes.c_float()))
-    library().altgrad_scale_in_place(w.data_ptr(), w.numel(), 1.0 / scale, torch.get_num_threads())
-    return scale
+    """``w <- q(w s) / s`` in place with s the power-of-two amax scale of w (one pass after
+    the amax), nearest or stochastic as `cast`; returns s."""
+    return library().altgrad_project(w.data_ptr(), w.numel(), params.data_ptr(), max(-1024, min(1024, margin)),
+                                     _seed_words(seed), torch.get_num_threads())
+
+
+def amax_scale(x: torch.Tensor, max_bits: int, margin: int) -> float:
+    """`scaling.pow2_scale` of amax(x) for a float32 tensor (``max_bits``: the format's max as
+    float32 bits), as `cast` would choose it."""
+    return library().altgrad_amax_scale(x.data_ptr(), x.numel(), max_bits, max(-1024, min(1024, margin)),
+                                        torch.get_num_threads())
 
 
 def fits_step(*tensors: torch.Tensor) -> bool:
