@@ -1,5 +1,7 @@
 """Per-tensor scaling, scaled-quantize statistics and bit-stall detection."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -130,4 +132,7 @@ def test_count_flips_and_stall_ratio():
     counts = count_flips(before, after, fmt)
     assert (counts.updates, counts.flips) == (3, 2)
     assert counts.stall_ratio == pytest.approx(1 / 3)
-    assert count_flips(before, before, fmt).stall_ratio == 0.0
+    assert math.isnan(count_flips(before, before, fmt).stall_ratio)  # no updates: undefined, not 0
+    # a flip is counted over all elements: one that moved without a gradient still flips
+    moved = count_flips(before, after, fmt, updated=torch.tensor([True, False, False, False]))
+    assert (moved.updates, moved.flips) == (1, 2) and moved.stall_ratio == -1.0

@@ -9,6 +9,7 @@ direction (ties per round-to-nearest-even).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,15 +38,16 @@ def bit_stall_mask(
 
 @dataclass(frozen=True)
 class FlipCount:
-    """Flips (quantized value changed) among updates (non-zero change) in one step."""
+    """Updates and flips of one step (DESIGN §3): a flip is any element whose quantized value
+    changed, counted over all elements, updated or not."""
 
     updates: int
     flips: int
 
     @property
     def stall_ratio(self) -> float:
-        """1 - flips / updates, and 0 when nothing was updated."""
-        return 1.0 - self.flips / self.updates if self.updates else 0.0
+        """1 - flips / updates; undefined (NaN, never 0) when nothing was updated."""
+        return 1.0 - self.flips / self.updates if self.updates else math.nan
 
 
 def count_flips(
@@ -65,4 +67,4 @@ def count_flips(
     if updated is None:
         updated = w_after != w_before
     flipped = _quantized_bits(w_before, fmt, scale_t) != _quantized_bits(w_after, fmt, scale_t)
-    return FlipCount(updates=int(updated.sum()), flips=int((updated & flipped).sum()))
+    return FlipCount(updates=int(updated.sum()), flips=int(flipped.sum()))
