@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from altgrad.model import GPT, GPTConfig
-from altgrad.optim import OptimizerSpec, build_optimizer
+from altgrad.model.surgery import quantize_model
+from altgrad.optim import build_optimizer
 from altgrad.training.config import PRESETS, TrainConfig
 
 ARMS = {
@@ -44,8 +45,6 @@ def build(preset: dict, vocab: int, fmt: str | None, arm: dict | None):
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return model, torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99), foreach=True)
     config = TrainConfig(preset="small", format=fmt, **arm)
-    from altgrad.model.surgery import quantize_model
-
     quantize_model(model, config.quant_policy(), config.seed)
     return model, build_optimizer(model, config.optimizer_spec(), config.seed)
 

@@ -1,7 +1,6 @@
 """The five arms of DESIGN §4 in real (tiny) training runs: they learn, resume exactly, are
 named apart, and arm B stalls where arm C does not; plus the update diagnostics end to end."""
 
-import dataclasses
 import json
 import math
 from pathlib import Path
