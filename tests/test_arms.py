@@ -1,6 +1,7 @@
 """The five arms of DESIGN §4 in real (tiny) training runs: they learn, resume exactly, are
 named apart, and arm B stalls where arm C does not; plus the update diagnostics end to end."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -208,3 +209,17 @@ def test_train_cli_runs_the_geometry_arms_and_prints_the_update_table(tmp_path, 
     assert stored.exit_code == 0 and "tiny-e5m2-adamw-rtn-seed1337" in stored.output
     saved = read_yaml(tmp_path / "runs" / "tiny-e5m2-grid-sr-seed1337" / "config.yaml")
     assert saved["optimizer"] == "grid" and saved["weight_storage"] == "format" and saved["grid_lr"] == 1.0
+
+
+def test_a_checkpoint_from_before_the_optimizer_factory_resumes(tmp_path, tiny_data):
+    """Runs killed before this version saved AdamW groups without ``base_lr`` and one monitor state."""
+    cfg = config(tmp_path, tiny_data, "old", format=None, max_steps=20)
+    Trainer(dataclasses.replace(cfg, max_steps=10)).run()
+    path = list_checkpoints(tmp_path / "runs" / "old")[-1]
+    state = load_checkpoint(path)
+    for group in state["optimizer"]["param_groups"]:
+        del group["base_lr"]
+    state["monitor"] = state.pop("monitors")["quant"]
+    torch.save(state, path)
+    resumed = Trainer(cfg, resume=True).run()
+    assert resumed.status == "completed" and resumed.steps == 20

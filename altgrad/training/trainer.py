@@ -207,7 +207,10 @@ class Trainer:
     def _restore(self) -> int:
         state = load_checkpoint(list_checkpoints(self.run_dir)[-1], map_location=self.device)
         self.model.load_state_dict(state["model"])
+        peaks = [group["base_lr"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, peak in zip(self.optimizer.param_groups, peaks):
+            group.setdefault("base_lr", peak)  # a checkpoint from before per-group peaks
         restore_rng(state["rng"])
         self.counters.update(state["trainer"])
         for monitor in self.monitors:
