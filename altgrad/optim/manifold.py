@@ -44,10 +44,9 @@ class ManifoldAdamW(GridAwareOptimizer):
             for param in params:
                 weight = self.weight_of(param)
                 hyper = self.adam_hyper(group, self.count_step(param))
-                scale = weight.current_scale()
                 state = self.state[param]
                 if use_native("auto", native.fits_step(param, param.grad, state["exp_avg"], state["exp_avg_sq"])):
-                    fmt = weight.fmt
+                    fmt, scale = weight.fmt, weight.current_scale()
                     native.manifold_step(param.data, param.grad, state["exp_avg"], state["exp_avg_sq"],
                                          hyper + [float(scale), 1.0 / float(scale), cap], fmt.emin, fmt.mantissa_bits,
                                          max(int(fmt.exponents[-1]), fmt.emin))
