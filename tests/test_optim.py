@@ -409,3 +409,32 @@ def test_update_monitor_counts_exactly_on_a_hand_built_step(storage):
     assert int((rungs(on_grid_after, get_format("E4M3")) - rungs_before).sum()) == 5  # 5 moved one code up
     assert metrics["optim/stall_ratio"] == metrics[f"optim/stall_ratio/{name}"]  # one layer: the mean is itself
     assert (f"optim/rescales/{name}" in metrics) == (storage == "format")
+
+
+def test_stored_adamw_takes_adamws_step_before_rounding(monkeypatch):
+    """Arms B and C: the step written before the projection is AdamW's (torch's, up to float32
+    rounding), for format weights; other parameters take torch's step bit for bit."""
+    from altgrad.optim.storage import FormatWeight as Weight
+
+    captured = []
+    monkeypatch.setattr(Weight, "project", lambda self, generator, rounding=None, count=True:
+                        captured.append(self.param.detach().clone()) if count else None)
+    model = layer_model(storage="format")
+    reference_model = layer_model(storage="master")
+    optimizer = build_optimizer(model, OptimizerSpec("adamw", lr=0.3))
+    reference = build_optimizer(reference_model, OptimizerSpec("adamw", lr=0.3))  # torch's AdamW
+    assert type(reference) is torch.optim.AdamW and isinstance(optimizer, StoredAdamW)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), reference_model.parameters()):
+            p.grad = torch.randn(p.shape, generator=generator) * 1e-2
+            q.grad = p.grad.clone()
+        before = model.fc.weight.detach().clone()
+        with torch.no_grad():
+            reference_model.fc.weight.copy_(before)  # the same w (the stored one is not projected here)
+        optimizer.step()
+        reference.step()
+    ours, theirs = captured[-1] - before, reference_model.fc.weight.detach() - before
+    assert close_steps(ours, theirs, torch.ones_like(ours), before)
+    assert not close_steps(ours, 1.01 * theirs, torch.ones_like(ours), before)
+    assert torch.equal(model.norm.weight, reference_model.norm.weight)

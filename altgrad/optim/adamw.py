@@ -1,14 +1,19 @@
-"""AdamW on format-stored weights (arms B and C of DESIGN §4): torch's AdamW step, then
+"""AdamW on format-stored weights (arms B and C of DESIGN §4): AdamW's step, then
 ``w <- Q(w + delta)`` onto the weight's grid with round-to-nearest (B: steps below half a grid
 step are lost) or stochastic rounding (C: unbiased, the control for the geometry arms).
 
-Arm A (FP32 masters) is plain ``torch.optim.AdamW``; the factory builds that one directly.
+The stored weights take the step in the operation order of ManifoldAdamW (one fused native
+pass on CPU), so that arm C and arm D differ by nothing but the stiffness S(w); other
+parameters take torch's AdamW. Arm A (FP32 masters) is plain ``torch.optim.AdamW``; the
+factory builds that one directly.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..quantization import native
+from ..quantization.kernel import use_native
 from .base import GridAwareOptimizer
 
 
@@ -18,8 +23,14 @@ class StoredAdamW(GridAwareOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._run_closure(closure)
-        self._plain_step()  # every group: there is no geometry here, only storage
-        for weight in self.weights:
-            if weight.param.grad is not None:
-                weight.project(self.generator)
+        self._plain_step()
+        for group, params in self._geometry_groups():
+            for param in params:
+                hyper = self.adam_hyper(group, self.count_step(param))
+                state = self.state[param]
+                if use_native("auto", native.fits_step(param, param.grad, state["exp_avg"], state["exp_avg_sq"])):
+                    native.adam_step(param.data, param.grad, state["exp_avg"], state["exp_avg_sq"], hyper)
+                else:
+                    param.sub_(self.adam_direction(param, hyper) * hyper[6] + param * hyper[7])
+                self.weight_of(param).project(self.generator)  # w + delta onto the grid
         return loss

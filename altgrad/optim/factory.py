@@ -67,14 +67,16 @@ def format_weights(model: nn.Module) -> list[FormatWeight]:
     return weights
 
 
-def _groups(model: nn.Module, spec: OptimizerSpec, geometric: set[int]) -> list[dict]:
+def _groups(model: nn.Module, spec: OptimizerSpec, own: set[int], own_lr: float) -> list[dict]:
+    """torch's AdamW groups (decay on >= 2-D tensors), and the format weights the optimizer
+    steps itself (``geometry``), with their own peak learning rate."""
     params = [p for p in model.parameters() if p.requires_grad]
-    plain = [p for p in params if id(p) not in geometric]
+    plain = [p for p in params if id(p) not in own]
     groups = [
         {"params": [p for p in plain if p.dim() >= 2], "weight_decay": spec.weight_decay, "lr": spec.lr},
         {"params": [p for p in plain if p.dim() < 2], "weight_decay": 0.0, "lr": spec.lr},
-        {"params": [p for p in params if id(p) in geometric], "weight_decay": spec.weight_decay,
-         "lr": spec.grid_lr, "geometry": True},
+        {"params": [p for p in params if id(p) in own], "weight_decay": spec.weight_decay, "lr": own_lr,
+         "geometry": True},
     ]
     groups = [g for g in groups if g["params"]]
     for group in groups:
@@ -93,15 +95,17 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec, seed: int = 0) -> tor
                              f"weight_storage: format{' (master: ' + ', '.join(master) + ')' if master else ''}")
     if spec.name == "manifold" and not weights:
         raise ValueError("ManifoldAdamW needs layers with a weight format (use --format or a policy)")
-    geometric = {id(w.param) for w in weights} if spec.name != "adamw" else set()
-    groups = _groups(model, spec, geometric)
+    stored = [w for w in weights if w.stored]
+    if spec.name == "adamw":  # AdamW steps the stored weights, in absolute units; masters are torch's
+        groups = _groups(model, spec, {id(w.param) for w in stored}, spec.lr)
+    else:
+        groups = _groups(model, spec, {id(w.param) for w in weights}, spec.grid_lr)
     generator_seed = (seed * 1_000_003 + zlib.crc32(b"altgrad.optim")) % 2**62
     if spec.name == "manifold":
         return ManifoldAdamW(groups, weights, generator_seed, max_stiffness=spec.max_stiffness, **adamw)
     if spec.name == "grid":
         return GridOptim(groups, weights, generator_seed, rung_clip=spec.rung_clip,
                          grid_direction=spec.grid_direction, **adamw)
-    stored = [w for w in weights if w.stored]
     if stored:
         return StoredAdamW(groups, stored, generator_seed, **adamw)
     return torch.optim.AdamW(groups, **adamw)

@@ -445,6 +445,15 @@ void altgrad_manifold_step(float *w, const float *g, float *m, float *v, int64_t
     }
 }
 
+/* AdamW on a stored weight (arms B, C): w <- w - (d step + w decay), the projection follows. */
+void altgrad_adam_step(float *w, const float *g, float *m, float *v, int64_t n, const float *h, int threads) {
+    #pragma omp parallel for simd num_threads(threads) if(n >= 16384)
+    for (int64_t i = 0; i < n; i++) {
+        float d = adam_direction(g[i], m + i, v + i, h);
+        w[i] = w[i] - (d * h[H_STEP] + w[i] * h[H_DECAY]);
+    }
+}
+
 /* GridOptim on a stored weight: v = -(d step + w decay) rungs, moved floor(v + U) (stochastic) or
  * round-half-even(v) rungs, clipped to +-clip, along the signed codes, stopped at +-top_code.
  * counts[]: flips (code changed), updates (g != 0), moves the top end stopped. Branch-free, so

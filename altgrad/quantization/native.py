@@ -125,6 +125,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.altgrad_amax_bits.restype = i32
     lib.altgrad_manifold_step.argtypes = [p, p, p, p, i64, p, i32, i32, i32, ctypes.c_int]
     lib.altgrad_manifold_step.restype = None
+    lib.altgrad_adam_step.argtypes = [p, p, p, p, i64, p, ctypes.c_int]
+    lib.altgrad_adam_step.restype = None
     lib.altgrad_grid_step.argtypes = [p, p, p, p, i64, p, i32, i32, i32, i32, p, p, p, ctypes.c_int]
     lib.altgrad_grid_step.restype = None
     lib.altgrad_project.argtypes = [p, i64, p, i32, p, ctypes.c_int]
@@ -237,6 +239,12 @@ def manifold_step(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Te
     """ManifoldAdamW's step on one float32 tensor, in place (``native.c``; the hyper layout is there)."""
     library().altgrad_manifold_step(w.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), w.numel(),
                                     _floats(hyper), emin, mantissa, top_binade, torch.get_num_threads())
+
+
+def adam_step(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, hyper: list[float]) -> None:
+    """AdamW's step on one float32 tensor, in place, in the operation order of the other steps."""
+    library().altgrad_adam_step(w.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), w.numel(), _floats(hyper),
+                                torch.get_num_threads())
 
 
 def grid_step(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, hyper: list[float], emin: int,
