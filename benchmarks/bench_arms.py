@@ -47,7 +47,7 @@ def main() -> None:
             for name, arm in ARMS.items():
                 values = dict(preset="small", format=args.format, max_steps=args.steps, eval_interval=args.steps,
                               eval_iters=1, checkpoint_interval=args.steps, runs_dir=tmp, data=args.data,
-                              run_name=f"{round_}-{len(rates[name])}-{name.split()[0]}", **arm)
+                              run_name=f"{round_}-{name.split()[0]}") | arm
                 result = Trainer(resolve_config(None, values)).run()
                 records = read_metrics(result.run_dir)
                 rate = statistics.median(r["tokens_per_s"] for r in records if r.get("tokens_per_s"))
