@@ -116,17 +116,26 @@ def update_table(result: TrainResult) -> Table | None:
     if uniform:
         weight, storage, optimizer = next(iter(kinds))
         title += f": {weight}, {optimizer}, storage {storage}"
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    columns = ["layer", *(() if uniform else ("weight", "storage", "optimizer")), "updates", "flips", "stall ratio",
-               "bit-stall", "code drift", "rescales"]
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("layer", "weight", "storage", "optimizer") else "right")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    cells = []
     for name, layer in rows.items():
-        rescales, drift = layer.get("rescales"), layer["bit_position_drift"]
+        rescales, drift, shift = layer.get("rescales"), layer["bit_position_drift"], layer["scale_log2_change"]
         described = () if uniform else (layer["weight"], layer["storage"], layer["optimizer"])
-        table.add_row(name.removeprefix("transformer."), *described, _count(layer["updates"]), _count(layer["flips"]),
+        cells.append([name.removeprefix("transformer."), *described, _count(layer["updates"]), _count(layer["flips"]),
                       _fmt(layer["stall_ratio"]), _fmt(layer["bit_stall_rate"]),
-                      "-" if drift != drift else f"{drift:+.2f}", "-" if rescales is None else str(rescales))
+                      "-" if drift != drift else f"{drift:+.2f}", "-" if shift != shift else f"2^{shift:+.0f}",
+                      "-" if rescales is None else str(rescales)])
+    columns = ["layer", *(() if uniform else ("weight", "storage", "optimizer")), "updates", "flips", "stall ratio",
+               "bit-stall", "code drift", "scale change", "rescales"]
+    # Cells keep their width (layer names included); in a narrow terminal headers wrap between words.
+    natural = sum(max(len(column), *(len(row[i]) for row in cells)) + 1 for i, column in enumerate(columns))
+    for index, column in enumerate(columns):
+        width = max(max(len(row[index]) for row in cells), *(len(word) for word in column.split()))
+        table.add_column(column, justify="left" if index == 0 or column in ("weight", "storage", "optimizer")
+                         else "right", min_width=width,
+                         max_width=width if natural > console.width and index else None)
+    for row in cells:
+        table.add_row(*row)
     return table
 
 

@@ -21,11 +21,15 @@ the update, not by the noise). With that:
   ``..._elementwise``, and ``optim/rescales`` (the sum).
 
 The run's summary gets, per layer, the totals over the measured steps: updates, flips,
-stall ratio, and the bit-position drift (mean code at the last measurement minus the first).
+stall ratio, the bit-position drift (mean code at the last measurement minus the first) and
+the change of the weight's scale over the same span, as a power of two. Read them together:
+a code is an index *under the scale*, so a scale change by 2^k moves the code of every normal
+value by k 2^M (a stored weight's rescales, a master's cast scale) without moving the weight.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Any
 
@@ -58,7 +62,8 @@ class UpdateMonitor(BaseMonitor):
         super().__init__(interval)
         self.layers = {name: layer for name, layer in quantized_layers(model).items() if layer.weight_format is not None}
         self.totals: dict[str, dict[str, Any]] = {
-            name: {"updates": 0, "flips": 0, "stalled": 0, "first_position": None, "last_position": None}
+            name: {"updates": 0, "flips": 0, "stalled": 0, "first_position": None, "last_position": None,
+                   "first_scale": None, "last_scale": None}
             for name in self.layers}
         self._before: dict[str, tuple[torch.Tensor, torch.Tensor, Any, int]] = {}
 
@@ -106,9 +111,9 @@ class UpdateMonitor(BaseMonitor):
             totals["updates"] += updates
             totals["flips"] += flips
             totals["stalled"] += stalled
-            totals["last_position"] = position
+            totals["last_position"], totals["last_scale"] = position, float(layer.weight_scale)
             if totals["first_position"] is None:
-                totals["first_position"] = position
+                totals["first_position"], totals["first_scale"] = position, totals["last_scale"]
             updates_all, flips_all, stalled_all, numel_all = (updates_all + updates, flips_all + flips,
                                                               stalled_all + stalled, numel_all + numel)
         self._before = {}
@@ -133,6 +138,8 @@ class UpdateMonitor(BaseMonitor):
                          "stall_ratio": 1.0 - ratio(totals["flips"], totals["updates"]),
                          "bit_stall_rate": ratio(totals["stalled"], totals["updates"]),
                          "bit_position_drift": last - first if first is not None else float("nan"),
+                         "scale_log2_change": (math.log2(totals["last_scale"] / totals["first_scale"])
+                                               if first is not None else float("nan")),
                          "rescales": int(stored.rescales) if stored is not None else None}
         return out
 
@@ -141,4 +148,4 @@ class UpdateMonitor(BaseMonitor):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, totals in state["totals"].items():
-            self.totals[name] = dict(totals)
+            self.totals[name] = {**self.totals.get(name, {}), **totals}
