@@ -60,9 +60,10 @@ def test_cast_to_grid_equals_quantize_of_the_scaled_tensor(rounding):
     assert torch.equal(bits(q), bits(eager))
 
 
-def reference_linear(x, w, b, config: LinearQuantConfig, grad_y):
-    """Dequantized operands from `quantize`, then plain F.linear / matmul in the GEMM dtype."""
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[config.gemm_dtype]
+def reference_linear(x, w, b, config: LinearQuantConfig, grad_y, autocast: bool):
+    """Dequantized operands from `quantize`, then plain F.linear / matmul in the GEMM dtype: bf16
+    under bf16 autocast with bf16 GEMMs, else float32 (the values are exact in both)."""
+    dtype = torch.bfloat16 if autocast and config.gemm_dtype == "bf16" else torch.float32
 
     def dequantized(t, fmt):
         scale = scale_from_amax(t.detach().abs().amax(), fmt)
@@ -70,16 +71,18 @@ def reference_linear(x, w, b, config: LinearQuantConfig, grad_y):
 
     xd, wd = dequantized(x, config.activation), dequantized(w, config.weight)
     y = F.linear(xd, wd, None if b is None else b.detach().to(dtype))
+    y = y.to(torch.bfloat16) if autocast else y
     gd = dequantized(grad_y, config.gradient)
     grad_x = torch.matmul(gd, wd)
     grad_w = gd.reshape(-1, gd.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1])
     return y, grad_x, grad_w
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("gemm", ["bf16", "fp32"])
 @pytest.mark.parametrize("formats", [("E4M3", "E5M2"), ("E3M4", "E5M2"), ("E0M7", "E5M2"), ("E7M0", "E4M3")])
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_and_backward_match_the_reference_bit_for_bit(gemm, formats, bias):
+def test_forward_and_backward_match_the_reference_bit_for_bit(gemm, formats, bias, autocast):
     fwd, bwd = formats
     config = LinearQuantConfig(weight=fwd, activation=fwd, gradient=bwd, gemm_dtype=gemm)
     torch.manual_seed(0)
@@ -87,9 +90,10 @@ def test_forward_and_backward_match_the_reference_bit_for_bit(gemm, formats, bia
     layer = QuantizedLinear.from_linear(linear, config, name="test")
     x = (torch.randn(3, 7, 48) * 5).requires_grad_()
     grad_y = torch.randn(3, 7, 40) * 1e-3
-    y = layer(x)
-    y.backward(grad_y)
-    ref_y, ref_gx, ref_gw = reference_linear(x, linear.weight, linear.bias, config, grad_y.to(y.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    y.backward(grad_y.to(y.dtype))
+    ref_y, ref_gx, ref_gw = reference_linear(x, linear.weight, linear.bias, config, grad_y.to(y.dtype), autocast)
     assert torch.equal(bits(y), bits(ref_y))
     assert torch.equal(bits(x.grad), bits(ref_gx.float()))
     assert torch.equal(bits(linear.weight.grad), bits(ref_gw.float()))
@@ -189,3 +193,27 @@ def test_a_pattern_that_matches_nothing_is_an_error():
 def test_bad_policy_rules_are_clear_errors(rule, message):
     with pytest.raises(UserError, match=message):
         build_policy([rule], DEFAULTS)
+
+
+def test_under_fp32_the_gemms_return_float32_not_bf16_rounded_values():
+    """precision fp32 with a quantized layer: the operands are on the grid (exact in bf16),
+    but the products accumulate and come back in float32, forward and backward."""
+    import torch.nn.functional as F
+
+    from altgrad.quantization.linear import LinearQuantConfig, QuantizedLinear
+    from altgrad.quantization.scaling import cast_to_grid
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    layer = QuantizedLinear.from_linear(linear, LinearQuantConfig(weight="E4M3", activation="E4M3", gradient="E5M2"))
+    x = torch.randn(16, 64, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    qx, sx, _ = cast_to_grid(x.detach(), get_format("E4M3"))
+    qw, sw, _ = cast_to_grid(linear.weight.detach(), get_format("E4M3"))
+    expected = F.linear(qx.double() / float(sx), qw.double() / float(sw), linear.bias.detach().double())
+    assert torch.allclose(y.double(), expected, rtol=1e-6, atol=1e-6)  # float32 accuracy, not bf16's 2^-9
+    assert (y != y.bfloat16().float()).float().mean() > 0.9  # not bf16 values
+    y.square().sum().backward()
+    assert x.grad.dtype == torch.float32 and (x.grad != x.grad.bfloat16().float()).float().mean() > 0.9
+    assert (linear.weight.grad != linear.weight.grad.bfloat16().float()).float().mean() > 0.9

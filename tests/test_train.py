@@ -179,3 +179,48 @@ def test_wandb_offline_needs_no_network(tmp_path, tiny_data, monkeypatch):
     result = Trainer(tiny_config(tmp_path, tiny_data, max_steps=5, wandb="offline")).run()
     assert result.status == "completed"
     assert list((result.run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_the_final_loss_is_the_last_evaluation_even_when_it_is_not_finite(tmp_path, tiny_data):
+    """A run whose last evaluation is NaN reports NaN (best stays the lowest finite one), and
+    `compare` never passes it."""
+    from altgrad.experiments.compare import compare_runs
+    from altgrad.experiments.runs import load_run
+
+    Trainer(tiny_config(tmp_path, tiny_data, run_name="ok", max_steps=20)).run()
+    trainer = Trainer(tiny_config(tmp_path, tiny_data, run_name="broken", max_steps=20))
+    real = trainer.evaluate
+    trainer.evaluate = lambda: float("nan") if trainer.counters["tokens"] >= 20 * trainer.config.tokens_per_step \
+        else real()
+    result = trainer.run()
+    assert result.status == "completed" and math.isnan(result.final_val_loss)
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["final_val_loss"] == "nan" and math.isfinite(summary["best_val_loss"])
+    row = compare_runs([load_run(tmp_path / "runs", "ok"), load_run(tmp_path / "runs", "broken")]).rows[1]
+    assert row.verdict == "INVESTIGATE" and "non-finite" in row.reason and math.isnan(row.final_val_loss)
+
+
+def test_compare_pairs_runs_that_differ_only_in_precision_arm_and_names(tmp_path, tiny_data):
+    from altgrad.experiments.compare import pairing_difference
+
+    base = tiny_config(tmp_path, tiny_data).to_dict()
+    twin = tiny_config(tmp_path, tiny_data, run_name="other", format="E5M2", optimizer="manifold",
+                       precision="fp32", stats_interval=3, use_shadow=True).to_dict()
+    assert pairing_difference(base, twin) is None
+    for key, value in (("lr", 1e-2), ("weight_decay", 0.0), ("dropout", 0.1), ("warmup_steps", 9), ("seed", 2),
+                       ("n_embd", 64), ("eval_iters", 5)):
+        other = tiny_config(tmp_path, tiny_data, **{key: value}).to_dict()
+        assert pairing_difference(base, other).startswith(f"{key} "), key
+    two = tiny_config(tmp_path, tiny_data, lr=1e-2, seed=3).to_dict()
+    assert pairing_difference(base, two) == "seed 1337 vs 3 (and 1 more: lr)"
+
+
+def test_resume_refuses_flags_that_would_change_the_run(tmp_path, tiny_data):
+    args = ["train", "--preset", "tiny", "--max-steps", "4", "--data", str(tiny_data), "--runs-dir",
+            str(tmp_path / "runs"), "--run-name", "r", "--checkpoint-interval", "2"]
+    assert runner.invoke(app, args).exit_code == 0
+    changed = runner.invoke(app, [*args, "--resume", "--lr", "0.5", "--format", "E4M3"], env={"COLUMNS": "300"})
+    assert changed.exit_code == 2 and "Traceback" not in changed.output
+    assert "would change it" in changed.output and "lr 0.5" in changed.output and "format 'E4M3'" in changed.output
+    same = runner.invoke(app, [*args, "--resume", "--max-steps", "6"])  # the same flags, more steps: fine
+    assert same.exit_code == 0, same.output

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ..model.surgery import LayerAssignment
 from ..training import Trainer, TrainResult, resolve_config, resume_config, run_directory
-from ..training.config import TrainConfig
+from ..training.config import TrainConfig, read_yaml
 from .common import console, error_console, user_errors
 
 
@@ -76,7 +76,7 @@ MONITORED = (("stall ratio", "optim/stall_ratio"), ("overflow", "quant/overflow_
 
 
 def _fmt(value: float | None) -> str:
-    return "-" if value is None or value != value else f"{value:.4f}"
+    return "-" if value is None else f"{value:.4f}"  # NaN shows as nan: undefined, or a broken run
 
 
 def layer_table(layers: list[LayerAssignment]) -> Table:
@@ -219,7 +219,10 @@ def train(
                          update_rounding=update_rounding, grid_lr=grid_lr)
         resolved = resolve_config(config, overrides)
         if resume:
-            resolved = resume_config(run_directory(resolved), max_steps=max_steps, wandb=wandb)
+            given = {key for key, value in overrides.items() if value is not None}
+            given |= set(read_yaml(config)) if config else set()
+            resolved = resume_config(run_directory(resolved), max_steps=max_steps, wandb=wandb, requested=resolved,
+                                     given=tuple(sorted(given)))
         display = LiveDisplay()
         with display.live:
             result = Trainer(resolved, resume=resume, on_event=display).run()

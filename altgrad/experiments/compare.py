@@ -2,8 +2,8 @@
 
 A run PASSes when its final validation loss is within ``tolerance`` (relative, 10% by
 default) of the reference's and it completed; anything else is INVESTIGATE, with the reason.
-Runs are only comparable when paired (same seed, data, steps and validation set): differences
-in those are reported as notes.
+Runs are only comparable when paired: everything but the precision policy, the optimizer arm
+and names or monitoring equal (`UNPAIRED_KEYS`); otherwise a note names the first difference.
 """
 
 from __future__ import annotations
@@ -12,10 +12,37 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..training.config import FIELD_NAMES
 from .runs import RunRecord
 
-PAIRING_KEYS = ("seed", "data", "max_steps", "block_size", "batch_size", "grad_accum", "eval_iters", "n_layer",
-                "n_embd")
+#: Config keys that may differ between paired runs: the precision policy, the optimizer arm,
+#: and names, places and monitoring, none of which changes batches, weights at step 0 or the
+#: validation set. Every other key (model shape, data, seed, steps, batch, learning rate and
+#: schedule, weight decay, dropout, gradient clipping, evaluation batches) must be equal.
+UNPAIRED_KEYS = frozenset({
+    "precision", "format", "grad_format", "rounding", "grad_rounding", "scaling", "amax_history_len",
+    "scale_margin", "power_of_two_scales", "gemm_dtype", "policy",  # the precision policy
+    "optimizer", "weight_storage", "update_rounding", "grid_lr", "max_stiffness", "rung_clip",
+    "grid_direction",  # the optimizer arm
+    "run_name", "runs_dir", "preset", "device", "compile", "wandb", "wandb_project", "tags", "log_interval",
+    "eval_interval", "checkpoint_interval", "keep_checkpoints", "stats_interval", "dead_window", "use_shadow",
+    "shadow_interval", "overflow_threshold", "underflow_threshold", "bit_stall_threshold",
+    "grad_cos_threshold",  # names, places, monitoring
+})
+
+
+def pairing_difference(reference: dict[str, Any], other: dict[str, Any]) -> str | None:
+    """The first config difference that unpairs two runs (in config order), or None when paired."""
+    keys = [k for k in FIELD_NAMES if k not in UNPAIRED_KEYS]
+    keys += sorted((set(reference) | set(other)) - set(FIELD_NAMES) - UNPAIRED_KEYS)
+    differences = [k for k in keys if reference.get(k) != other.get(k)]
+    if not differences:
+        return None
+    first = differences[0]
+    more = f" (and {len(differences) - 1} more: {', '.join(differences[1:])})" if len(differences) > 1 else ""
+    return f"{first} {reference.get(first)!r} vs {other.get(first)!r}{more}"
+
+
 DEFAULT_TOLERANCE = 0.10
 
 
@@ -55,14 +82,24 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _ppl(loss: float | None) -> float | None:
-    return math.exp(loss) if loss is not None and loss < 700 else None
+    return math.exp(loss) if loss is not None and math.isfinite(loss) and loss < 700 else None
+
+
+def _number(value: Any) -> float | None:
+    """A loss from a summary or metrics line: JSON keeps NaN and inf as strings."""
+    if isinstance(value, str) and value.lower() in ("nan", "inf", "-inf"):
+        return float(value)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _val_losses(run: RunRecord) -> tuple[float | None, float | None]:
-    _, values = run.series("val_loss")
-    final = run.summary.get("final_val_loss", values[-1] if values else None)
-    best = run.summary.get("best_val_loss", min(values) if values else None)
-    return (final if isinstance(final, (int, float)) else None), (best if isinstance(best, (int, float)) else None)
+    """(final, best) validation loss: final is the last evaluation, whatever its value."""
+    evaluations = [r["val_loss"] for r in run.metrics if "val_loss" in r]
+    final = run.summary["final_val_loss"] if "final_val_loss" in run.summary else \
+        (evaluations[-1] if evaluations else None)
+    finite = [v for v in map(_number, evaluations) if v is not None and math.isfinite(v)]
+    best = run.summary.get("best_val_loss", min(finite) if finite else None)
+    return _number(final), _number(best)
 
 
 def _status(run: RunRecord) -> str:
@@ -77,6 +114,10 @@ def _judge(run: RunRecord, final: float | None, reference: float | None, toleran
         return "INVESTIGATE", f"run {status} at step {run.metrics[-1]['step']}"
     if final is None or reference is None:
         return "INVESTIGATE", "no validation loss to compare"
+    if not math.isfinite(final):
+        return "INVESTIGATE", f"final validation loss is {final} (non-finite: never a PASS)"
+    if not math.isfinite(reference):
+        return "INVESTIGATE", f"the reference's final validation loss is {reference}"
     change = final / reference - 1.0
     if change <= tolerance:
         return "PASS", f"val loss {change:+.1%} vs reference (within {tolerance:.0%})"
@@ -91,15 +132,15 @@ def compare_runs(runs: list[RunRecord], tolerance: float = DEFAULT_TOLERANCE) ->
         final, best = _val_losses(run)
         status = _status(run)
         ratio = final / reference_final if final is not None and reference_final else None
+        ratio = ratio if ratio is None or math.isfinite(ratio) else None
         ppl, ref_ppl = _ppl(final), _ppl(reference_final)
         if index == 0:
             verdict, reason = "reference", ""
         else:
             verdict, reason = _judge(run, final, reference_final, tolerance)
-            unpaired = [f"{key} {runs[0].config.get(key)} vs {run.config.get(key)}" for key in PAIRING_KEYS
-                        if runs[0].config.get(key) != run.config.get(key)]
+            unpaired = pairing_difference(runs[0].config, run.config)
             if unpaired:
-                notes.append(f"{run.name} is not paired with {runs[0].name}: {', '.join(unpaired)}")
+                notes.append(f"{run.name} is not paired with {runs[0].name}: {unpaired}")
         rows.append(RunComparison(
             name=run.name, label=run.label, status=status, steps=run.summary.get("steps", run.metrics[-1]["step"]),
             final_val_loss=final, best_val_loss=best, final_ppl=ppl, best_ppl=_ppl(best), loss_ratio=ratio,

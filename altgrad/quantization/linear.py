@@ -151,17 +151,22 @@ class _QuantizedLinearFunction(torch.autograd.Function):
         out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         # Autocast would turn an fp32 GEMM into a bf16 one; bf16 operands it leaves alone.
         no_autocast = torch.autocast(x.device.type, enabled=False) if autocast and dtype != torch.bfloat16 else None
+        # Under fp32 (no autocast) the GEMMs run in float32 on the (exact) grid values, so nothing
+        # is rounded to bf16 on the way out: fp32 and FP8 runs differ only by the casts.
+        wide = out_dtype == torch.float32 and dtype != torch.float32
         with no_autocast or contextlib.nullcontext():
             qx, sx = layer.quantizers["activation"](x, dtype, layer.training)
             qw, sw = layer.quantizers["weight"](weight, dtype, layer.training)
             inverse = (1.0 / sx) * (1.0 / sw)  # not 1/(sx sw): that product can overflow float32
-            b = None if bias is None else bias.detach().to(dtype)
+            gx, gw = (qx.float(), qw.float()) if wide else (qx, qw)
+            b = None if bias is None else bias.detach().to(gw.dtype)
             if layer.exact_scales:
-                y = F.linear(qx, qw * inverse, b)  # a power of two: exact, in qw's dtype
+                y = F.linear(gx, gw * inverse, b)  # a power of two: exact, in the GEMM's dtype
             else:
-                y = F.linear(qx, qw).float() * inverse
-                y = (y if b is None else y + b).to(dtype)
+                y = F.linear(gx, gw).float() * inverse
+                y = (y if b is None else y + b).to(gw.dtype)
         ctx.save_for_backward(qx, qw)
+        ctx.wide = wide
         ctx.scales = (sx, sw)  # floats, or 0-d tensors that are not part of the graph
         ctx.layer = layer
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -174,6 +179,8 @@ class _QuantizedLinearFunction(torch.autograd.Function):
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         exact = ctx.layer.exact_scales
         qg, sg = ctx.layer.quantizers["gradient"](grad_y, qx.dtype)
+        if ctx.wide:  # fp32: float32 GEMMs on the exact grid values, as in the forward
+            qx, qw, qg = qx.float(), qw.float(), qg.float()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             inverse = (1.0 / sg) * (1.0 / sw)

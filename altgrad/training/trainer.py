@@ -83,12 +83,28 @@ def run_directory(config: TrainConfig) -> Path:
     return Path(config.runs_dir) / config.name
 
 
-def resume_config(run_dir: Path, max_steps: int | None = None, wandb: str | None = None) -> TrainConfig:
-    """A run's saved config, optionally with more steps or another W&B mode."""
+#: What a resumed run may change: where it is, how long it runs, where it reports.
+RESUME_MAY_CHANGE = ("max_steps", "wandb", "run_name", "runs_dir")
+
+
+def resume_config(run_dir: Path, max_steps: int | None = None, wandb: str | None = None,
+                  requested: TrainConfig | None = None, given: tuple[str, ...] = ()) -> TrainConfig:
+    """A run's saved config, optionally with more steps or another W&B mode.
+
+    ``given`` names the settings the user gave explicitly (flags, a config file) and
+    ``requested`` their resolved values; one that would change the saved run is an error that
+    names it: a resumed run continues exactly the run that was saved, or it is another run.
+    """
     path = Path(run_dir) / CONFIG_FILE_NAME
     if not path.exists():
         raise UserError(f"nothing to resume: {path} not found")
     config = config_from_dict(read_yaml(path), str(path))
+    if requested is not None:
+        changed = [f"{key} {getattr(requested, key)!r} (saved: {getattr(config, key)!r})" for key in given
+                   if key not in RESUME_MAY_CHANGE and getattr(requested, key) != getattr(config, key)]
+        if changed:
+            raise UserError(f"--resume continues {run_dir} as it was saved, but these settings would change it: "
+                            f"{', '.join(changed)}; drop them, or start another run with --run-name")
     changes = {k: v for k, v in (("max_steps", max_steps), ("wandb", wandb)) if v is not None}
     return dataclasses.replace(config, **changes)
 
@@ -289,10 +305,13 @@ class Trainer:
         return result
 
     def _record(self, tracker: RunTracker, step: int, record: dict[str, Any]) -> None:
-        if "val_loss" in record and math.isfinite(record["val_loss"]):
-            best = self.counters["best_val_loss"]
-            self.counters["best_val_loss"] = record["val_loss"] if best is None else min(best, record["val_loss"])
+        if "val_loss" in record:
+            # final: the last evaluation, whatever its value (a non-finite one is reported as such);
+            # best: the lowest finite one
             self.counters["final_val_loss"] = record["val_loss"]
+            if math.isfinite(record["val_loss"]):
+                best = self.counters["best_val_loss"]
+                self.counters["best_val_loss"] = record["val_loss"] if best is None else min(best, record["val_loss"])
         record = {"step": step, **record}
         self._check_thresholds(step, record)
         tracker.log(record)
