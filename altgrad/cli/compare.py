@@ -30,10 +30,11 @@ def comparison_table(comparison: Comparison) -> Table:
     # Best val, perplexity and the loss ratio are in --json (and the ratio in each verdict's reason
     # below the table): the table fits 80 columns.
     columns = ("run", "format", *(("status",) if show_status else ()), "final val", "grad cos",
-               "bit stall", "stall ratio", "max overflow", "verdict")
+               "bit stall", "stall ratio", "max overflow", "rank vs ref", "verdict")
     rows = [[row.name, row.label, *((row.status,) if show_status else ()), _num(row.final_val_loss),
              _num(row.mean_grad_cos), _num(row.mean_bit_stall),
-             _num(row.mean_stall_ratio), _num(row.max_overflow, ".1e"), row.verdict]
+             _num(row.mean_stall_ratio), _num(row.max_overflow, ".1e"), _num(row.rank_vs_reference, ".3f"),
+             row.verdict]
             for row in comparison.rows]
     for index, column in enumerate(columns):
         # In a narrow terminal headers and run names wrap; numbers and verdicts keep their width.
@@ -73,6 +74,10 @@ def compare(
             for row in comparison.rows:
                 if row.reason:
                     console.print(f"[{VERDICT_STYLE[row.verdict]}]{row.verdict}[/] {row.name}: {row.reason}")
+            for row in comparison.rows:
+                if row.rank_warnings:
+                    console.print(f"[yellow]rank:[/] {row.name}: {row.rank_warnings} rank-drop warning(s) "
+                                  "(summary.json, alerts rank_drop/<layer>)")
             for note in comparison.notes:
                 console.print(f"[yellow]note:[/] {note}")
             if plot is not None:

@@ -45,7 +45,8 @@ class LiveDisplay:
             self.monitored.update({key: payload[key] for _, key in MONITORED if key in payload})
         elif kind == "warning":
             self.warnings.append(payload["message"])
-            self.live.console.print(f"[yellow]warning:[/] {payload['message']}")
+            label = "[bold red]critical warning:[/]" if payload.get("critical") else "[yellow]warning:[/]"
+            self.live.console.print(f"{label} {payload['message']}")
         self.live.update(self._render())
 
     def _render(self) -> Table:

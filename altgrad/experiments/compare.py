@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..training.config import FIELD_NAMES
+from ..training.monitors import layer_mean
 from .runs import RunRecord
 
 #: Config keys that may differ between paired runs: the precision policy, the optimizer arm,
@@ -27,7 +28,8 @@ UNPAIRED_KEYS = frozenset({
     "run_name", "runs_dir", "preset", "device", "compile", "wandb", "wandb_project", "tags", "log_interval",
     "eval_interval", "checkpoint_interval", "keep_checkpoints", "stats_interval", "dead_window", "use_shadow",
     "shadow_interval", "overflow_threshold", "underflow_threshold", "bit_stall_threshold",
-    "grad_cos_threshold",  # names, places, monitoring
+    "grad_cos_threshold", "rank_interval", "rank_threshold", "critical_layers",
+    "critical_threshold_multiplier",  # names, places, monitoring
 })
 
 
@@ -62,6 +64,8 @@ class RunComparison:
     mean_bit_stall: float | None  # mean over the run of quant/bit_stall_rate (itself a mean over layers)
     mean_stall_ratio: float | None  # mean over the run of optim/stall_ratio (a mean over layers)
     max_overflow: float | None  # max over the run of quant/overflow_rate (a mean over layers)
+    rank_vs_reference: float | None  # last effective rank / the reference's, per layer, mean over layers
+    rank_warnings: int  # rank-drop warnings raised (critical layers included)
     diverged: bool
     verdict: str  # reference | PASS | INVESTIGATE
     reason: str
@@ -100,6 +104,23 @@ def _val_losses(run: RunRecord) -> tuple[float | None, float | None]:
     finite = [v for v in map(_number, evaluations) if v is not None and math.isfinite(v)]
     best = run.summary.get("best_val_loss", min(finite) if finite else None)
     return _number(final), _number(best)
+
+
+def _final_ranks(run: RunRecord) -> dict[str, float]:
+    """Each layer's effective rank at the run's last rank measurement."""
+    prefix = "rank/effective/"
+    last = next((r for r in reversed(run.metrics) if any(k.startswith(prefix) for k in r)), {})
+    return {k.removeprefix(prefix): v for k, v in last.items()
+            if k.startswith(prefix) and isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def rank_ratio(run: RunRecord, reference: RunRecord) -> float | None:
+    """Effective rank relative to the reference run (a BF16 twin of the same seed), mean over the
+    layers both measured: a higher rank under FP8 can be quantization noise, a lower one damage."""
+    ours, theirs = _final_ranks(run), _final_ranks(reference)
+    ratios = [ours[name] / theirs[name] for name in ours.keys() & theirs.keys() if theirs[name] > 0]
+    value = layer_mean(ratios)
+    return value if math.isfinite(value) else None
 
 
 def _status(run: RunRecord) -> str:
@@ -149,5 +170,8 @@ def compare_runs(runs: list[RunRecord], tolerance: float = DEFAULT_TOLERANCE) ->
             mean_bit_stall=_mean(run.series("quant/bit_stall_rate")[1]),
             mean_stall_ratio=_mean(run.series("optim/stall_ratio")[1]),
             max_overflow=max(run.series("quant/overflow_rate")[1], default=None),
+            rank_vs_reference=rank_ratio(run, runs[0]),
+            rank_warnings=sum(seen.get("count", 0) for name, seen in run.summary.get("alerts", {}).items()
+                              if name.startswith("rank_drop/")),
             diverged=status == "diverged", verdict=verdict, reason=reason))
     return Comparison(rows=rows, tolerance=tolerance, notes=notes)

@@ -91,6 +91,12 @@ class TrainConfig:
     underflow_threshold: float = 0.5
     bit_stall_threshold: float = 0.99
     grad_cos_threshold: float = 0.9
+    # rank health: every rank_interval steps; a warning when a layer's effective rank falls more
+    # than rank_threshold below its step-0 value (critical layers: times the multiplier)
+    rank_interval: int = 100
+    rank_threshold: float = 0.3
+    critical_layers: tuple[str, ...] = ("lm_head", "*.attn.c_proj")
+    critical_threshold_multiplier: float = 0.5
     # evaluation, checkpoints, tracking
     eval_interval: int = 250
     eval_iters: int = 20
@@ -123,6 +129,8 @@ class TrainConfig:
             (self.grid_direction in GRID_DIRECTIONS, f"grid_direction must be one of {', '.join(GRID_DIRECTIONS)}"),
             (self.grid_lr >= 0 and self.rung_clip >= 1, "need grid_lr >= 0 and rung_clip >= 1"),
             (self.max_stiffness is None or self.max_stiffness > 0, "max_stiffness must be > 0"),
+            (self.rank_interval >= 1 and 0 < self.rank_threshold < 1 and 0 < self.critical_threshold_multiplier <= 1,
+             "need rank_interval >= 1, 0 < rank_threshold < 1 and 0 < critical_threshold_multiplier <= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -195,6 +203,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["tags"] = list(self.tags)
+        data["critical_layers"] = list(self.critical_layers)
         data["policy"] = [dict(rule) for rule in self.policy]
         return data
 

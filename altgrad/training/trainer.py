@@ -27,7 +27,7 @@ from ..model.surgery import LayerAssignment, quantize_model
 from ..optim import build_optimizer, set_learning_rates
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from .config import CONFIG_FILE_NAME, TrainConfig, config_from_dict, read_yaml
-from .monitors import Monitor, QuantStatsMonitor, ShadowMonitor, StepContext, Thresholds, UpdateMonitor
+from .monitors import Monitor, QuantStatsMonitor, RankMonitor, ShadowMonitor, StepContext, Thresholds, UpdateMonitor
 from .tracking import RunTracker
 
 DEFAULT_DATA = DEFAULT_DATA_ROOT / "eurlex"
@@ -140,6 +140,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer_spec(), cfg.seed)
         self.monitors: list[Monitor] = [QuantStatsMonitor(self.model, cfg.stats_interval, cfg.dead_window),
                                         UpdateMonitor(self.model, cfg.stats_interval)]
+        self.monitors.append(RankMonitor(self.model, cfg.rank_interval, cfg.rank_threshold, cfg.critical_layers,
+                                         cfg.critical_threshold_multiplier))
         if cfg.use_shadow:
             self.monitors.append(ShadowMonitor(self.model, model_config, self.device, cfg.shadow_interval))
         self.thresholds = Thresholds(cfg.overflow_threshold, cfg.underflow_threshold, cfg.bit_stall_threshold,
@@ -318,20 +320,25 @@ class Trainer:
         self.notify("log", record)
 
     def _check_thresholds(self, step: int, record: dict[str, Any]) -> None:
-        """Warn when a monitored metric crosses its threshold (once per excursion) and count it."""
-        crossed = self.thresholds.crossed(record)
+        """Warn when an alert is raised (once per excursion) and count it: the thresholds on
+        headline metrics and the monitors' own alerts (rank drops)."""
+        judged = self.thresholds.alerts(record)
+        for monitor in self.monitors:
+            judged |= monitor.alerts(record)
+        crossed = {name: alert for name, alert in judged.items() if alert is not None}
         alerts, alerting = self.counters["alerts"], self.counters["alerting"]
-        for name, (value, message) in crossed.items():
-            seen = alerts.setdefault(name, {"count": 0, "first_step": step, "last_step": step, "message": message})
+        for name, alert in crossed.items():
+            seen = alerts.setdefault(name, {"count": 0, "first_step": step, "last_step": step,
+                                            "message": alert["message"], "critical": alert["critical"]})
             seen["count"] += 1
             seen["last_step"] = step
             if name not in alerting:
                 alerting.append(name)
-                self.notify("warning", {"message": f"step {step}: {message}"})
+                self.notify("warning", {"message": f"step {step}: {alert['message']}", "critical": alert["critical"]})
         if crossed:
             record["alerts"] = sorted(crossed)
         # An alert clears once its metric is measured again and is back within bounds.
-        self.counters["alerting"] = [n for n in alerting if n in crossed or not self.thresholds.measured(n, record)]
+        self.counters["alerting"] = [n for n in alerting if n in crossed or n not in judged]
 
 
     def _layer_summary(self) -> dict[str, dict[str, Any]]:

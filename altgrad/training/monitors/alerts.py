@@ -22,14 +22,12 @@ class Thresholds:
             ("grad_cos", "grad_cos_sim/mean", lambda v: v < self.grad_cos, f"< {self.grad_cos:g}"),
         ]
 
-    def measured(self, name: str, metrics: dict[str, Any]) -> bool:
-        return any(key in metrics for check, key, _, _ in self._checks() if check == name)
-
-    def crossed(self, metrics: dict[str, Any]) -> dict[str, tuple[float, str]]:
-        """Alerts raised by one record: name -> (value, message)."""
-        alerts = {}
+    def alerts(self, metrics: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+        """For each check the record measures: the alert when it is raised, else None."""
+        judged: dict[str, dict[str, Any] | None] = {}
         for name, key, bad, bound in self._checks():
             value = metrics.get(key)
-            if isinstance(value, float) and math.isfinite(value) and bad(value):
-                alerts[name] = (value, f"{key} = {value:.4g} {bound}")
-        return alerts
+            if isinstance(value, float) and math.isfinite(value):
+                judged[name] = {"value": value, "message": f"{key} = {value:.4g} {bound}", "critical": False} \
+                    if bad(value) else None
+        return judged

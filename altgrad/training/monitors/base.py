@@ -4,7 +4,9 @@ A monitor is due on some steps (``due``); on those the trainer calls, in order,
 ``before_forward`` -> forward/backward -> ``after_backward`` -> gradient clipping ->
 ``before_update`` -> optimizer step -> ``after_update`` (the last two only when the step is
 applied, i.e. loss and gradients are finite). ``after_*`` return metrics (stable names for
-metrics.jsonl and W&B). ``summary`` goes into summary.json at the end of the run;
+metrics.jsonl and W&B); ``alerts`` judges a logged record: for each alert the monitor owns and
+the record measures, a dict (``value``, ``message``, ``critical``) when it is raised, else None
+(the trainer warns once per excursion and counts them). ``summary`` goes into summary.json;
 ``state_dict``/``load_state_dict`` go into checkpoints, so a resumed run continues exactly.
 A new monitor is a new file with a class like `BaseMonitor`.
 """
@@ -36,6 +38,7 @@ class Monitor(Protocol):
     def after_backward(self, ctx: StepContext) -> dict[str, float]: ...
     def before_update(self, ctx: StepContext) -> None: ...
     def after_update(self, ctx: StepContext) -> dict[str, float]: ...
+    def alerts(self, record: dict[str, Any]) -> dict[str, dict[str, Any] | None]: ...
     def summary(self) -> dict[str, Any]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -63,6 +66,9 @@ class BaseMonitor:
         pass
 
     def after_update(self, ctx: StepContext) -> dict[str, float]:
+        return {}
+
+    def alerts(self, record: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
         return {}
 
     def summary(self) -> dict[str, Any]:

@@ -1,0 +1,103 @@
+"""Rank health (DESIGN §3): stable rank, effective rank and spectral norm of every Linear weight,
+every ``rank_interval`` steps, on the weight the forward pass really uses.
+
+For a quantized layer that is the on-grid weight (the stored one, or a master's cast at its
+scale, rounded to nearest); other layers use the FP32 weight. Singular values come from
+``torch.linalg.svdvals`` in float32. Names: ``rank/stable/<layer>`` = ||W||_F^2 / sigma_1^2,
+``rank/effective/<layer>`` = exp(H(p)), p_i = sigma_i / sum(sigma) (Roy & Vetterli 2007),
+``rank/spectral_norm/<layer>`` = sigma_1, and the means over layers ``rank/stable`` and
+``rank/effective``.
+
+A warning (``rank_drop/<layer>``) is raised when a layer's effective rank falls more than
+``rank_threshold`` (relative) below its value at step 0; layers matching ``critical_layers``
+warn at ``rank_threshold * critical_threshold_multiplier``, and their warnings are marked
+critical. Step-0 values are measured when the monitor is built, before any update, and kept
+in checkpoints.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...quantization.linear import QuantizedLinear
+from ...quantization.quantize import quantize
+from ...quantization.scaling import scale_from_amax
+from .base import BaseMonitor, StepContext, layer_mean
+
+
+def forward_weight(layer: nn.Linear) -> torch.Tensor:
+    """The weight the forward pass computes with, in weight units (float32)."""
+    weight = layer.weight.detach().float()
+    if not isinstance(layer, QuantizedLinear) or layer.weight_format is None:
+        return weight
+    if layer.quantizers["weight"].stored is not None:
+        return weight
+    scale = layer.weight_scale
+    if scale is None:  # before the first forward: the scale current scaling would choose
+        scale = scale_from_amax(weight.abs().amax(), layer.weight_format, layer.config.scaling.margin)
+    return quantize(weight * scale, layer.weight_format) / scale
+
+
+def rank_measures(weight: torch.Tensor) -> dict[str, float]:
+    """Stable rank, effective rank and spectral norm of a 2-D tensor (NaN for an all-zero one)."""
+    sigma = torch.linalg.svdvals(weight.float())
+    top, total = float(sigma[0]), float(sigma.sum())
+    if top == 0 or not math.isfinite(total):
+        return {"stable": math.nan, "effective": math.nan, "spectral_norm": top}
+    p = sigma / total
+    entropy = -float((p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum())
+    return {"stable": float(sigma.square().sum()) / top**2, "effective": math.exp(entropy), "spectral_norm": top}
+
+
+class RankMonitor(BaseMonitor):
+    name = "rank"
+
+    def __init__(self, model: nn.Module, interval: int, threshold: float, critical_layers: tuple[str, ...],
+                 critical_multiplier: float):
+        super().__init__(interval)
+        self.layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self.threshold = threshold
+        self.critical = {name for name in self.layers if any(fnmatch.fnmatchcase(name, p) for p in critical_layers)}
+        self.critical_multiplier = critical_multiplier
+        self.initial = {name: rank_measures(forward_weight(layer))["effective"] for name, layer in self.layers.items()}
+
+    def after_update(self, ctx: StepContext) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for name, layer in self.layers.items():
+            for key, value in rank_measures(forward_weight(layer)).items():
+                metrics[f"rank/{key}/{name}"] = value
+        for key in ("stable", "effective"):
+            metrics[f"rank/{key}"] = layer_mean(metrics[f"rank/{key}/{name}"] for name in self.layers)
+        return metrics
+
+    def bound(self, name: str) -> float:
+        """The relative drop that warns for this layer."""
+        return self.threshold * (self.critical_multiplier if name in self.critical else 1.0)
+
+    def alerts(self, record: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+        judged: dict[str, dict[str, Any] | None] = {}
+        for name in self.layers:
+            value, start = record.get(f"rank/effective/{name}"), self.initial.get(name)
+            if not isinstance(value, float) or start is None or not math.isfinite(start):
+                continue
+            drop = 1.0 - value / start
+            critical = name in self.critical
+            judged[f"rank_drop/{name}"] = None if not drop > self.bound(name) else {
+                "value": value, "critical": critical,
+                "message": (f"{'critical layer ' if critical else ''}{name}: effective rank {value:.1f} is "
+                            f"{drop:.0%} below its step-0 value {start:.1f} (threshold {self.bound(name):.0%})")}
+        return judged
+
+    def summary(self) -> dict[str, Any]:
+        return {name: {"effective_rank_step0": value} for name, value in self.initial.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial": dict(self.initial)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.initial.update(state["initial"])
