@@ -223,3 +223,16 @@ def test_a_checkpoint_from_before_the_optimizer_factory_resumes(tmp_path, tiny_d
     torch.save(state, path)
     resumed = Trainer(cfg, resume=True).run()
     assert resumed.status == "completed" and resumed.steps == 20
+
+
+@pytest.mark.parametrize("fmt", ["e1m6", "e0m7"])
+def test_post_layernorm_policies_ship_as_configs(tmp_path, tiny_data, fmt):
+    config = resolve_config(CONFIGS / f"post_ln_{fmt}.yaml", dict(preset="tiny", data=str(tiny_data), max_steps=4,
+                                                                   runs_dir=str(tmp_path / "runs"), device="cpu",
+                                                                   use_shadow=False))
+    result = Trainer(config).run()
+    assert result.status == "completed"
+    layers = json.loads((result.run_dir / "summary.json").read_text())["layers"]
+    assert layers["transformer.h.0.attn.c_attn"]["activation"] == fmt.upper()
+    assert layers["transformer.h.1.mlp.c_fc"]["weight"] == "high precision"
+    assert layers["transformer.h.0.attn.c_proj"]["activation"] == "high precision"  # not a LayerNorm output

@@ -52,6 +52,18 @@ def comparison_table(comparison: Comparison) -> Table:
     return table
 
 
+def collapse_line(name: str, collapse: dict) -> str:
+    """Where a run failed, in one paragraph: the step and why, then its zero-update regions."""
+    def layers(pairs):
+        return ", ".join(f"{layer.removeprefix('transformer.')} {value:.3f}" for layer, value in pairs) or "-"
+
+    sparsity = sorted(collapse.get("gradient_sparsity", {}).items(), key=lambda item: -item[1])[:3]
+    where = f" (layers at step {collapse['measured_at']})" if "measured_at" in collapse else ""
+    return (f"[bold red]collapse:[/] {name} at step {collapse['step']}: {collapse['reason']}{where}; "
+            f"zero gradients: {layers(sparsity)}; highest stall: {layers(collapse['highest_stall'])}; "
+            f"highest gradient underflow: {layers(collapse['highest_underflow'])}")
+
+
 def compare(
     runs: list[str] = typer.Argument(..., help="Run folder names; the first is the reference."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where the runs are."),
@@ -74,6 +86,9 @@ def compare(
             for row in comparison.rows:
                 if row.reason:
                     console.print(f"[{VERDICT_STYLE[row.verdict]}]{row.verdict}[/] {row.name}: {row.reason}")
+            for row in comparison.rows:
+                if row.collapse:
+                    console.print(collapse_line(row.name, row.collapse))
             for row in comparison.rows:
                 if row.rank_warnings:
                     console.print(f"[yellow]rank:[/] {row.name}: {row.rank_warnings} rank-drop warning(s) "

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..training.collapse import collapse_analysis
 from ..training.config import FIELD_NAMES
 from ..training.monitors import layer_mean
 from .runs import RunRecord
@@ -66,6 +67,7 @@ class RunComparison:
     max_overflow: float | None  # max over the run of quant/overflow_rate (a mean over layers)
     rank_vs_reference: float | None  # last effective rank / the reference's, per layer, mean over layers
     rank_warnings: int  # rank-drop warnings raised (critical layers included)
+    collapse: dict[str, Any] | None  # training.collapse: step, reason, sparsity and zero-update layers
     diverged: bool
     verdict: str  # reference | PASS | INVESTIGATE
     reason: str
@@ -171,6 +173,8 @@ def compare_runs(runs: list[RunRecord], tolerance: float = DEFAULT_TOLERANCE) ->
             mean_stall_ratio=_mean(run.series("optim/stall_ratio")[1]),
             max_overflow=max(run.series("quant/overflow_rate")[1], default=None),
             rank_vs_reference=rank_ratio(run, runs[0]),
+            collapse=run.summary["collapse"] if "collapse" in run.summary else
+            collapse_analysis(run.metrics, status, run.summary.get("steps", run.metrics[-1]["step"])),
             rank_warnings=sum(seen.get("count", 0) for name, seen in run.summary.get("alerts", {}).items()
                               if name.startswith("rank_drop/")),
             diverged=status == "diverged", verdict=verdict, reason=reason))

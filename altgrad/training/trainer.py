@@ -28,7 +28,8 @@ from ..optim import build_optimizer, set_learning_rates
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from .config import CONFIG_FILE_NAME, TrainConfig, config_from_dict, read_yaml
 from .monitors import Monitor, QuantStatsMonitor, RankMonitor, ShadowMonitor, StepContext, Thresholds, UpdateMonitor
-from .tracking import RunTracker
+from .collapse import collapse_analysis
+from .tracking import RunTracker, read_metrics
 
 DEFAULT_DATA = DEFAULT_DATA_ROOT / "eurlex"
 Event = Callable[[str, dict[str, Any]], None]
@@ -302,7 +303,8 @@ class Trainer:
         tracker.write_summary({k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
                               | {"params": self.model.num_parameters(), "precision": cfg.precision,
                                  "seed": cfg.seed, "device": str(self.device), "label": cfg.label, "arm": cfg.arm,
-                                 "optimizer": cfg.optimizer})
+                                 "optimizer": cfg.optimizer,
+                                 "collapse": collapse_analysis(read_metrics(self.run_dir), status, step)})
         tracker.close()
         return result
 
