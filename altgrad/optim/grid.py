@@ -18,6 +18,7 @@ rescale), so the weight can grow on the next step; the scale never grows back by
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -102,5 +103,7 @@ class GridOptim(GridAwareOptimizer):
         return int((after != before).sum()), int((param.grad != 0).sum()), bool((target.abs() > top).any())
 
 
+@lru_cache(maxsize=None)
 def _table(fmt) -> torch.Tensor:
+    """Every finite non-negative value of the format by magnitude code (float32, CPU): the C lookup table."""
     return values_of_codes(torch.arange(top_code(fmt) + 1), fmt)
