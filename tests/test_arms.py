@@ -236,3 +236,12 @@ def test_post_layernorm_policies_ship_as_configs(tmp_path, tiny_data, fmt):
     assert layers["transformer.h.0.attn.c_attn"]["activation"] == fmt.upper()
     assert layers["transformer.h.1.mlp.c_fc"]["weight"] == "high precision"
     assert layers["transformer.h.0.attn.c_proj"]["activation"] == "high precision"  # not a LayerNorm output
+
+
+def test_the_arm_name_follows_per_rule_storage():
+    stored = resolve_config(None, dict(preset="tiny", policy=[{"layers": "*", "format": "E5M2",
+                                                                "weight_storage": "format"}]))
+    assert stored.arm == "adamw-rtn" and stored.name == "tiny-mixed-adamw-rtn-seed1337"
+    mixed = resolve_config(None, dict(preset="tiny", optimizer="manifold", policy=[
+        {"layers": "lm_head", "format": "E5M2", "weight_storage": "master"}, {"layers": "*", "format": "E5M2"}]))
+    assert mixed.arm == "manifold-mixed"

@@ -438,3 +438,18 @@ def test_stored_adamw_takes_adamws_step_before_rounding(monkeypatch):
     assert close_steps(ours, theirs, torch.ones_like(ours), before)
     assert not close_steps(ours, 1.01 * theirs, torch.ones_like(ours), before)
     assert torch.equal(model.norm.weight, reference_model.norm.weight)
+
+
+def test_random_rungs_are_floor_v_plus_u_exactly():
+    """An integer v never moves off itself; a fraction f moves up with probability f (to 2^-30)."""
+    from altgrad.optim.grid import random_rungs
+
+    seed = torch.tensor([123, 456])
+    whole = random_rungs(torch.full((1 << 18,), 3.0), seed)
+    assert torch.equal(whole, torch.full((1 << 18,), 3.0))
+    for v in (-2.75, 0.3, 1.5):
+        moves = random_rungs(torch.full((1 << 18,), v), seed)
+        low = math.floor(v)
+        assert set(moves.unique().tolist()) <= {low, low + 1}
+        frac = v - low
+        assert abs(float((moves == low + 1).float().mean()) - frac) < 5 * math.sqrt(frac * (1 - frac) / (1 << 18))

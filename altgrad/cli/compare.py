@@ -91,8 +91,8 @@ def compare(
                     console.print(collapse_line(row.name, row.collapse))
             for row in comparison.rows:
                 if row.rank_warnings:
-                    console.print(f"[yellow]rank:[/] {row.name}: {row.rank_warnings} rank-drop warning(s) "
-                                  "(summary.json, alerts rank_drop/<layer>)")
+                    console.print(f"[yellow]rank:[/] {row.name}: effective rank below its threshold in "
+                                  f"{row.rank_warnings} layer measurement(s) (summary.json, alerts rank_drop/<layer>)")
             for note in comparison.notes:
                 console.print(f"[yellow]note:[/] {note}")
             if plot is not None:

@@ -66,7 +66,7 @@ class RunComparison:
     mean_stall_ratio: float | None  # mean over the run of optim/stall_ratio (a mean over layers)
     max_overflow: float | None  # max over the run of quant/overflow_rate (a mean over layers)
     rank_vs_reference: float | None  # last effective rank / the reference's, per layer, mean over layers
-    rank_warnings: int  # rank-drop warnings raised (critical layers included)
+    rank_warnings: int  # layer measurements with the effective rank beyond its drop threshold
     collapse: dict[str, Any] | None  # training.collapse: step, reason, sparsity and zero-update layers
     diverged: bool
     verdict: str  # reference | PASS | INVESTIGATE

@@ -6,14 +6,18 @@ For a format-stored weight at scale s, the proposed move in rungs is
 
 with d Adam's normalised direction (``grid_direction: adam``) or the gradient's momentum over
 its RMS across the tensor (``momentum``); ``lr`` is in rungs per step, as ManifoldAdamW's is in
-ULPs. The weight moves ``floor(v + U)`` rungs, U ~ U[0, 1) (unbiased: E[move] = v; or
+ULPs. The weight moves ``floor(v + U)`` rungs, U ~ U[0, 1) (unbiased: E[move] = v, exact to
+2^-30; or
 ``round(v)``, ties to even, with ``update_rounding: nearest``), clipped to ``±rung_clip``. Rungs
 are signed codes (`quantization.codes`): a move crosses zero through the code order, and stops
 at the grid's ends, so the result is always a finite value of the format, never NaN. A move
 that the top end stopped halves the scale afterwards (re-rounding the tensor, counted as a
 rescale), so the weight can grow on the next step; the scale never grows back by itself.
 
-``step()`` returns (flips, updates): weights whose code changed, weights with a non-zero gradient.
+``step()`` returns (flips, updates): weights whose code the move changed, weights with a non-zero
+gradient (a rescale after the move re-rounds the tensor; the update monitor counts those flips
+too). The decay term is ManifoldAdamW's in rungs: its step divided by S(w) is the same
+``-lr (d + wd w)``, so the two geometry arms decay alike.
 """
 
 from __future__ import annotations
@@ -37,13 +41,19 @@ class StepCounts(NamedTuple):
     updates: int
 
 
-def uniform(seed: torch.Tensor, shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """U[0, 1) with 30 random bits per element, from the counter-based hash of `kernel.random_bits`."""
-    if device.type == "cpu" and native.library() is not None:
-        bits = native.random_bits(0, shape.numel(), seed).reshape(shape)
+def random_rungs(proposed: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """``floor(v + U)``, U ~ U[0, 1), exactly: floor(v), plus one with probability frac(v) to 2^-30.
+
+    30 random bits per element (the counter-based hash of `kernel.random_bits`) are compared
+    with ``ceil(frac(v) 2^30)``: every step is exact in float32, so a frac of 0 never moves (a
+    float ``U = bits 2^-30`` would round to 1.0 for the top 32 of the 2^30 draws) and E[move] = v.
+    """
+    if proposed.device.type == "cpu" and native.library() is not None:
+        bits = native.random_bits(0, proposed.numel(), seed).reshape(proposed.shape)
     else:
-        bits = random_bits(seed, shape, device)
-    return bits.float() * 2.0**-30
+        bits = random_bits(seed, proposed.shape, proposed.device)
+    whole = torch.floor(proposed)
+    return whole + (bits < torch.ceil((proposed - whole) * 2.0**30).to(torch.int32)).float()
 
 
 class GridOptim(GridAwareOptimizer):
@@ -91,7 +101,7 @@ class GridOptim(GridAwareOptimizer):
         # 0/0 (a zero gradient with eps 0) or an overflowed direction never becomes a NaN weight
         torch.nan_to_num_(proposed, nan=0.0, posinf=self.rung_clip, neginf=-self.rung_clip)
         if seed is not None:
-            moves = torch.floor(proposed + uniform(seed, param.shape, param.device))
+            moves = random_rungs(proposed, seed)
         else:
             moves = torch.round(proposed)  # half to even
         moves = moves.clamp_(-self.rung_clip, self.rung_clip).to(torch.int32)

@@ -454,7 +454,8 @@ void altgrad_adam_step(float *w, const float *g, float *m, float *v, int64_t n, 
     }
 }
 
-/* GridOptim on a stored weight: v = -(d step + w decay) rungs, moved floor(v + U) (stochastic) or
+/* GridOptim on a stored weight: v = -(d step + w decay) rungs, moved floor(v + U) (stochastic:
+ * floor(v), plus one with probability frac(v) to 2^-30) or
  * round-half-even(v) rungs, clipped to +-clip, along the signed codes, stopped at +-top_code.
  * counts[]: flips (code changed), updates (g != 0), moves the top end stopped. Branch-free, so
  * that the compiler vectorizes the inner loop (table lookups become gathers). */
@@ -478,7 +479,7 @@ void altgrad_grid_step(float *restrict w, const float *restrict g, float *restri
     #pragma omp simd reduction(+ : flip, update, stop)
     for (int64_t i = c * chunk; i < end; i++) {
         float wi = w[i], gi = g[i];
-        float u = (float)random_bits_at(i, seed0, seed1) * 0x1p-30f;
+        int32_t bits = (int32_t)random_bits_at(i, seed0, seed1); /* uniform on [0, 2^30) */
         float mm = m[i] * beta1 + gi * c1;
         float vv = v[i] * beta2 + (gi * gi) * c2;
         m[i] = mm;
@@ -488,16 +489,20 @@ void altgrad_grid_step(float *restrict w, const float *restrict g, float *restri
         proposed = proposed != proposed ? 0.0f : proposed; /* torch.nan_to_num */
         proposed = proposed > 3.4028234663852886e38f ? limit : proposed;
         proposed = proposed < -3.4028234663852886e38f ? -limit : proposed;
-        float stochastic_moves = floorf(proposed + u), nearest_moves = nearbyintf(proposed);
+        /* floor(v) + 1 with probability frac(v), to 2^-30: bits < ceil(frac 2^30), all exact
+         * (frac(v) is a float32, times 2^30 exact, its ceiling an integer), so never 1 for frac 0 */
+        float whole = floorf(proposed);
+        float stochastic_moves = whole + (float)(bits < (int32_t)ceilf((proposed - whole) * 0x1p30f));
+        float nearest_moves = nearbyintf(proposed);
         float moves = stochastic ? stochastic_moves : nearest_moves;
         moves = moves > limit ? limit : moves;
         moves = moves < -limit ? -limit : moves;
         float a = fabsf(wi * scale);
-        int32_t bits, sign;
-        memcpy(&bits, &a, sizeof bits);
+        int32_t magnitude_bits, sign;
+        memcpy(&magnitude_bits, &a, sizeof magnitude_bits);
         memcpy(&sign, &wi, sizeof sign);
         sign >>= 31; /* -1 for negative (and -0), else 0 */
-        int32_t binade = (bits >> 23) - 127;
+        int32_t binade = (magnitude_bits >> 23) - 127;
         binade = binade < emin ? emin : binade;
         int32_t code = ((binade - emin) << mantissa) + (int32_t)(a * pow2f(mantissa - binade));
         int32_t rung = (code ^ sign) - sign;

@@ -119,7 +119,7 @@ class TrainConfig:
             (self.eval_interval >= 1 and self.log_interval >= 1 and self.checkpoint_interval >= 1,
              "eval_interval, log_interval and checkpoint_interval must be >= 1"),
             (self.keep_checkpoints >= 1 and self.nan_patience >= 1, "keep_checkpoints and nan_patience must be >= 1"),
-            (0 <= self.min_lr <= self.lr, "need 0 <= min_lr <= lr"),
+            (0 <= self.min_lr <= self.lr and self.lr > 0, "need lr > 0 and 0 <= min_lr <= lr"),
             (self.stats_interval >= 1 and self.shadow_interval >= 1 and self.dead_window >= 1,
              "stats_interval, shadow_interval and dead_window must be >= 1"),
             (not (self.format and self.policy), "give either format (one format everywhere) or policy, not both"),
@@ -174,10 +174,18 @@ class TrainConfig:
     @property
     def arm(self) -> str:
         """How weights are updated: ``adamw`` (FP32 masters, the standard recipe), else
-        ``<optimizer>[-momentum]-<master | rtn | sr>`` (storage and update rounding)."""
-        if self.optimizer == "adamw" and self.weight_storage == "master":
+        ``<optimizer>[-momentum]-<master | rtn | sr | mixed>``: the storage and update rounding
+        of the layers with a weight format (``mixed`` when policy rules set them differently)."""
+        policy = self.quant_policy()
+        configs = [rule.config for rule in (policy.rules if policy else ()) if rule.config is not None]
+        kinds = {("master" if c.weight_storage == "master" else {"nearest": "rtn", "stochastic": "sr"}[c.update_rounding])
+                 for c in configs if c.weight is not None}
+        if not kinds:  # no weight format: the policy-wide setting
+            kinds = {"master" if self.weight_storage == "master" else
+                     {"nearest": "rtn", "stochastic": "sr"}[self.update_rounding]}
+        how = kinds.pop() if len(kinds) == 1 else "mixed"
+        if self.optimizer == "adamw" and how == "master":
             return "adamw"
-        how = "master" if self.weight_storage == "master" else {"nearest": "rtn", "stochastic": "sr"}[self.update_rounding]
         direction = "-momentum" if self.optimizer == "grid" and self.grid_direction == "momentum" else ""
         return f"{self.optimizer}{direction}-{how}"
 

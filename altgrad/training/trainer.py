@@ -261,7 +261,7 @@ class Trainer:
             window_start, window_tokens = time.perf_counter(), 0
             while step < cfg.max_steps:
                 lr = learning_rate(step, cfg)
-                set_learning_rates(self.optimizer, lr / cfg.lr if cfg.lr > 0 else 0.0)
+                set_learning_rates(self.optimizer, lr / cfg.lr)  # the schedule, peak 1
                 loss, grad_norm, applied, monitored = self._step(step)
                 step += 1
                 if applied:
