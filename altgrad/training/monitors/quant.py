@@ -9,8 +9,9 @@ steps only. Names (metrics.jsonl and W&B):
 - headlines, the **mean over layers** (each layer once): ``quant/{overflow,underflow}_rate``
   (a layer's rate over all its casts' elements) and ``/<kind>``; beside them the
   element-weighted rates ``quant/{overflow,underflow}_rate_elementwise`` (and ``/<kind>``),
-  which at a GPT-2 vocabulary are mostly the tied lm_head's; ``quant/dynamic_range_used`` and
-  ``quant/snr_db/<kind>``: means over casts;
+  which at a GPT-2 vocabulary are mostly the tied lm_head's; ``quant/dynamic_range_used`` (and
+  ``/<kind>``) and ``quant/snr_db/<kind>`` (each layer's from its summed signal and noise
+  energies): means over layers;
 - ``quant/dead_fraction_sampled`` (and ``/<layer>``): input units of a layer that were exactly
   zero after quantization in every token of every *sampled* (stats) step of the last
   ``dead_window`` steps; the headline is the mean over layers. Steps between samples are not
@@ -47,37 +48,40 @@ def _rates(per_layer: dict[str, list[QuantStats]], suffix: str) -> dict[str, flo
             f"quant/underflow_rate_elementwise{suffix}": ratio(under, numel)}
 
 
-def _mean(values: list[float]) -> float | None:
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else None
+def _snr_db(stats: list[QuantStats]) -> float:
+    """10 log10(signal / noise) over a layer's casts; inf when exact, NaN without signal."""
+    signal, noise = sum(s.signal for s in stats), sum(s.noise for s in stats)
+    if noise == 0:
+        return math.inf if signal > 0 else math.nan
+    return 10.0 * math.log10(signal / noise) if signal > 0 else math.nan
 
 
 def summarize_stats(per_layer: dict[str, dict[str, list[QuantStats]]]) -> dict[str, float]:
-    """Headline, per-kind and per-layer metrics from the QuantStats of one stats step."""
+    """Headline, per-kind and per-layer metrics from the QuantStats of one stats step. Every
+    headline is a mean over layers (a layer's figure is over its own casts first)."""
     out: dict[str, float] = {}
     for kind in OPERANDS:
-        by_layer = {name: layer.get(kind, []) for name, layer in per_layer.items()}
-        kind_stats = [s for stats in by_layer.values() for s in stats]
-        if not kind_stats:
+        by_layer = {name: stats for name, layer in per_layer.items() if (stats := layer.get(kind, []))}
+        if not by_layer:
             continue
         out |= _rates(by_layer, f"/{kind}")
-        out[f"quant/dynamic_range_used/{kind}"] = _mean([s.dynamic_range_used for s in kind_stats])
-        snr = _mean([s.snr_db for s in kind_stats])
-        if snr is not None:
-            out[f"quant/snr_db/{kind}"] = snr
+        out[f"quant/dynamic_range_used/{kind}"] = layer_mean(
+            sum(s.dynamic_range_used for s in stats) / len(stats) for stats in by_layer.values())
+        snr = {name: _snr_db(stats) for name, stats in by_layer.items()}
+        if any(math.isfinite(value) for value in snr.values()):  # all exact (inf) or no signal: nothing to say
+            out[f"quant/snr_db/{kind}"] = layer_mean(snr.values())
         for name, stats in by_layer.items():
-            if stats:
-                over, under, numel = _counts(stats)
-                out[f"quant/overflow_rate/{kind}/{name}"] = over / numel
-                out[f"quant/underflow_rate/{kind}/{name}"] = under / numel
-                if kind == "gradient":
-                    signal, noise = sum(s.signal for s in stats), sum(s.noise for s in stats)
-                    if noise > 0 and signal > 0:
-                        out[f"grad_snr_db/{name}"] = 10.0 * math.log10(signal / noise)
+            over, under, numel = _counts(stats)
+            out[f"quant/overflow_rate/{kind}/{name}"] = over / numel
+            out[f"quant/underflow_rate/{kind}/{name}"] = under / numel
+            if kind == "gradient" and math.isfinite(snr[name]):
+                out[f"grad_snr_db/{name}"] = snr[name]
     everything = {name: [s for stats in layer.values() for s in stats] for name, layer in per_layer.items()}
-    out |= _rates(everything, "")
-    if any(everything.values()):
-        out["quant/dynamic_range_used"] = _mean([s.dynamic_range_used for v in everything.values() for s in v])
+    everything = {name: stats for name, stats in everything.items() if stats}
+    if everything:
+        out |= _rates(everything, "")
+        out["quant/dynamic_range_used"] = layer_mean(
+            sum(s.dynamic_range_used for s in stats) / len(stats) for stats in everything.values())
     return out
 
 
