@@ -2,7 +2,8 @@
 every ``rank_interval`` steps, on the weight the forward pass really uses.
 
 For a quantized layer that is the on-grid weight (the stored one, or a master's cast at its
-scale, rounded to nearest); other layers use the FP32 weight. Singular values come from
+scale with the run's weight rounding; a stochastic cast uses one fixed draw); other layers use
+the FP32 weight. Singular values come from
 ``torch.linalg.svdvals`` in float32. Names: ``rank/stable/<layer>`` = ||W||_F^2 / sigma_1^2,
 ``rank/effective/<layer>`` = exp(H(p)), p_i = sigma_i / sum(sigma) (Roy & Vetterli 2007),
 ``rank/spectral_norm/<layer>`` = sigma_1, and the means over layers ``rank/stable`` and
@@ -40,7 +41,9 @@ def forward_weight(layer: nn.Linear) -> torch.Tensor:
     scale = layer.weight_scale
     if scale is None:  # before the first forward: the scale current scaling would choose
         scale = scale_from_amax(weight.abs().amax(), layer.weight_format, layer.config.scaling.margin)
-    return quantize(weight * scale, layer.weight_format) / scale
+    rounding = layer.config.rounding  # the run's own weight rounding; stochastic: one fixed draw
+    generator = torch.Generator().manual_seed(0) if rounding == "stochastic" else None
+    return quantize(weight * scale, layer.weight_format, rounding=rounding, generator=generator) / scale
 
 
 def rank_measures(weight: torch.Tensor) -> dict[str, float]:
