@@ -16,6 +16,7 @@ from altgrad.training import Trainer, resolve_config
 from altgrad.training.checkpoint import list_checkpoints, load_checkpoint
 from altgrad.training.config import read_yaml
 from altgrad.training.tracking import read_metrics
+from runs import tiny_config, without_rates
 
 runner = CliRunner()
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -31,14 +32,7 @@ ARMS = {
 
 
 def config(tmp_path, data, name=None, **overrides):
-    values = dict(preset="tiny", data=str(data), runs_dir=str(tmp_path / "runs"), run_name=name, device="cpu",
-                  format="E5M2", stats_interval=5)
-    values.update(overrides)
-    return resolve_config(None, values)
-
-
-def without_rates(records):
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+    return tiny_config(tmp_path, data, **{"run_name": name, "format": "E5M2", "stats_interval": 5, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,16 @@ from altgrad.cli import app
 from altgrad.errors import UserError
 from altgrad.experiments.compare import compare_runs
 from altgrad.experiments.runs import load_run
-from altgrad.training import Trainer, resolve_config
+from altgrad.training import Trainer
 from altgrad.training.checkpoint import list_checkpoints, load_checkpoint
 from altgrad.training.tracking import read_metrics
+from runs import tiny_config, without_rates
 
 runner = CliRunner()
 
 
 def config(tmp_path, data, name, **overrides):
-    values = dict(preset="tiny", data=str(data), runs_dir=str(tmp_path / "runs"), run_name=name, device="cpu")
-    values.update(overrides)
-    return resolve_config(None, values)
-
-
-def without_rates(records):
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+    return tiny_config(tmp_path, data, run_name=name, **overrides)
 
 
 @pytest.fixture(scope="module")

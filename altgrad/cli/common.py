@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import typer
 from rich.console import Console
@@ -23,6 +23,16 @@ def user_errors() -> Iterator[None]:
     except UserError as error:
         error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(error.exit_code) from None
+
+
+def cell(value: float | None, spec: str = ".4f") -> str:
+    """A table cell for a number: "-" when absent; NaN shows as nan (undefined, or a broken run)."""
+    return "-" if value is None else format(value, spec)
+
+
+def fitted_width(cells: Iterable[str], header: str) -> int:
+    """A column width that keeps every cell whole, while the header may wrap between its words."""
+    return max(*(len(c) for c in cells), *(len(word) for word in header.split()))
 
 
 def number(value: float | None) -> str:

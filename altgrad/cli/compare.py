@@ -13,13 +13,9 @@ from rich.table import Table
 from ..experiments.compare import DEFAULT_TOLERANCE, Comparison, compare_runs
 from ..experiments.plots import plot_runs
 from ..experiments.runs import load_run
-from .common import console, user_errors
+from .common import cell, console, fitted_width, user_errors
 
 VERDICT_STYLE = {"PASS": "bold green", "INVESTIGATE": "bold yellow", "reference": "dim"}
-
-
-def _num(value: float | None, spec: str = ".4f") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def comparison_table(comparison: Comparison) -> Table:
@@ -31,17 +27,17 @@ def comparison_table(comparison: Comparison) -> Table:
     # below the table): the table fits 80 columns.
     columns = ("run", "format", *(("status",) if show_status else ()), "final val", "grad cos",
                "bit stall", "stall ratio", "max overflow", "rank vs ref", "verdict")
-    rows = [[row.name, row.label, *((row.status,) if show_status else ()), _num(row.final_val_loss),
-             _num(row.mean_grad_cos), _num(row.mean_bit_stall),
-             _num(row.mean_stall_ratio), _num(row.max_overflow, ".1e"), _num(row.rank_vs_reference, ".3f"),
+    rows = [[row.name, row.label, *((row.status,) if show_status else ()), cell(row.final_val_loss),
+             cell(row.mean_grad_cos), cell(row.mean_bit_stall),
+             cell(row.mean_stall_ratio), cell(row.max_overflow, ".1e"), cell(row.rank_vs_reference, ".3f"),
              row.verdict]
             for row in comparison.rows]
     for index, column in enumerate(columns):
         # In a narrow terminal headers and run names wrap; numbers and verdicts keep their width.
         # A label wraps between format and arm ("e5m2" / "manifold-sr"), never inside a word.
         # Headers wrap between words; each other column is exactly as wide as its widest word.
-        words = [word for cells in rows for word in (cells[index].split() if column == "format" else [cells[index]])]
-        width = max(len(word) for word in words + column.split())
+        width = fitted_width([word for cells in rows
+                              for word in (cells[index].split() if column == "format" else [cells[index]])], column)
         table.add_column(column, justify="left" if column in ("run", "format", "status", "verdict") else "right",
                          min_width=None if column == "run" else width,
                          max_width=None if column in ("run", "format") else width,

@@ -15,7 +15,7 @@ from rich.table import Table
 from ..model.surgery import LayerAssignment
 from ..training import Trainer, TrainResult, resolve_config, resume_config, run_directory
 from ..training.config import TrainConfig, read_yaml
-from .common import console, error_console, user_errors
+from .common import cell, console, error_console, fitted_width, user_errors
 
 
 class LiveDisplay:
@@ -58,12 +58,12 @@ class LiveDisplay:
         rate = rec.get("tokens_per_s") or 0.0
         tokens_left = (self.max_steps - step) * (rec.get("tokens", 0) / step if step else 0)
         eta = f"{tokens_left / rate:.0f}s" if rate else "-"
-        cells = [f"{step}/{self.max_steps}", _fmt(rec.get("loss")), _fmt(self.val_loss),
+        cells = [f"{step}/{self.max_steps}", cell(rec.get("loss")), cell(self.val_loss),
                  f"{rec['lr']:.2e}" if "lr" in rec else "-", f"{rate:,.0f}" if rate else "-", eta,
-                 *[_fmt(self.monitored[key]) for _, key in monitored]]
-        for column, cell in zip(columns + [label for label, _ in monitored], cells):
+                 *[cell(self.monitored[key]) for _, key in monitored]]
+        for column, value in zip(columns + [label for label, _ in monitored], cells):
             # numbers keep their width; headers wrap between words in a narrow terminal
-            width = max(len(cell), *(len(word) for word in column.split()))
+            width = fitted_width([value], column)
             table.add_column(column, justify="right", min_width=width, max_width=width)
         table.add_row(*cells)
         return table
@@ -74,10 +74,6 @@ class LiveDisplay:
 #: with it the live table no longer fits 80 columns.)
 MONITORED = (("stall ratio", "optim/stall_ratio"), ("overflow", "quant/overflow_rate"),
              ("underflow", "quant/underflow_rate"), ("grad cos", "grad_cos_sim/mean"))
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"  # NaN shows as nan: undefined, or a broken run
 
 
 def layer_table(layers: list[LayerAssignment]) -> Table:
@@ -123,7 +119,7 @@ def update_table(result: TrainResult) -> Table | None:
         rescales, drift, shift = layer.get("rescales"), layer["bit_position_drift"], layer["scale_log2_change"]
         described = () if uniform else (layer["weight"], layer["storage"], layer["optimizer"])
         cells.append([name.removeprefix("transformer."), *described, _count(layer["updates"]), _count(layer["flips"]),
-                      _fmt(layer["stall_ratio"]), _fmt(layer["bit_stall_rate"]),
+                      cell(layer["stall_ratio"]), cell(layer["bit_stall_rate"]),
                       "-" if drift != drift else f"{drift:+.2f}", "-" if shift != shift else f"2^{shift:+.0f}",
                       "-" if rescales is None else str(rescales)])
     columns = ["layer", *(() if uniform else ("weight", "storage", "optimizer")), "updates", "flips", "stall ratio",
@@ -131,7 +127,7 @@ def update_table(result: TrainResult) -> Table | None:
     # Cells keep their width (layer names included); in a narrow terminal headers wrap between words.
     natural = sum(max(len(column), *(len(row[i]) for row in cells)) + 1 for i, column in enumerate(columns))
     for index, column in enumerate(columns):
-        width = max(max(len(row[index]) for row in cells), *(len(word) for word in column.split()))
+        width = fitted_width([row[index] for row in cells], column)
         table.add_column(column, justify="left" if index == 0 or column in ("weight", "storage", "optimizer")
                          else "right", min_width=width,
                          max_width=width if natural > console.width and index else None)
@@ -146,7 +142,7 @@ def _summary_table(result: TrainResult) -> Table:
     table.add_column("")
     rows = [("status", result.status + (f" ({result.message})" if result.message else "")),
             ("steps", str(result.steps)), ("tokens", f"{result.tokens:,}"), ("wall time", f"{result.wall_s:.1f} s"),
-            ("final val loss", _fmt(result.final_val_loss)), ("best val loss", _fmt(result.best_val_loss)),
+            ("final val loss", cell(result.final_val_loss)), ("best val loss", cell(result.best_val_loss)),
             ("non-finite steps skipped", str(result.nonfinite_steps)), ("run directory", str(result.run_dir))]
     rows += [(f"alert: {name}", f"{seen['count']}x from step {seen['first_step']} ({seen['message']})")
              for name, seen in result.alerts.items()]

@@ -176,13 +176,14 @@ class TrainConfig:
         """How weights are updated: ``adamw`` (FP32 masters, the standard recipe), else
         ``<optimizer>[-momentum]-<master | rtn | sr | mixed>``: the storage and update rounding
         of the layers with a weight format (``mixed`` when policy rules set them differently)."""
+        def tag(storage: str, rounding: str) -> str:
+            return "master" if storage == "master" else {"nearest": "rtn", "stochastic": "sr"}[rounding]
+
         policy = self.quant_policy()
         configs = [rule.config for rule in (policy.rules if policy else ()) if rule.config is not None]
-        kinds = {("master" if c.weight_storage == "master" else {"nearest": "rtn", "stochastic": "sr"}[c.update_rounding])
-                 for c in configs if c.weight is not None}
-        if not kinds:  # no weight format: the policy-wide setting
-            kinds = {"master" if self.weight_storage == "master" else
-                     {"nearest": "rtn", "stochastic": "sr"}[self.update_rounding]}
+        # the layers with a weight format decide; without any, the policy-wide setting
+        kinds = {tag(c.weight_storage, c.update_rounding) for c in configs if c.weight is not None} or \
+            {tag(self.weight_storage, self.update_rounding)}
         how = kinds.pop() if len(kinds) == 1 else "mixed"
         if self.optimizer == "adamw" and how == "master":
             return "adamw"
