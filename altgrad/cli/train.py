@@ -28,6 +28,7 @@ class LiveDisplay:
         self.start_step = 0
         self.warnings: list[str] = []
         self.monitored: dict[str, float] = {}
+        self.explained_rank = False
         self.live = Live(self._render(), console=console, refresh_per_second=4, transient=False)
 
     def __call__(self, kind: str, payload: dict[str, Any]) -> None:
@@ -45,8 +46,13 @@ class LiveDisplay:
             self.monitored.update({key: payload[key] for _, key in MONITORED if key in payload})
         elif kind == "warning":
             self.warnings.append(payload["message"])
-            label = "[bold red]critical warning:[/]" if payload.get("critical") else "[yellow]warning:[/]"
+            label = "[yellow]warning (critical layer):[/]" if payload.get("critical") else "[yellow]warning:[/]"
             self.live.console.print(f"{label} {payload['message']}")
+            if str(payload.get("alert", "")).startswith("rank_drop/") and not self.explained_rank:
+                self.explained_rank = True
+                self.live.console.print("[dim]  (a rank drop is measured against step 0, and healthy training "
+                                        "lowers rank too: judge it against the BF16 run of the same seed, "
+                                        "`altgrad compare`'s rank vs ref)[/]")
         self.live.update(self._render())
 
     def _render(self) -> Table:
@@ -145,7 +151,15 @@ def _summary_table(result: TrainResult) -> Table:
             ("final val loss", cell(result.final_val_loss)), ("best val loss", cell(result.best_val_loss)),
             ("non-finite steps skipped", str(result.nonfinite_steps)), ("run directory", str(result.run_dir))]
     rows += [(f"alert: {name}", f"{seen['count']}x from step {seen['first_step']} ({seen['message']})")
-             for name, seen in result.alerts.items()]
+             for name, seen in result.alerts.items() if not name.startswith("rank_drop/")]
+    ranks = {name.removeprefix("rank_drop/"): seen for name, seen in result.alerts.items()
+             if name.startswith("rank_drop/")}
+    if ranks:  # one row: the layers, the critical ones marked; the details are in summary.json
+        layers = ", ".join(f"{name.removeprefix('transformer.')}{' (critical)' if seen.get('critical') else ''}"
+                           for name, seen in ranks.items())
+        first = min(seen["first_step"] for seen in ranks.values())
+        rows.append(("alert: rank drop", f"from step {first} in {layers}: judge against the BF16 run of the same "
+                                         "seed (rank vs ref in `altgrad compare`)"))
     for row in rows:
         table.add_row(*row)
     return table

@@ -336,7 +336,8 @@ class Trainer:
             seen["last_step"] = step
             if name not in alerting:
                 alerting.append(name)
-                self.notify("warning", {"message": f"step {step}: {alert['message']}", "critical": alert["critical"]})
+                self.notify("warning", {"message": f"step {step}: {alert['message']}", "critical": alert["critical"],
+                                        "alert": name})
         if crossed:
             record["alerts"] = sorted(crossed)
         # An alert clears once its metric is measured again and is back within bounds.
