@@ -15,6 +15,7 @@ from rich.table import Table
 from ..model.surgery import LayerAssignment
 from ..training import Trainer, TrainResult, resolve_config, resume_config, run_directory
 from ..training.config import TrainConfig, read_yaml
+from ..training.shift import describe
 from .common import cell, console, error_console, fitted_width, user_errors
 
 
@@ -44,6 +45,9 @@ class LiveDisplay:
             if "val_loss" in payload:
                 self.val_loss = payload["val_loss"]
             self.monitored.update({key: payload[key] for _, key in MONITORED if key in payload})
+        elif kind == "format_shift":
+            style = "magenta" if payload["shifted"] else "red"
+            self.live.console.print(f"[{style}]step {payload['step']}: format shift:[/] {describe(payload)}")
         elif kind == "warning":
             self.warnings.append(payload["message"])
             label = "[yellow]warning (critical layer):[/]" if payload.get("critical") else "[yellow]warning:[/]"
@@ -160,6 +164,9 @@ def _summary_table(result: TrainResult) -> Table:
         first = min(seen["first_step"] for seen in ranks.values())
         rows.append(("alert: rank drop", f"from step {first} in {layers}: judge against the BF16 run of the same "
                                          "seed (rank vs ref in `altgrad compare`)"))
+    rows += [("format shift", f"step {event['step']}: {describe(event)}") for event in result.format_shifts]
+    rows += [(f"clipped: {name}", f"{totals['clipped_steps']} steps, smallest factor {totals['min_factor']:.3g}")
+             for name, totals in result.clipping.items() if totals["clipped_steps"]]
     for row in rows:
         table.add_row(*row)
     return table
@@ -198,6 +205,11 @@ def train(
                                         "default: nearest for adamw, stochastic for manifold and grid"),
     grid_lr: Optional[float] = typer.Option(None, "--grid-lr",
                                             help="manifold: ULPs per step; grid: rungs per step (default 0.5)"),
+    grad_clip_mode: Optional[str] = typer.Option(
+        None, "--grad-clip-mode", help="global (one norm) | partition (per gradient format, bounded by its range)"),
+    format_shift: Optional[bool] = typer.Option(
+        None, "--format-shift/--no-format-shift",
+        help="Move a layer that keeps overflowing (stalling) to one more exponent (mantissa) bit."),
     shadow: Optional[bool] = typer.Option(None, "--shadow/--no-shadow",
                                           help="Compare gradients with an FP32 shadow every --shadow-interval steps."),
     shadow_interval: Optional[int] = typer.Option(None, "--shadow-interval"),
@@ -227,7 +239,8 @@ def train(
                          format=fmt, grad_format=grad_format, rounding=rounding, grad_rounding=grad_rounding,
                          scaling=scaling, use_shadow=shadow, shadow_interval=shadow_interval,
                          stats_interval=stats_interval, optimizer=optimizer, weight_storage=weight_storage,
-                         update_rounding=update_rounding, grid_lr=grid_lr)
+                         update_rounding=update_rounding, grid_lr=grid_lr, grad_clip_mode=grad_clip_mode,
+                         format_shift=format_shift)
         resolved = resolve_config(config, overrides)
         if resume:
             given = {key for key, value in overrides.items() if value is not None}

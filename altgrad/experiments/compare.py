@@ -20,10 +20,11 @@ from .runs import RunRecord
 #: Config keys that may differ between paired runs: the precision policy, the optimizer arm,
 #: and names, places and monitoring, none of which changes batches, weights at step 0 or the
 #: validation set. Every other key (model shape, data, seed, steps, batch, learning rate and
-#: schedule, weight decay, dropout, gradient clipping, evaluation batches) must be equal.
+#: schedule, weight decay, dropout, the clipping bound, evaluation batches) must be equal.
 UNPAIRED_KEYS = frozenset({
     "precision", "format", "grad_format", "rounding", "grad_rounding", "scaling", "amax_history_len",
-    "scale_margin", "power_of_two_scales", "gemm_dtype", "policy",  # the precision policy
+    "scale_margin", "power_of_two_scales", "gemm_dtype", "policy", "format_shift", "shift_patience",
+    "grad_clip_mode",  # the precision policy and its failure handling (the same for a run without FP8 layers)
     "optimizer", "weight_storage", "update_rounding", "grid_lr", "max_stiffness", "rung_clip",
     "grid_direction",  # the optimizer arm
     "run_name", "runs_dir", "preset", "device", "compile", "wandb", "wandb_project", "tags", "log_interval",

@@ -114,6 +114,15 @@ class FormatWeight:
         self.param.copy_(q * (1.0 / scale))
         self._set_scale(scale, count=True)
 
+    @torch.no_grad()
+    def reformat(self, fmt: FloatFormat, generator: torch.Generator | None, project: bool = True) -> None:
+        """Move this weight to another format (an emergency shift): a stored weight is re-projected
+        onto the new grid with its update rounding (``project=False``: its values and scale come
+        from a checkpoint)."""
+        self.fmt = fmt
+        if self.stored and project:
+            self.project(generator, count=False)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"scale": self.scale.clone(), "rescales": self.rescales.clone()}
 

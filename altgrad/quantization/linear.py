@@ -16,6 +16,7 @@ bf16 kernels with fp32 accumulation, as fast as the BF16 baseline. The output is
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -238,6 +239,28 @@ class QuantizedLinear(nn.Linear):
         """The weight's scale: its storage scale when stored in the format, else that of its last cast."""
         quantizer = self.quantizers["weight"]
         return quantizer.stored.forward_scale() if quantizer.stored is not None else quantizer.last_scale
+
+    def reformat(self, **formats: FloatFormat) -> None:
+        """Move operands (``weight=``, ``activation=``, ``gradient=``) to other formats, in place.
+
+        The layer's config and those operands' quantizers are re-created; each keeps its random
+        stream, its amax history (absolute values, valid in any format) and its link to a
+        format-stored weight, so a run goes on where it was. A stored weight itself is re-projected
+        by its optimizer (`optim.FormatWeight.reformat`), not here.
+        """
+        unknown = set(formats) - set(OPERANDS)
+        if unknown:
+            raise ValueError(f"unknown operand(s) {', '.join(sorted(unknown))}; operands: {', '.join(OPERANDS)}")
+        old_config = self.config
+        self.config = dataclasses.replace(old_config, **formats)
+        for operand in formats:
+            old = self.quantizers[operand]
+            rounding = old_config.grad_rounding if operand == "gradient" else old_config.rounding
+            new = OperandQuantizer(getattr(self.config, operand), rounding, old_config.scaling, 0, old.track_alive)
+            new.generator, new.stored = old.generator, old.stored
+            if old.tracker is not None and new.tracker is not None:
+                new.tracker.load_state_dict(old.tracker.state_dict())
+            self.quantizers[operand] = new
 
     def get_extra_state(self) -> dict[str, Any]:
         return {name: quantizer.state_dict() for name, quantizer in self.quantizers.items()}

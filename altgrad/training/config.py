@@ -18,6 +18,7 @@ from ..model.surgery import QuantPolicy, build_policy
 from ..optim import GRID_DIRECTIONS, OPTIMIZERS, OptimizerSpec
 from ..quantization.linear import WEIGHT_STORAGES
 from ..quantization.quantize import ROUNDINGS
+from .clipping import CLIP_MODES
 
 PRECISIONS = ("fp32", "bf16")
 WANDB_MODES = ("disabled", "offline", "online")
@@ -61,6 +62,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
+    grad_clip_mode: str = "global"  # global: one L2 norm; partition: per gradient format (training/clipping.py)
     nan_patience: int = 5
     # the optimizer and where weights live (DESIGN §4): adamw | manifold | grid; master | format
     optimizer: str = "adamw"
@@ -82,6 +84,10 @@ class TrainConfig:
     power_of_two_scales: bool = True
     gemm_dtype: str = "bf16"
     policy: tuple[dict, ...] = field(default_factory=tuple)
+    # emergency mantissa shift (training/shift.py): a layer that overflows (or stalls) in
+    # shift_patience measurements in a row moves to one more exponent (or mantissa) bit
+    format_shift: bool = False
+    shift_patience: int = 3
     # monitoring: quantization statistics, bit-stall, dead units, the FP32 gradient shadow
     stats_interval: int = 10
     dead_window: int = 100
@@ -129,6 +135,8 @@ class TrainConfig:
             (self.grid_direction in GRID_DIRECTIONS, f"grid_direction must be one of {', '.join(GRID_DIRECTIONS)}"),
             (self.grid_lr >= 0 and self.rung_clip >= 1, "need grid_lr >= 0 and rung_clip >= 1"),
             (self.max_stiffness is None or self.max_stiffness > 0, "max_stiffness must be > 0"),
+            (self.grad_clip_mode in CLIP_MODES, f"grad_clip_mode must be one of {', '.join(CLIP_MODES)}"),
+            (self.shift_patience >= 1, "shift_patience must be >= 1"),
             (self.rank_interval >= 1 and 0 < self.rank_threshold < 1 and 0 < self.critical_threshold_multiplier <= 1,
              "need rank_interval >= 1, 0 < rank_threshold < 1 and 0 < critical_threshold_multiplier <= 1"),
         ]

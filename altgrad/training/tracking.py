@@ -77,7 +77,18 @@ class RunTracker:
         self._metrics.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
         self._metrics.flush()
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self._wandb.log({k: self._for_wandb(k, v) for k, v in record.items() if k != "step"}, step=record["step"])
+
+    @staticmethod
+    def _for_wandb(key: str, value: Any) -> Any:
+        """Events (lists of mappings, e.g. format shifts) become a W&B table; the rest as is."""
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            import wandb
+
+            columns = list(dict.fromkeys(k for v in value for k in v))
+            return wandb.Table(columns=columns, data=[[json.dumps(v.get(c)) if isinstance(v.get(c), dict)
+                                                       else v.get(c) for c in columns] for v in value])
+        return value
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.run_dir / SUMMARY_FILE, {k: _clean(v) for k, v in summary.items()})

@@ -23,12 +23,15 @@ from ..data.prepare import DEFAULT_DATA_ROOT, ensure_builtin_data, load_meta
 from ..errors import UserError
 from ..io import write_yaml
 from ..model import GPT, GPTConfig
-from ..model.surgery import LayerAssignment, quantize_model
+from ..model.surgery import LayerAssignment, quantize_model, quantized_layers
+from ..quantization.linear import LinearQuantConfig
 from ..optim import build_optimizer, set_learning_rates
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from .config import CONFIG_FILE_NAME, TrainConfig, config_from_dict, read_yaml
 from .monitors import Monitor, QuantStatsMonitor, RankMonitor, ShadowMonitor, StepContext, Thresholds, UpdateMonitor
+from .clipping import GradientClipper
 from .collapse import collapse_analysis
+from .shift import FormatShifter
 from .tracking import RunTracker, read_metrics
 
 DEFAULT_DATA = DEFAULT_DATA_ROOT / "eurlex"
@@ -48,6 +51,8 @@ class TrainResult:
     message: str = ""
     alerts: dict[str, Any] = dataclasses.field(default_factory=dict)  # threshold alerts: name -> count, steps
     layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per Linear: formats, storage, updates
+    format_shifts: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # emergency shifts (shift.py)
+    clipping: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per partition: clipped steps
 
 
 def resolve_device(name: str) -> torch.device:
@@ -145,6 +150,9 @@ class Trainer:
                                          cfg.critical_threshold_multiplier))
         if cfg.use_shadow:
             self.monitors.append(ShadowMonitor(self.model, model_config, self.device, cfg.shadow_interval))
+        self.clipper = GradientClipper(self.model, cfg.grad_clip, cfg.grad_clip_mode)
+        self.shifter = FormatShifter(self.model, self.optimizer, cfg.shift_patience, cfg.overflow_threshold,
+                                     cfg.bit_stall_threshold) if cfg.format_shift and self.layers else None
         self.thresholds = Thresholds(cfg.overflow_threshold, cfg.underflow_threshold, cfg.bit_stall_threshold,
                                      cfg.grad_cos_threshold)
         self.batches = TokenBatches(self.data_dir, cfg.block_size, cfg.batch_size, cfg.seed, self.device)
@@ -180,10 +188,6 @@ class Trainer:
             total += float(loss.detach()) / self.config.grad_accum
         return total
 
-    def _clip(self) -> float:
-        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-
     def _step(self, step: int) -> tuple[float, float, bool, dict[str, float]]:
         """One optimizer step (1-based ``step`` once done): (loss, grad norm, applied, monitor metrics)."""
         due = [monitor for monitor in self.monitors if monitor.due(step + 1)]
@@ -195,7 +199,9 @@ class Trainer:
         loss = self._forward_backward(ctx.batches)
         for monitor in due:
             metrics |= monitor.after_backward(ctx)
-        grad_norm = self._clip()
+        grad_norm, factors = self.clipper()
+        for name, factor in factors.items():  # the smallest factor since the last record
+            self.clip_window[name] = min(factor, self.clip_window.get(name, 1.0))
         applied = math.isfinite(loss) and math.isfinite(grad_norm)
         if applied:
             for monitor in due:
@@ -213,6 +219,8 @@ class Trainer:
             "rng": capture_rng(),
             "trainer": dict(self.counters),
             "monitors": {monitor.name: monitor.state_dict() for monitor in self.monitors},
+            "clipper": self.clipper.state_dict(),
+            "shifter": self.shifter.state_dict() if self.shifter else None,
             "config": self.config.to_dict(),
         }
 
@@ -225,12 +233,16 @@ class Trainer:
 
     def _restore(self) -> int:
         state = load_checkpoint(list_checkpoints(self.run_dir)[-1], map_location=self.device)
+        if self.shifter and state.get("shifter"):  # the layers' formats first: the weights are on their grids
+            self.shifter.load_state_dict(state["shifter"])
         self.model.load_state_dict(state["model"])
         peaks = [group["base_lr"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         for group, peak in zip(self.optimizer.param_groups, peaks):
             group.setdefault("base_lr", peak)  # a checkpoint from before per-group peaks
         restore_rng(state["rng"])
+        if "clipper" in state:
+            self.clipper.load_state_dict(state["clipper"])
         self.counters.update(state["trainer"])
         for monitor in self.monitors:
             if monitor.name in state.get("monitors", {}):
@@ -244,6 +256,7 @@ class Trainer:
         self._build()
         self.counters = {"tokens": 0, "nonfinite_steps": 0, "consecutive_nonfinite": 0, "wall_s": 0.0,
                          "best_val_loss": None, "final_val_loss": None, "alerts": {}, "alerting": []}
+        self.clip_window: dict[str, float] = {}
         start = self._restore() if self.resume else 0
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_yaml(self.run_dir / CONFIG_FILE_NAME, cfg.to_dict())
@@ -270,6 +283,9 @@ class Trainer:
                     self.counters["nonfinite_steps"] += 1
                     self.counters["consecutive_nonfinite"] += 1
                     self.notify("warning", {"message": f"step {step}: non-finite loss or gradient, step skipped"})
+                shifts = self.shifter.observe(step, monitored, applied) if self.shifter else []
+                for event in shifts:
+                    self.notify("format_shift", event)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.counters["tokens"] += cfg.tokens_per_step
                 window_tokens += cfg.tokens_per_step
@@ -278,11 +294,15 @@ class Trainer:
                     message = f"{cfg.nan_patience} consecutive non-finite steps at step {step}"
                     break
                 is_eval = step % cfg.eval_interval == 0 or step == cfg.max_steps
-                if step % cfg.log_interval == 0 or is_eval or monitored:
+                if step % cfg.log_interval == 0 or is_eval or monitored or shifts:
                     elapsed = time.perf_counter() - window_start
                     record = {"loss": loss, "lr": lr, "grad/norm": grad_norm,
                               "tokens_per_s": window_tokens / elapsed if elapsed > 0 else 0.0,
-                              "tokens": self.counters["tokens"], **monitored}
+                              "tokens": self.counters["tokens"], **monitored,
+                              **{f"grad/clip_factor/{name}": f for name, f in self.clip_window.items()}}
+                    self.clip_window = {}
+                    if shifts:
+                        record["format_shifts"] = shifts
                     if is_eval:
                         record["val_loss"] = self.evaluate()
                     self._record(tracker, step, record)
@@ -299,7 +319,9 @@ class Trainer:
                              final_val_loss=self.counters["final_val_loss"],
                              best_val_loss=self.counters["best_val_loss"],
                              nonfinite_steps=self.counters["nonfinite_steps"], run_dir=self.run_dir, message=message,
-                             alerts=self.counters["alerts"], layers=self._layer_summary())
+                             alerts=self.counters["alerts"], layers=self._layer_summary(),
+                             format_shifts=self.shifter.events if self.shifter else [],
+                             clipping=self.clipper.summary())
         tracker.write_summary({k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
                               | {"params": self.model.num_parameters(), "precision": cfg.precision,
                                  "seed": cfg.seed, "device": str(self.device), "label": cfg.label, "arm": cfg.arm,
@@ -345,16 +367,24 @@ class Trainer:
 
 
     def _layer_summary(self) -> dict[str, dict[str, Any]]:
-        """Per Linear layer: formats, storage, optimizer, and what the monitors totalled."""
+        """Per Linear layer: formats now (after any shift), storage, optimizer, and what the monitors totalled."""
         totals: dict[str, dict[str, Any]] = {}
         for monitor in self.monitors:
             for name, values in monitor.summary().items():
                 totals.setdefault(name, {}).update(values)
-        return {a.name: _describe(a, self.config.optimizer) | totals.get(a.name, {}) for a in self.layers}
+        live = quantized_layers(self.model)
+        shifted = self.shifter.current_formats() if self.shifter else {}
+        summary = {}
+        for assignment in self.layers:
+            config = live[assignment.name].config if assignment.name in live else None
+            summary[assignment.name] = _describe(config, self.config.optimizer) | totals.get(assignment.name, {})
+            if assignment.name in shifted:
+                summary[assignment.name]["formats_at_start"] = {
+                    op: assignment.config.format_name(op) for op in shifted[assignment.name]}
+        return summary
 
 
-def _describe(assignment: LayerAssignment, optimizer: str) -> dict[str, str]:
-    config = assignment.config
+def _describe(config: LinearQuantConfig | None, optimizer: str) -> dict[str, str]:
     if config is None:
         return {"weight": "high precision", "activation": "high precision", "gradient": "high precision",
                 "storage": "master", "optimizer": "adamw"}
