@@ -22,7 +22,8 @@ the update, not by the noise). With that:
 
 The run's summary gets, per layer, the totals over the measured steps: updates, flips,
 stall ratio, the bit-position drift (mean code at the last measurement minus the first) and
-the change of the weight's scale over the same span, as a power of two. Read them together:
+the change of the weight's scale over the same span, as a power of two (after an emergency
+format shift, both count from the first measurement in the new format). Read them together:
 a code is an index *under the scale*, so a scale change by 2^k moves the code of every normal
 value by k 2^M (a stored weight's rescales, a master's cast scale) without moving the weight.
 """
@@ -63,7 +64,7 @@ class UpdateMonitor(BaseMonitor):
         self.layers = {name: layer for name, layer in quantized_layers(model).items() if layer.weight_format is not None}
         self.totals: dict[str, dict[str, Any]] = {
             name: {"updates": 0, "flips": 0, "stalled": 0, "first_position": None, "last_position": None,
-                   "first_scale": None, "last_scale": None}
+                   "first_scale": None, "last_scale": None, "format": None}
             for name in self.layers}
         self._before: dict[str, tuple[torch.Tensor, torch.Tensor, Any, int]] = {}
 
@@ -112,8 +113,10 @@ class UpdateMonitor(BaseMonitor):
             totals["flips"] += flips
             totals["stalled"] += stalled
             totals["last_position"], totals["last_scale"] = position, float(layer.weight_scale)
-            if totals["first_position"] is None:
+            if totals["first_position"] is None or totals.get("format") != layer.weight_format.name:
+                # codes of different formats do not compare: drift counts from the last format shift
                 totals["first_position"], totals["first_scale"] = position, totals["last_scale"]
+                totals["format"] = layer.weight_format.name
             updates_all, flips_all, stalled_all, numel_all = (updates_all + updates, flips_all + flips,
                                                               stalled_all + stalled, numel_all + numel)
         self._before = {}
