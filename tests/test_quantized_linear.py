@@ -80,7 +80,8 @@ def reference_linear(x, w, b, config: LinearQuantConfig, grad_y, autocast: bool)
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("gemm", ["bf16", "fp32"])
-@pytest.mark.parametrize("formats", [("E4M3", "E5M2"), ("E3M4", "E5M2"), ("E0M7", "E5M2"), ("E7M0", "E4M3")])
+@pytest.mark.parametrize("formats", [("E4M3", "E5M2"), ("E3M4", "E5M2"), ("E0M7", "E5M2"), ("E7M0", "E4M3"),
+                                     ("E7M0", "E7M0"), ("E6M1", "E7M0")])  # scaled x scaled passes 2^128
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_and_backward_match_the_reference_bit_for_bit(gemm, formats, bias, autocast):
     fwd, bwd = formats

@@ -8,6 +8,7 @@ from .. import __version__
 from .compare import compare
 from .data import prepare_data
 from .formats import inspect_format
+from .matrix import matrix_app
 from .train import train
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app.command("inspect-format")(inspect_format)
 app.command("prepare-data")(prepare_data)
 app.command("train")(train)
 app.command("compare")(compare)
+app.add_typer(matrix_app, name="matrix")
 
 
 def _version(value: bool) -> None:

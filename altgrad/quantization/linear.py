@@ -191,9 +191,14 @@ class _QuantizedLinearFunction(torch.autograd.Function):
                 grad_x = torch.matmul(qg, qw).float() * inverse
             grad_x = grad_x.to(x_dtype)
         if ctx.needs_input_grad[1]:
-            product = torch.mm(qg.reshape(-1, qg.shape[-1]).t(), qx.reshape(-1, qx.shape[-1]))
-            inverse = (1.0 / sg) * (1.0 / sx)
-            grad_w = (product * inverse if exact else product.float() * inverse).to(w_dtype)
+            g2, x2 = qg.reshape(-1, qg.shape[-1]).t(), qx.reshape(-1, qx.shape[-1])
+            if exact:
+                # The activation's unscale (a power of two: exact) goes in before the GEMM: the
+                # product of two scaled operands can pass float32's range (E7M0 x E7M0: 2^128).
+                grad_w = torch.mm(g2, x2 * (1.0 / sx)) * (1.0 / sg)
+            else:
+                grad_w = torch.mm(g2, x2).float() * ((1.0 / sg) * (1.0 / sx))
+            grad_w = grad_w.to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(b_dtype)
         return grad_x, grad_w, grad_b, None

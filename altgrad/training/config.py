@@ -277,7 +277,7 @@ def read_yaml(path: Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
     return data
 
 
-def _coerce(values: dict[str, Any], origin: str) -> dict[str, Any]:
+def coerce(values: dict[str, Any], origin: str) -> dict[str, Any]:
     """Check each value against its field's type (YAML gives ints for floats, lists for tuples)."""
     types = {f.name: f.type for f in fields(TrainConfig)}
     out = {}
@@ -306,7 +306,7 @@ def resolve_config(path: Path | None = None, overrides: dict[str, Any] | None = 
     preset = cli_values.get("preset", file_values.get("preset", TrainConfig.preset))
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    merged = {**PRESETS[preset], **_coerce(file_values, str(path)), **_coerce(cli_values, "command-line options")}
+    merged = {**PRESETS[preset], **coerce(file_values, str(path)), **coerce(cli_values, "command-line options")}
     merged["preset"] = preset
     return TrainConfig(**merged)
 
@@ -314,4 +314,4 @@ def resolve_config(path: Path | None = None, overrides: dict[str, Any] | None = 
 def config_from_dict(values: dict[str, Any], origin: str) -> TrainConfig:
     """Rebuild a saved config (e.g. a run's config.yaml on resume)."""
     _check_keys(values, origin)
-    return TrainConfig(**_coerce(values, origin))
+    return TrainConfig(**coerce(values, origin))

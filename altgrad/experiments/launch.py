@@ -1,0 +1,359 @@
+"""Running a matrix: every cell an ordinary training run, locally or as a submitit job array.
+
+- A cell whose run folder holds a finished run (completed or diverged, all steps) is skipped;
+  one with checkpoints is resumed; one with a folder but no checkpoint starts again (it had
+  nothing to keep). A cell that failed (an exception, not a diverged run) is recorded with its
+  error and the path of its log, and is not retried unless asked (``retry_failed``). One cell's
+  failure never stops the others.
+- Locally, cells run in a `concurrent.futures.ProcessPoolExecutor` (spawned processes), ``jobs``
+  at a time, the CPU threads divided among them. On a cluster, `submitit` submits them as one
+  job array per phase (the learning-rate sweep, then the main cells); its ``local`` and
+  ``debug`` executors run the same path on one machine.
+- The manifest (``runs_dir/manifest.json``, written atomically by this process only) says for
+  every cell what ran, when, where (host, job id), how it ended and where its log is; and for
+  every sweep the final loss of each value and the value chosen.
+
+Each cell writes ``matrix.log`` in its run folder: the trainer's events as lines of text.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import socket
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..io import write_json
+from ..training.checkpoint import list_checkpoints
+from ..training.tracking import SUMMARY_FILE
+from .matrix import Cell, Matrix
+
+MANIFEST = "manifest.json"
+LOG_FILE = "matrix.log"
+FINISHED = ("completed", "diverged")
+LAUNCHERS = ("local", "slurm")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_manifest(runs_dir: Path) -> dict[str, Any]:
+    path = Path(runs_dir) / MANIFEST
+    if not path.exists():
+        return {"cells": {}, "sweeps": {}}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:  # atomic writes make this a foreign file
+        raise UserError(f"{path} is not a matrix manifest ({error}); move it away") from None
+
+
+def swept_values(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """group -> {key: the sweep's best value}, for the groups whose sweep chose one."""
+    return {group: {sweep["key"]: sweep["best"]} for group, sweep in manifest.get("sweeps", {}).items()
+            if sweep.get("best") is not None}
+
+
+def run_state(run_dir: Path, max_steps: int) -> str:
+    """What a cell's folder holds: finished | resumable | fresh."""
+    summary = Path(run_dir) / SUMMARY_FILE
+    if summary.exists():
+        try:
+            data = json.loads(summary.read_text())
+        except json.JSONDecodeError:
+            data = {}
+        if data.get("status") == "diverged" or (data.get("status") == "completed" and data.get("steps") == max_steps):
+            return "finished"
+    return "resumable" if list_checkpoints(run_dir) else "fresh"
+
+
+# ---- one cell, in a worker process ---------------------------------------------------------
+class _EventLog:
+    """The trainer's events as lines in the run folder's matrix.log."""
+
+    def __init__(self, path: Path):
+        self.stream = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed by run_cell
+
+    def __call__(self, kind: str, payload: dict[str, Any]) -> None:
+        if kind == "log":
+            shown = {k: payload[k] for k in ("step", "loss", "val_loss", "lr", "tokens_per_s") if k in payload}
+            self.stream.write(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in shown.items()) + "\n")
+        elif kind in ("warning", "format_shift", "checkpoint", "start"):
+            keep = {k: v for k, v in payload.items() if k not in ("layers",)}
+            self.stream.write(f"{kind}: {keep}\n")
+
+
+def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one cell (``spec``: its config dict, folder and threads) and say how it ended.
+
+    Runs in a worker process (a pool process or a submitit job). Never raises: an exception
+    becomes ``status: failed`` with its message, the traceback goes to the cell's log.
+    """
+    import torch
+
+    from ..training import Trainer
+    from ..training.config import config_from_dict
+
+    threads = spec.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    run_dir = Path(spec["config"]["runs_dir"]) / spec["config"]["run_name"]
+    started, began = now(), time.perf_counter()
+    outcome: dict[str, Any] = {"started": started, "host": socket.gethostname(), "pid": os.getpid(),
+                               "log": str(run_dir / LOG_FILE)}
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        outcome["job_id"] = job + (f"_{os.environ['SLURM_ARRAY_TASK_ID']}" if "SLURM_ARRAY_TASK_ID" in os.environ else "")
+    config = config_from_dict(spec["config"], f"cell {spec['config']['run_name']}")
+    state = run_state(run_dir, config.max_steps)
+    if state == "finished":
+        return outcome | {"status": "skipped", "ended": now()}
+    if state == "fresh" and run_dir.exists():
+        shutil.rmtree(run_dir)  # started, killed before its first checkpoint: nothing to keep
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = _EventLog(run_dir / LOG_FILE)
+    log.stream.write(f"--- {started} on {outcome['host']} ({'resuming' if state == 'resumable' else 'starting'})\n")
+    try:
+        result = Trainer(config, resume=state == "resumable", on_event=log).run()
+        final = result.final_val_loss
+        outcome |= {"status": result.status, "steps": result.steps, "final_val_loss": final,
+                    "message": result.message}
+    except KeyboardInterrupt:
+        outcome |= {"status": "interrupted"}
+    except BaseException as error:  # noqa: BLE001 - a cell's failure is recorded, never fatal to the matrix
+        log.stream.write(traceback.format_exc())
+        outcome |= {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+    finally:
+        log.stream.close()
+    return outcome | {"ended": now(), "wall_s": time.perf_counter() - began}
+
+
+# ---- the matrix ------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """What the caller shows: called after every cell with the manifest's counts."""
+
+    total: int
+    done: int = 0
+    failed: int = 0
+    running: int = 0
+
+
+Callback = Callable[[str, Cell | None, dict[str, Any] | None, Progress], None]
+
+
+class MatrixRunner:
+    def __init__(self, matrix: Matrix, jobs: int = 1, launcher: str = "local", retry_failed: bool = False,
+                 executor_options: dict[str, Any] | None = None, threads: int | None = None):
+        if launcher not in LAUNCHERS:
+            raise UserError(f"--launcher must be one of {', '.join(LAUNCHERS)}")
+        if jobs < 1:
+            raise UserError("--jobs must be >= 1")
+        self.matrix = matrix
+        self.jobs = jobs
+        self.launcher = launcher
+        self.retry_failed = retry_failed
+        self.executor_options = {**matrix.launcher.get("slurm", {}), **(executor_options or {})}
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.threads = threads or max(1, cpus // jobs)
+        self.runs_dir = Path(matrix.runs_dir)
+        self.manifest = read_manifest(self.runs_dir)
+        self.manifest.setdefault("cells", {})
+        self.manifest.setdefault("sweeps", {})
+
+    # ---- manifest ---------------------------------------------------------------------------
+    def _save(self) -> None:
+        self.manifest |= {"matrix": str(self.matrix.path), "runs_dir": str(self.runs_dir), "updated": now()}
+        write_json(self.runs_dir / MANIFEST, self.manifest)
+
+    def _record(self, cell: Cell, outcome: dict[str, Any]) -> None:
+        entry = self.manifest["cells"].setdefault(cell.folder, {})
+        previous = entry.get("status")
+        entry |= cell.describe() | {"folder": cell.folder}
+        if outcome.get("status") == "skipped":  # finished earlier: keep how it ended
+            entry.setdefault("status", "completed")
+            return
+        if outcome.get("status") == "queued":
+            entry |= outcome
+            return
+        entry["attempts"] = entry.get("attempts", 0) + 1
+        entry |= {k: v for k, v in outcome.items() if k != "pid"}
+        if outcome.get("status") != "failed":
+            entry.pop("error", None)
+        if previous == "failed" and outcome.get("status") in FINISHED:
+            entry["retried"] = True
+
+    # ---- planning ---------------------------------------------------------------------------
+    def todo(self, cells: list[Cell]) -> list[Cell]:
+        """The cells to run now: not finished, and not failed before (unless retrying)."""
+        out = []
+        for cell in cells:
+            if run_state(self.runs_dir / cell.folder, cell.config.max_steps) == "finished":
+                continue
+            if self.manifest["cells"].get(cell.folder, {}).get("status") == "failed" and not self.retry_failed:
+                continue
+            out.append(cell)
+        return out
+
+    def _swept(self) -> dict[str, dict[str, Any]]:
+        return swept_values(self.manifest)
+
+    def _choose(self, sweep_cells: list[Cell]) -> None:
+        """Record each sweep's final losses and its best value (lowest finite final val loss)."""
+        groups: dict[str, list[Cell]] = {}
+        for cell in sweep_cells:
+            groups.setdefault(cell.group, []).append(cell)
+        for group, cells in groups.items():
+            losses = {}
+            for cell in cells:
+                summary = self.runs_dir / cell.folder / SUMMARY_FILE
+                loss = None
+                if summary.exists():
+                    data = json.loads(summary.read_text())
+                    value = data.get("final_val_loss")
+                    loss = float(value) if isinstance(value, (int, float)) else None
+                losses[str(cell.sweep[1])] = loss
+            finite = [(loss, cell.sweep[1]) for cell, loss in zip(cells, losses.values())
+                      if loss is not None and math.isfinite(loss)]
+            best = min(finite, key=lambda item: item[0])[1] if len(finite) == len(cells) else None
+            self.manifest["sweeps"][group] = {"key": cells[0].sweep[0], "losses": losses, "best": best,
+                                              "seed": cells[0].seed, "max_steps": cells[0].config.max_steps}
+
+    # ---- running ----------------------------------------------------------------------------
+    def _spec(self, cell: Cell) -> dict[str, Any]:
+        config = cell.config.to_dict() | {"run_name": cell.folder, "runs_dir": str(self.runs_dir)}
+        return {"config": config, "threads": self.threads if self.launcher == "local" else None}
+
+    def run(self, on_event: Callback | None = None) -> dict[str, Any]:
+        """Sweeps, then every main cell; returns the manifest."""
+        notify = on_event or (lambda *args: None)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        sweep_cells = self.matrix.sweep_cells()
+        main_total = len(self.matrix.cells())
+        progress = Progress(total=len(sweep_cells) + main_total)
+        self._save()
+        if sweep_cells:
+            self._phase("sweep", sweep_cells, progress, notify)
+            self._choose(sweep_cells)
+            self._save()
+            missing = [g for g, s in self.manifest["sweeps"].items() if s["best"] is None]
+            if missing:
+                notify("message", None, {"text": f"sweep without a usable result for {', '.join(missing)}: "
+                                                 "those groups keep their arm's own value"}, progress)
+        cells = self.matrix.cells(self._swept())
+        self._phase("main", cells, progress, notify)
+        return self.manifest
+
+    def _phase(self, phase: str, cells: list[Cell], progress: Progress, notify: Callback) -> None:
+        todo = self.todo(cells)
+        skipped = len(cells) - len(todo)
+        progress.done += skipped
+        for cell in cells:
+            if cell not in todo:
+                self._record(cell, {"status": "skipped"})
+        self._save()
+        notify("phase", None, {"phase": phase, "cells": len(cells), "todo": len(todo)}, progress)
+        if not todo:
+            return
+        run = self._run_local if self.launcher == "local" else self._run_submitit
+        for cell, outcome in run(todo, progress, notify):
+            self._record(cell, outcome)
+            self._save()
+            progress.done += 1
+            progress.failed += outcome.get("status") == "failed"
+            notify("cell", cell, outcome, progress)
+            if outcome.get("status") == "interrupted":
+                raise KeyboardInterrupt
+
+    def _run_local(self, cells: list[Cell], progress: Progress, notify: Callback
+                   ) -> Iterator[tuple[Cell, dict[str, Any]]]:
+        # Spawned workers inherit the environment: their OpenMP pools get their share of the CPUs.
+        with _environment(OMP_NUM_THREADS=str(self.threads)), concurrent.futures.ProcessPoolExecutor(
+                max_workers=min(self.jobs, len(cells)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {}
+            for cell in cells:
+                futures[pool.submit(run_cell, self._spec(cell))] = cell
+                self._record(cell, {"status": "queued"})
+            self._save()
+            progress.running = min(self.jobs, len(cells))
+            notify("running", None, None, progress)
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    cell = futures[future]
+                    try:
+                        outcome = future.result()
+                    except Exception as error:  # noqa: BLE001 - a worker that died (killed, out of memory)
+                        outcome = {"status": "failed", "error": f"worker died: {type(error).__name__}: {error}",
+                                   "log": str(self.runs_dir / cell.folder / LOG_FILE), "ended": now()}
+                    remaining = sum(not f.done() for f in futures)
+                    progress.running = min(self.jobs, remaining)
+                    yield cell, outcome
+            except KeyboardInterrupt:
+                for future in futures:
+                    future.cancel()
+                raise
+
+    def _run_submitit(self, cells: list[Cell], progress: Progress, notify: Callback
+                      ) -> Iterator[tuple[Cell, dict[str, Any]]]:
+        try:
+            import submitit
+        except ImportError:
+            raise UserError("--launcher slurm needs submitit: pip install 'altgrad[cluster]'") from None
+        options = dict(self.executor_options)
+        cluster = options.pop("cluster", None)  # slurm (default where available), local or debug
+        executor = submitit.AutoExecutor(folder=str(self.runs_dir / "submitit" / "%j"), cluster=cluster)
+        try:
+            executor.update_parameters(**options)
+        except (TypeError, ValueError) as error:
+            raise UserError(f"submitit executor options {options}: {error}") from None
+        with executor.batch():
+            jobs = [(cell, executor.submit(run_cell, self._spec(cell))) for cell in cells]
+        for cell, job in jobs:
+            self._record(cell, {"status": "queued", "job_id": str(job.job_id)})
+        self._save()
+        progress.running = len(jobs)
+        notify("running", None, None, progress)
+        pending = list(jobs)
+        while pending:
+            finished = [(cell, job) for cell, job in pending if job.done()]
+            for cell, job in finished:
+                pending.remove((cell, job))
+                try:
+                    outcome = job.result()
+                except Exception as error:  # noqa: BLE001 - the job itself failed (killed, timed out)
+                    outcome = {"status": "failed", "error": f"job {job.job_id}: {type(error).__name__}: "
+                                                            f"{str(error)[:300]}", "ended": now(),
+                               "log": str(self.runs_dir / cell.folder / LOG_FILE)}
+                outcome.setdefault("job_id", str(job.job_id))
+                progress.running = len(pending)
+                yield cell, outcome
+            if pending and not finished:
+                time.sleep(1.0)
+
+
+@contextlib.contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
