@@ -9,6 +9,7 @@ from .compare import compare
 from .data import prepare_data
 from .formats import inspect_format
 from .matrix import matrix_app
+from .report import report
 from .train import train
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app.command("prepare-data")(prepare_data)
 app.command("train")(train)
 app.command("compare")(compare)
 app.add_typer(matrix_app, name="matrix")
+app.command("report")(report)
 
 
 def _version(value: bool) -> None:

@@ -52,7 +52,7 @@ from ..training.config import FIELD_NAMES, PRESETS, TrainConfig, coerce, read_ya
 BASELINES = ("bf16", "fp32")
 TOP_KEYS = ("preset", "config", "settings", "runs_dir", "seeds", "formats", "arms", "layers", "sweep", "cells",
             "launcher", "description")
-CELL_KEYS = ("formats", "arms", "layers", "seeds", "expected_failure")
+CELL_KEYS = ("formats", "arms", "layers", "seeds", "expected_failure", "sweep")
 SWEEP_KEYS = ("seed", "max_steps")
 #: Config keys that do not change what a run computes: left out of the hash.
 UNHASHED = ("run_name", "runs_dir", "wandb", "wandb_project", "tags")
@@ -169,8 +169,8 @@ class Matrix:
             policy = {"format": None, "policy": [], **_fill(copy.deepcopy(self.layers[layers]), fmt)}
         return {**policy, **arm_values, "seed": seed}
 
-    def _combinations(self) -> list[tuple[str, str, str, tuple[int, ...], str | None]]:
-        """(format, arm, layers, seeds, expected_failure) of every cell entry, in file order."""
+    def _combinations(self) -> list[tuple[str, str, str, tuple[int, ...], str | None, bool]]:
+        """(format, arm, layers, seeds, expected_failure, swept) of every cell entry, in file order."""
         combos, seen = [], set()
         for index, entry in enumerate(self.cells_spec):
             where = f"matrix {self.path}: cells entry {index + 1}"
@@ -179,8 +179,12 @@ class Matrix:
                 raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(CELL_KEYS)}")
             formats = _names(entry.get("formats"), f"{where}: formats")
             arms = _names(entry.get("arms"), f"{where}: arms")
-            layers = _names(entry.get("layers", next(iter(self.layers), "uniform")), f"{where}: layers")
+            default = "uniform" if "uniform" in self.layers else next(iter(self.layers))
+            layers = _names(entry.get("layers", default), f"{where}: layers")
             seeds = tuple(int(s) for s in entry.get("seeds", self.seeds))
+            swept = entry.get("sweep", True)
+            if not isinstance(swept, bool):
+                raise UserError(f"{where}: sweep must be true or false (false: these cells keep the arm's value)")
             for kind, names, known in (("format", formats, self.formats), ("arm", arms, self.arms),
                                        ("layer policy", layers, self.layers)):
                 missing = [n for n in names if n not in known]
@@ -194,7 +198,7 @@ class Matrix:
                         if key in seen:
                             raise UserError(f"{where}: {fmt} x {arm} x {policy} is listed twice")
                         seen.add(key)
-                        combos.append((fmt, arm, policy, seeds, entry.get("expected_failure")))
+                        combos.append((fmt, arm, policy, seeds, entry.get("expected_failure"), swept))
         return combos
 
     def _name(self, fmt: str, arm: str, layers: str) -> str:
@@ -204,8 +208,8 @@ class Matrix:
         """The short one-seed runs of every group whose arm has a sweep."""
         cells = []
         seed, steps = int(self.sweep.get("seed", self.seeds[0])), self.sweep.get("max_steps")
-        for fmt, arm, layers, _, expected in self._combinations():
-            for key, values in self.arms[arm].get("sweep", {}).items():
+        for fmt, arm, layers, _, expected, swept in self._combinations():
+            for key, values in (self.arms[arm].get("sweep", {}) if swept else {}).items():
                 for value in values:
                     name = f"sweep-{self._name(fmt, arm, layers)}-{key}{value}"
                     overrides = {**self._overrides(fmt, arm, layers, seed), key: value}
@@ -219,7 +223,7 @@ class Matrix:
         """The main runs: every combination and seed. ``swept``: group -> {key: best value} (the
         sweep's results); a group whose sweep has not run yet gets the arm's own value."""
         cells = []
-        for fmt, arm, layers, seeds, expected in self._combinations():
+        for fmt, arm, layers, seeds, expected, _ in self._combinations():
             group = self._name(fmt, arm, layers)
             for seed in seeds:
                 name = f"{group}-s{seed}"
@@ -229,7 +233,7 @@ class Matrix:
         return cells
 
     def needs_sweep(self) -> bool:
-        return any("sweep" in self.arms[arm] for _, arm, _, _, _ in self._combinations())
+        return any(swept and "sweep" in self.arms[arm] for _, arm, _, _, _, swept in self._combinations())
 
 
 def _sweep_values(arm: str, spec: Any, where: str) -> dict[str, list[Any]]:

@@ -42,6 +42,7 @@ class FloatFormat:
     bias: int
     special: str = "none"
     name: str = field(default="", compare=False)
+    note: str = field(default="", compare=False)  # what the format is for (registry formats; TEST_MATRIX.md)
 
     def __post_init__(self) -> None:
         E, M = self.exponent_bits, self.mantissa_bits
@@ -232,22 +233,22 @@ class FloatFormat:
         }
 
 
-def _registered(name: str, E: int, M: int, bias: int, special: str = "none") -> FloatFormat:
-    return FloatFormat(E, M, bias, special, name=name)
+def _registered(name: str, E: int, M: int, bias: int, special: str = "none", note: str = "") -> FloatFormat:
+    return FloatFormat(E, M, bias, special, name=name, note=note)
 
 
 #: The formats of the research question, exactly as DESIGN.md section 1 defines them.
 REGISTRY: dict[str, FloatFormat] = {
     f.name: f
     for f in (
-        _registered("E0M7", 0, 7, 1),
-        _registered("E1M6", 1, 6, 0),
+        _registered("E0M7", 0, 7, 1, note="fixed point, uniform step 1/128"),
+        _registered("E1M6", 1, 6, 0, note="uniform step 1/32"),
         _registered("E2M5", 2, 5, 1),
         _registered("E3M4", 3, 4, 1),
-        _registered("E4M3", 4, 3, 7, "fn"),
-        _registered("E5M2", 5, 2, 15, "ieee"),
+        _registered("E4M3", 4, 3, 7, "fn", note="OCP E4M3 (fn): forward operands"),
+        _registered("E5M2", 5, 2, 15, "ieee", note="OCP E5M2: gradients"),
         _registered("E6M1", 6, 1, 31),
-        _registered("E7M0", 7, 0, 63),
+        _registered("E7M0", 7, 0, 63, note="powers of two only"),
     )
 }
 

@@ -37,6 +37,21 @@ from .tracking import RunTracker, read_metrics
 DEFAULT_DATA = DEFAULT_DATA_ROOT / "eurlex"
 Event = Callable[[str, dict[str, Any]], None]
 
+#: Every name the trainer itself logs in metrics.jsonl (the monitors' are in their own METRICS).
+METRICS: dict[str, str] = {
+    "step": "optimizer steps done (0: the evaluation before training)",
+    "loss": "training loss of the step (mean over its micro-batches)",
+    "val_loss": "validation loss on the fixed validation batches (evaluation steps)",
+    "lr": "learning rate of the step (absolute, for parameters without a format)",
+    "grad/norm": "L2 norm of all gradients before clipping",
+    "tokens_per_s": "training throughput since the previous record",
+    "tokens": "training tokens so far",
+    "grad/clip_factor/<partition>": "smallest clip factor of a gradient partition since the previous record "
+                                    "(1: not clipped)",
+    "format_shifts": "emergency format shifts of the step: step, layer, side, old and new format, reason",
+    "alerts": "names of the alerts raised by the record (thresholds, rank drops)",
+}
+
 
 @dataclass
 class TrainResult:

@@ -31,6 +31,28 @@ from ...quantization.linear import OPERANDS
 from ...quantization.scaling import QuantStats
 from .base import BaseMonitor, StepContext, layer_mean, ratio
 
+#: Every name this monitor logs (<layer>: a quantized layer; <kind>: weight, activation, gradient).
+METRICS: dict[str, str] = {
+    "quant/overflow_rate": "overflowed (saturated) elements over a layer's cast elements; mean over layers",
+    "quant/overflow_rate/<kind>": "the same for one operand kind; mean over layers",
+    "quant/overflow_rate/<kind>/<layer>": "overflowed elements of one layer's cast of that operand",
+    "quant/overflow_rate_elementwise": "overflowed elements over all cast elements (element-weighted)",
+    "quant/overflow_rate_elementwise/<kind>": "the same for one operand kind (element-weighted)",
+    "quant/underflow_rate": "non-zero elements that cast to zero, over a layer's cast elements; mean over layers",
+    "quant/underflow_rate/<kind>": "the same for one operand kind; mean over layers",
+    "quant/underflow_rate/<kind>/<layer>": "underflowed elements of one layer's cast of that operand",
+    "quant/underflow_rate_elementwise": "underflowed elements over all cast elements (element-weighted)",
+    "quant/underflow_rate_elementwise/<kind>": "the same for one operand kind (element-weighted)",
+    "quant/dynamic_range_used": "fraction of the format's binades the scaled values span; mean over layers",
+    "quant/dynamic_range_used/<kind>": "the same for one operand kind; mean over layers",
+    "quant/snr_db/<kind>": "10 log10(signal / quantization noise energy) of a layer's casts; mean over layers "
+                           "(absent when every layer is exact or has no signal)",
+    "grad_snr_db/<layer>": "SNR in dB of one layer's gradient cast (absent when exact)",
+    "quant/dead_fraction_sampled": "input units zero after quantization in every sampled step of the last "
+                                   "dead_window steps; mean over layers",
+    "quant/dead_fraction_sampled/<layer>": "the same for one layer",
+}
+
 
 def _counts(stats: list[QuantStats]) -> tuple[int, int, int]:
     return sum(s.overflow for s in stats), sum(s.underflow for s in stats), sum(s.numel for s in stats)

@@ -30,6 +30,15 @@ from ...quantization.quantize import quantize
 from ...quantization.scaling import scale_from_amax
 from .base import BaseMonitor, StepContext, layer_mean
 
+#: Every name this monitor logs (<layer>: every Linear layer).
+METRICS: dict[str, str] = {
+    "rank/stable/<layer>": "stable rank ||W||_F^2 / sigma_1^2 of the forward weight (NaN when all zero)",
+    "rank/effective/<layer>": "effective rank exp(H(p)), p_i = sigma_i / sum(sigma) (NaN when all zero)",
+    "rank/spectral_norm/<layer>": "largest singular value sigma_1",
+    "rank/stable": "stable rank; mean over layers",
+    "rank/effective": "effective rank; mean over layers",
+}
+
 
 def forward_weight(layer: nn.Linear) -> torch.Tensor:
     """The weight the forward pass computes with, in weight units (float32)."""

@@ -8,6 +8,14 @@ from ...model import GPTConfig
 from ..shadow import GradientShadow
 from .base import BaseMonitor, StepContext
 
+#: Every name this monitor logs (see `training.shadow`; <layer>: every Linear layer with a gradient).
+METRICS: dict[str, str] = {
+    "grad_cos_sim/<layer>": "cosine similarity of the layer's weight gradient with the FP32 shadow's",
+    "grad_rel_err/<layer>": "|g - g32| / |g32| of the layer's weight gradient (inf when g32 = 0)",
+    "grad_cos_sim/mean": "gradient cosine similarity; mean over layers",
+    "grad_rel_err/mean": "gradient relative error; mean over layers",
+}
+
 
 class ShadowMonitor(BaseMonitor):
     name = "shadow"

@@ -43,6 +43,28 @@ from ...quantization.linear import QuantizedLinear
 from ...quantization.quantize import quantize
 from .base import BaseMonitor, StepContext, layer_mean, ratio
 
+#: Every name this monitor logs (<layer>: a quantized layer with a weight format).
+METRICS: dict[str, str] = {
+    "optim/updates/<layer>": "elements with a non-zero gradient this step",
+    "optim/update_rate/<layer>": "updates over the layer's elements",
+    "optim/update_rate": "update rate; mean over layers",
+    "optim/update_rate_elementwise": "updates over all elements (element-weighted)",
+    "optim/flips/<layer>": "elements whose on-grid value changed this step (over all elements)",
+    "optim/flip_rate/<layer>": "flips over the layer's elements",
+    "optim/flip_rate": "flip rate; mean over layers",
+    "optim/flip_rate_elementwise": "flips over all elements (element-weighted)",
+    "optim/stall_ratio/<layer>": "1 - flips / updates (NaN without updates; negative when more flip than update)",
+    "optim/stall_ratio": "stall ratio; mean over layers (NaN layers left out)",
+    "optim/stall_ratio_elementwise": "1 - all flips / all updates (element-weighted)",
+    "quant/bit_stall_rate/<layer>": "updates whose on-grid value did not change, over updates (NaN without updates)",
+    "quant/bit_stall_rate": "bit-stall rate; mean over layers (NaN layers left out)",
+    "quant/bit_stall_rate_elementwise": "all stalled updates over all updates (element-weighted)",
+    "bit_position/mean/<layer>": "mean magnitude code (0 .. 2^(E+M) - 1) of the on-grid weights after the step",
+    "bit_position/std/<layer>": "standard deviation of those codes",
+    "optim/rescales/<layer>": "storage scale changes so far (format storage only)",
+    "optim/rescales": "storage scale changes so far, summed over layers (format storage only)",
+}
+
 
 def _on_grid(layer: QuantizedLinear, scale, generator_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(on-grid weight in weight units, the scaled grid values) under ``scale``."""

@@ -1,0 +1,301 @@
+"""The report: what a matrix found, with paired intervals and a plain answer (DESIGN §5).
+
+Cells come from the matrix manifest (``runs_dir/manifest.json``): format, arm, layer policy,
+seed and run folder of every main cell (sweep runs are reported as the sweep's choice only).
+Without a manifest, the run folders of a directory are grouped by what their configs say.
+
+- Per (format, arm, layers) group: the final validation loss per seed, its mean over the seeds
+  that completed with a finite loss, and the divergence rate (a diverged run is counted, never
+  averaged into a loss);
+- paired differences by seed against the BF16 baseline of the same seed and against arm A (FP32
+  masters, same format and layers), each with its 95% Student-t interval and n (`stats`);
+- the answer: per format, the benefit of geometry = the paired difference of each geometry arm
+  (ManifoldAdamW, GridOptim) against the stochastic-rounding control (arm C) and against
+  round-to-nearest (arm B); negative is better. A benefit counts only when its interval
+  excludes zero and its size exceeds the noise floor, the BF16 seed-to-seed standard deviation.
+
+Arm roles are read from each run's own config (``summary.arm``): ``adamw`` (FP32 masters) is
+A, ``adamw-rtn`` B, ``adamw-sr`` C, ``manifold-*`` and ``grid-*`` geometry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..training.config import CONFIG_FILE_NAME
+from .launch import MANIFEST, read_manifest
+from .matrix import BASELINES
+from .runs import RunRecord, available_runs, load_run
+from .stats import CONFIDENCE, Paired, paired_difference, sample_sd
+
+GEOMETRY = ("manifold", "grid")
+
+
+def role(arm_tag: str) -> str:
+    """A | B | C | geometry | other, from a run's arm tag (TrainConfig.arm)."""
+    if arm_tag == "adamw":
+        return "A"
+    if arm_tag == "adamw-rtn":
+        return "B"
+    if arm_tag == "adamw-sr":
+        return "C"
+    if arm_tag.split("-")[0] in GEOMETRY:
+        return "geometry"
+    return "other"
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return math.nan
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+@dataclass
+class Cell:
+    """One finished (or failed) run of a group."""
+
+    folder: str
+    seed: int
+    status: str
+    final_val_loss: float
+    run: RunRecord | None
+    expected_failure: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        """Completed with a finite final loss: the runs a loss mean is over."""
+        return self.status == "completed" and math.isfinite(self.final_val_loss)
+
+
+@dataclass
+class Group:
+    format: str
+    arm: str  # the matrix's name (A..E), or the run's arm tag without a manifest
+    layers: str
+    arm_tag: str
+    cells: list[Cell] = field(default_factory=list)
+    expected_failure: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.format}/{self.arm}/{self.layers}"
+
+    @property
+    def baseline(self) -> bool:
+        return self.format.lower() in BASELINES
+
+    @property
+    def role(self) -> str:
+        return role(self.arm_tag)
+
+    def losses(self) -> dict[int, float]:
+        """Seed -> final validation loss, for the usable runs."""
+        return {c.seed: c.final_val_loss for c in self.cells if c.usable}
+
+    @property
+    def diverged(self) -> int:
+        return sum(c.status == "diverged" or (c.status == "completed" and not math.isfinite(c.final_val_loss))
+                   for c in self.cells)
+
+    @property
+    def failed(self) -> int:
+        return sum(c.status not in ("completed", "diverged") for c in self.cells)
+
+    def mean_loss(self) -> float:
+        values = list(self.losses().values())
+        return sum(values) / len(values) if values else math.nan
+
+
+# ---- collecting ------------------------------------------------------------------------------
+def _from_manifest(runs_dir: Path, manifest: dict[str, Any]) -> list[Group]:
+    groups: dict[tuple, Group] = {}
+    for entry in manifest.get("cells", {}).values():
+        if entry.get("sweep"):
+            continue
+        folder = entry["folder"]
+        run = load_run(runs_dir, folder) if (runs_dir / folder / CONFIG_FILE_NAME).exists() else None
+        summary = run.summary if run else {}
+        status = summary.get("status", entry.get("status", "missing"))
+        if status == "completed" and summary.get("steps") != (run.config.get("max_steps") if run else None):
+            status = "incomplete"
+        tag = summary.get("arm") or entry.get("arm")
+        key = (entry["format"], entry["arm"], entry["layers"])
+        group = groups.setdefault(key, Group(entry["format"], entry["arm"], entry["layers"], tag,
+                                             expected_failure=entry.get("expected_failure")))
+        if summary.get("arm"):
+            group.arm_tag = summary["arm"]
+        group.cells.append(Cell(folder, int(entry["seed"]), status, _number(summary.get("final_val_loss")), run,
+                                entry.get("expected_failure")))
+    return list(groups.values())
+
+
+def _from_folders(runs_dir: Path) -> list[Group]:
+    groups: dict[tuple, Group] = {}
+    for name in available_runs(runs_dir):
+        run = load_run(runs_dir, name)
+        config, summary = run.config, run.summary
+        fmt = (config.get("format") or ("mixed" if config.get("policy") else config.get("precision", "?")))
+        tag = summary.get("arm", "adamw")
+        layers = "mixed" if config.get("policy") else ("-" if not config.get("format") else "uniform")
+        key = (str(fmt), tag, layers)
+        group = groups.setdefault(key, Group(str(fmt), tag, layers, tag))
+        group.cells.append(Cell(name, int(config.get("seed", 0)), summary.get("status", "incomplete"),
+                                _number(summary.get("final_val_loss")), run))
+    return list(groups.values())
+
+
+def collect(source: Path) -> tuple[Path, list[Group], dict[str, Any]]:
+    """(runs directory, groups, manifest) from a matrix file, a runs directory or a manifest."""
+    source = Path(source)
+    if source.suffix in (".yaml", ".yml"):
+        from .matrix import load_matrix
+
+        runs_dir = load_matrix(source).runs_dir
+    elif source.name == MANIFEST:
+        runs_dir = source.parent
+    else:
+        runs_dir = source
+    if not runs_dir.is_dir():
+        raise UserError(f"no runs in {runs_dir}: run the matrix first (altgrad matrix run FILE)")
+    manifest = read_manifest(runs_dir)
+    groups = _from_manifest(runs_dir, manifest) if manifest.get("cells") else _from_folders(runs_dir)
+    if not groups:
+        raise UserError(f"no runs in {runs_dir}")
+    for group in groups:
+        group.cells.sort(key=lambda c: c.seed)
+    return runs_dir, groups, manifest
+
+
+# ---- analysing -------------------------------------------------------------------------------
+@dataclass
+class Benefit:
+    """A geometry arm against a control arm, in one format and layer policy."""
+
+    format: str
+    layers: str
+    arm: str
+    control: str  # C (stochastic rounding) or B (round to nearest)
+    paired: Paired
+
+    def real(self, noise_floor: float) -> bool:
+        """Beyond noise: the interval excludes zero and the size exceeds the noise floor."""
+        return self.paired.excludes_zero and math.isfinite(noise_floor) and abs(self.paired.mean) > noise_floor
+
+
+@dataclass
+class Analysis:
+    groups: list[Group]
+    baseline: Group | None
+    noise_floor: float  # BF16 seed-to-seed sample standard deviation of the final validation loss
+    vs_baseline: dict[str, Paired]
+    vs_arm_a: dict[str, Paired]
+    benefits: list[Benefit]  # ranked: most negative (largest benefit) first
+    answer: str
+    limits: str
+
+    def group(self, key: str) -> Group:
+        return next(g for g in self.groups if g.key == key)
+
+
+def _find(groups: list[Group], fmt: str, layers: str, wanted: str) -> Group | None:
+    return next((g for g in groups if g.format == fmt and g.layers == layers and g.role == wanted), None)
+
+
+def _limits(groups: list[Group]) -> str:
+    run = next((c.run for g in groups for c in g.cells if c.run is not None), None)
+    if run is None:
+        return ""
+    config = run.config
+    params = run.summary.get("params")
+    size = f"{params / 1e6:.2f}M parameters, " if params else ""
+    data = config.get("data") or "data/eurlex"
+    meta = Path(data) / "meta.json"
+    tokenizer = json.loads(meta.read_text()).get("tokenizer", "?") if meta.exists() else "?"
+    seeds = sorted({c.seed for g in groups for c in g.cells})
+    return (f"It holds for a {config.get('n_layer')}-layer, {config.get('n_embd')}-wide GPT ({size}block "
+            f"{config.get('block_size')}), trained {config.get('max_steps')} steps on {data} ({tokenizer} tokens), "
+            f"{len(seeds)} seeds, per-tensor power-of-two amax scaling; a larger model, more data or longer "
+            "training may rank the formats differently.")
+
+
+def _answer(benefits: list[Benefit], noise_floor: float) -> str:
+    against_c = [b for b in benefits if b.control == "C" and math.isfinite(b.paired.mean)]
+    if not against_c:
+        return ("No answer yet: the matrix has no format with both a geometry arm (ManifoldAdamW or GridOptim) "
+                "and the stochastic-rounding control (arm C) completed on at least two seeds.")
+    real = [b for b in against_c if b.real(noise_floor) and b.paired.mean < 0]
+    floor = f"{noise_floor:.4f}" if math.isfinite(noise_floor) else "unmeasured (fewer than two BF16 seeds)"
+    if not real:
+        best = against_c[0]
+        return (f"No format benefits from geometry-aware updates beyond noise: no geometry arm's paired difference "
+                f"against stochastic-rounding AdamW (arm C) both excludes zero in its {CONFIDENCE:.0%} interval and "
+                f"exceeds the BF16 seed-to-seed spread of {floor}. The largest difference is {best.format} "
+                f"{best.arm} vs C: {best.paired.mean:+.4f} [{best.paired.low:+.4f}, {best.paired.high:+.4f}] "
+                f"(n={best.paired.n}).")
+    top = real[0]
+    others = [b for b in real[1:] if b.format != top.format]
+    tail = (" Also beyond noise: " + "; ".join(f"{b.format} {b.arm} {b.paired.mean:+.4f}" for b in others) + ".") \
+        if others else ""
+    return (f"{top.format} benefits most from geometry-aware updates: {top.arm} lowers the final validation loss "
+            f"by {-top.paired.mean:.4f} against stochastic-rounding AdamW (arm C), {CONFIDENCE:.0%} interval "
+            f"[{top.paired.low:+.4f}, {top.paired.high:+.4f}] over n={top.paired.n} seeds, beyond the BF16 "
+            f"seed-to-seed spread of {floor}.{tail}")
+
+
+def analyse(groups: list[Group]) -> Analysis:
+    baseline = next((g for g in groups if g.baseline and g.role == "A"), None)
+    base_losses = baseline.losses() if baseline else {}
+    noise_floor = sample_sd(list(base_losses.values()))
+    vs_baseline = {g.key: paired_difference(g.losses(), base_losses) for g in groups if baseline and g is not baseline}
+    vs_arm_a = {}
+    benefits = []
+    for g in groups:
+        if g.baseline:
+            continue
+        a = _find(groups, g.format, g.layers, "A")
+        if a is not None and a is not g:
+            vs_arm_a[g.key] = paired_difference(g.losses(), a.losses())
+        if g.role == "geometry":
+            for control in ("C", "B"):
+                other = _find(groups, g.format, g.layers, control)
+                if other is not None:
+                    benefits.append(Benefit(g.format, g.layers, g.arm, control,
+                                            paired_difference(g.losses(), other.losses())))
+    benefits.sort(key=lambda b: (b.control, b.paired.mean if math.isfinite(b.paired.mean) else math.inf))
+    return Analysis(groups, baseline, noise_floor, vs_baseline, vs_arm_a, benefits,
+                    _answer(benefits, noise_floor), _limits(groups))
+
+
+# ---- report.json -------------------------------------------------------------------------------
+def to_json(analysis: Analysis, runs_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Every number of the report's tables with the per-seed values behind it."""
+    def group_dict(g: Group) -> dict[str, Any]:
+        return {"format": g.format, "arm": g.arm, "arm_tag": g.arm_tag, "layers": g.layers,
+                "expected_failure": g.expected_failure,
+                "runs": [{"folder": c.folder, "seed": c.seed, "status": c.status,
+                          "final_val_loss": c.final_val_loss} for c in g.cells],
+                "mean_final_val_loss": g.mean_loss(), "n_usable": len(g.losses()),
+                "diverged": g.diverged, "failed": g.failed, "divergence_rate": g.diverged / len(g.cells),
+                "vs_bf16": analysis.vs_baseline[g.key].to_dict() if g.key in analysis.vs_baseline else None,
+                "vs_arm_a": analysis.vs_arm_a[g.key].to_dict() if g.key in analysis.vs_arm_a else None}
+
+    return {"runs_dir": str(runs_dir), "matrix": manifest.get("matrix"),
+            "method": f"paired by seed; mean of the per-seed differences with a {CONFIDENCE:.0%} Student-t "
+                      "interval (t quantile with n-1 degrees of freedom, sample standard deviation); runs that "
+                      "diverged or ended with a non-finite loss are excluded from loss means and counted apart",
+            "noise_floor": {"bf16_seed_sd": analysis.noise_floor,
+                            "bf16_losses": {str(k): v for k, v in (analysis.baseline.losses() if analysis.baseline
+                                                                    else {}).items()}},
+            "groups": [group_dict(g) for g in analysis.groups],
+            "geometry_benefit": [{"format": b.format, "layers": b.layers, "arm": b.arm, "control": b.control,
+                                  "beyond_noise": b.real(analysis.noise_floor), **b.paired.to_dict()}
+                                 for b in analysis.benefits],
+            "sweeps": manifest.get("sweeps", {}), "answer": analysis.answer, "limits": analysis.limits}

@@ -1,0 +1,241 @@
+"""The experiment matrix (experiments/matrix.py, launch.py, status.py): expansion and validation
+before anything runs, skip-completed and resume-interrupted, failure isolation, the submitit
+path with its debug executor, and the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from altgrad.cli import app
+from altgrad.errors import UserError
+from altgrad.experiments.launch import MatrixRunner, read_manifest
+from altgrad.experiments.matrix import config_hash, load_matrix, with_settings
+from altgrad.experiments.status import cell_status
+from altgrad.training.tracking import read_metrics
+from runs import without_rates
+
+runner = CliRunner()
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def write_matrix(tmp_path, data, **changes):
+    spec = {
+        "preset": "tiny",
+        "settings": {"data": str(data), "max_steps": 12, "eval_interval": 6, "checkpoint_interval": 6,
+                     "log_interval": 3, "stats_interval": 3, "rank_interval": 6, "device": "cpu"},
+        "runs_dir": str(tmp_path / "runs"),
+        "seeds": [1, 2],
+        "formats": ["bf16", "E5M2", "E3M4"],
+        "arms": {"A": {"optimizer": "adamw"},
+                 "C": {"optimizer": "adamw", "weight_storage": "format", "update_rounding": "stochastic"},
+                 "E": {"optimizer": "grid", "sweep": {"grid_lr": [0.5, 1.0]}}},
+        "layers": {"uniform": {"format": "{format}"},
+                   "post-ln": {"policy": [{"layers": ["*.attn.c_attn", "*.mlp.c_fc"], "format": "{format}"}]}},
+        "sweep": {"seed": 1, "max_steps": 6},
+        "cells": [{"formats": ["bf16"], "arms": ["A"]},
+                  {"formats": ["E5M2"], "arms": ["A", "C", "E"]},
+                  {"formats": ["E3M4"], "arms": ["E"], "layers": ["post-ln"], "expected_failure": "a test"}],
+    }
+    for key, value in changes.items():
+        if value is None:
+            spec.pop(key, None)
+        else:
+            spec[key] = value
+    path = tmp_path / "matrix.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+# ---- expansion and validation ----------------------------------------------------------------
+def test_cells_are_every_combination_and_seed_with_their_resolved_configs(tmp_path, tiny_data):
+    matrix = load_matrix(write_matrix(tmp_path, tiny_data))
+    cells = matrix.cells()
+    assert [c.name for c in cells] == ["bf16-A-s1", "bf16-A-s2", "e5m2-A-s1", "e5m2-A-s2", "e5m2-C-s1", "e5m2-C-s2",
+                                       "e5m2-E-s1", "e5m2-E-s2", "e3m4-E-post-ln-s1", "e3m4-E-post-ln-s2"]
+    by_name = {c.name: c for c in cells}
+    assert by_name["bf16-A-s1"].config.format is None and by_name["bf16-A-s1"].config.quant_policy() is None
+    assert by_name["bf16-A-s1"].layers == "-"
+    c = by_name["e5m2-C-s2"].config
+    assert (c.format, c.seed, c.arm, c.max_steps, c.data) == ("E5M2", 2, "adamw-sr", 12, str(tiny_data))
+    post = by_name["e3m4-E-post-ln-s1"]
+    assert post.config.policy == ({"layers": ["*.attn.c_attn", "*.mlp.c_fc"], "format": "E3M4"},)
+    assert post.expected_failure == "a test" and post.config.arm == "grid-sr"
+    assert by_name["e5m2-E-s1"].config.grid_lr == 0.5  # the arm's own value until the sweep has run
+    swept = matrix.cells({"e5m2-E": {"grid_lr": 1.0}})
+    assert {c.name: c.config.grid_lr for c in swept}["e5m2-E-s2"] == 1.0
+    sweeps = matrix.sweep_cells()
+    assert [(c.name, c.seed, c.config.max_steps, c.config.grid_lr) for c in sweeps] == [
+        ("sweep-e5m2-E-grid_lr0.5", 1, 6, 0.5), ("sweep-e5m2-E-grid_lr1.0", 1, 6, 1.0),
+        ("sweep-e3m4-E-post-ln-grid_lr0.5", 1, 6, 0.5), ("sweep-e3m4-E-post-ln-grid_lr1.0", 1, 6, 1.0)]
+
+
+def test_a_folder_is_named_by_the_cell_and_a_hash_of_what_it_computes(tmp_path, tiny_data):
+    matrix = load_matrix(write_matrix(tmp_path, tiny_data))
+    cell = matrix.cells()[2]
+    assert cell.folder == f"e5m2-A-s1-{config_hash(cell.config)}" and len(cell.folder.rsplit("-", 1)[1]) == 8
+    elsewhere = with_settings(matrix, runs_dir=tmp_path / "elsewhere").cells()[2]
+    assert elsewhere.folder == cell.folder  # places are not part of the hash
+    other_data = with_settings(matrix, data=str(tmp_path / "other")).cells()[2]
+    assert other_data.folder != cell.folder  # the data is
+    assert load_matrix(write_matrix(tmp_path, tiny_data, seeds=[1, 2])).cells()[2].folder == cell.folder
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bogus": 1}, "unknown key(s) bogus"),
+    ({"arms": {"A": {"optimiser": "adamw"}}}, "arm A: unknown key(s) optimiser"),
+    ({"cells": [{"formats": ["E9M9"], "arms": ["A"]}]}, "unknown format(s) E9M9"),
+    ({"cells": [{"formats": ["E5M2"], "arms": ["Z"]}]}, "unknown arm(s) Z"),
+    ({"cells": [{"formats": ["bf16"], "arms": ["E"]}]}, "cell bf16-E-s1: optimizer grid moves weights"),
+    ({"cells": [{"formats": ["E5M2"], "arms": ["A"]}, {"formats": ["E5M2"], "arms": ["A"]}]}, "listed twice"),
+    ({"layers": {"uniform": {"format": "E4M3"}}}, "never uses {format}"),
+    ({"arms": {"A": {"optimizer": "adamw", "sweep": {"lr": 0.1}}}}, "at least two values"),
+    ({"cells": [{"formats": ["E5M2"], "arms": ["A"], "color": 1}]}, "unknown key(s) color"),
+    ({"cells": None}, "no cells"),
+    ({"formats": ["bf16", "E5M2", "E3M4", "E10M9"], "cells": [{"formats": ["E10M9"], "arms": ["A"]}]},
+     "cell e10m9-A-s1"),
+])
+def test_bad_matrices_are_errors_before_anything_runs(tmp_path, tiny_data, change, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_matrix(write_matrix(tmp_path, tiny_data, **change))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_shipped_matrices_load():
+    small = load_matrix(CONFIGS / "matrix" / "small.yaml")
+    groups = {(c.format, c.arm, c.layers) for c in small.cells()}
+    for fmt in ("E5M2", "E3M4"):
+        assert {(fmt, arm, "uniform") for arm in "ABCDE"} <= groups
+    assert {("E4M3", "A", "uniform"), ("E7M0", "A", "uniform"), ("E7M0", "E", "uniform"), ("bf16", "A", "-"),
+            ("E1M6", "E", "post-ln"), ("E0M7", "E", "post-ln")} <= groups
+    assert {c.seed for c in small.cells()} == {1337, 1338, 1339}
+    assert all(c.expected_failure for c in small.cells() if c.format == "E7M0")
+    assert not any(c.format == "bf16" for c in small.sweep_cells())  # the reference keeps nanoGPT's lr
+    assert len(load_matrix(CONFIGS / "matrix" / "tiny.yaml").cells()) == 8
+    assert load_matrix(CONFIGS / "matrix" / "paper.yaml").preset == "paper"
+
+
+# ---- running -----------------------------------------------------------------------------------
+def small_matrix(tmp_path, data, **changes):
+    """Two formats, one arm, two seeds: four short cells and no sweep."""
+    return write_matrix(tmp_path, data, **{"arms": {"A": {"optimizer": "adamw"}},
+                                           "cells": [{"formats": ["bf16", "E5M2"], "arms": ["A"]}], **changes})
+
+
+def test_a_run_trains_every_cell_records_it_and_a_second_run_repeats_nothing(tmp_path, tiny_data):
+    matrix = load_matrix(small_matrix(tmp_path, tiny_data))
+    manifest = MatrixRunner(matrix, jobs=2).run()
+    cells = matrix.cells()
+    assert {c.folder for c in cells} == set(manifest["cells"])
+    for cell in cells:
+        entry = manifest["cells"][cell.folder]
+        assert entry["status"] == "completed" and entry["attempts"] == 1 and entry["steps"] == 12
+        assert entry["host"] and entry["started"] <= entry["ended"] and Path(entry["log"]).exists()
+        assert read_metrics(matrix.runs_dir / cell.folder)[-1]["step"] == 12
+    stamps = {c.folder: (matrix.runs_dir / c.folder / "metrics.jsonl").stat().st_mtime_ns for c in cells}
+    again = MatrixRunner(matrix, jobs=1).run()
+    assert all(again["cells"][f]["attempts"] == 1 for f in stamps)
+    assert stamps == {c.folder: (matrix.runs_dir / c.folder / "metrics.jsonl").stat().st_mtime_ns for c in cells}
+    assert read_manifest(matrix.runs_dir)["cells"] == again["cells"]
+    rows = cell_status(matrix)
+    assert [r["status"] for r in rows] == ["completed"] * 4 and all(r["steps"] == 12 for r in rows)
+
+
+def test_sweeps_run_first_and_their_best_value_is_used_for_every_seed(tmp_path, tiny_data):
+    matrix = load_matrix(write_matrix(tmp_path, tiny_data, cells=[{"formats": ["E5M2"], "arms": ["E"]}]))
+    manifest = MatrixRunner(matrix, jobs=2).run()
+    sweep = manifest["sweeps"]["e5m2-E"]
+    assert sweep["key"] == "grid_lr" and set(sweep["losses"]) == {"0.5", "1.0"}
+    best = min(sweep["losses"], key=sweep["losses"].get)
+    assert sweep["best"] == float(best)
+    main = [e for e in manifest["cells"].values() if not e.get("sweep")]
+    assert len(main) == 2 and all(e["status"] == "completed" for e in main)
+    for entry in main:
+        config = yaml.safe_load((matrix.runs_dir / entry["folder"] / "config.yaml").read_text())
+        assert config["grid_lr"] == sweep["best"] and config["max_steps"] == 12
+
+
+def test_a_failing_cell_is_recorded_and_never_stops_the_others(tmp_path, tiny_data):
+    path = small_matrix(tmp_path, tiny_data, arms={"A": {"optimizer": "adamw"},
+                                                   "X": {"optimizer": "adamw", "data": str(tmp_path / "missing")}},
+                        cells=[{"formats": ["bf16"], "arms": ["A", "X"]}])
+    result = runner.invoke(app, ["matrix", "run", str(path)])
+    assert result.exit_code == 1
+    manifest = read_manifest(tmp_path / "runs")
+    status = {e["name"]: e for e in manifest["cells"].values()}
+    assert status["bf16-A-s1"]["status"] == status["bf16-A-s2"]["status"] == "completed"
+    assert status["bf16-X-s1"]["status"] == "failed" and "missing" in status["bf16-X-s1"]["error"]
+    assert "UserError" in Path(status["bf16-X-s1"]["log"]).read_text()
+    shown = runner.invoke(app, ["matrix", "status", str(path), "--json"])
+    rows = {r["name"]: r for r in json.loads(shown.output)}
+    assert rows["bf16-X-s2"]["status"] == "failed" and rows["bf16-X-s2"]["log"].endswith("matrix.log")
+    again = MatrixRunner(load_matrix(path)).run()  # not retried unless asked
+    assert {e["name"]: e["attempts"] for e in again["cells"].values()}["bf16-X-s1"] == 1
+    retried = MatrixRunner(load_matrix(path), retry_failed=True).run()
+    assert {e["name"]: e["attempts"] for e in retried["cells"].values()}["bf16-X-s1"] == 2
+
+
+def test_a_killed_matrix_resumes_without_repeating_or_losing_anything(tmp_path, tiny_data):
+    """Kill the whole matrix (process group) mid-cell, run it again: finished cells are not
+    touched, the interrupted one resumes from its checkpoint, and every run's records equal
+    those of a matrix that was never interrupted."""
+    settings = {"data": str(tiny_data), "max_steps": 60, "eval_interval": 20, "checkpoint_interval": 10,
+                "log_interval": 5, "device": "cpu"}
+    killed = small_matrix(tmp_path / "a", tiny_data, settings=settings, runs_dir=str(tmp_path / "a" / "runs"))
+    command = [sys.executable, "-m", "altgrad", "matrix", "run", str(killed)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    matrix = load_matrix(killed)
+    runs = matrix.runs_dir
+    deadline = time.time() + 120
+    while time.time() < deadline:  # the first cell finished and the second has a checkpoint
+        done = [c for c in matrix.cells() if (runs / c.folder / "summary.json").exists()]
+        started = [c for c in matrix.cells() if list((runs / c.folder / "checkpoints").glob("step_*.pt"))
+                   and c not in done]
+        if done and started:
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert done and started, "the matrix did not get far enough to be killed mid-cell"
+    finished = {c.folder: (runs / c.folder / "metrics.jsonl").stat().st_mtime_ns for c in done}
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+    assert finished == {f: (runs / f / "metrics.jsonl").stat().st_mtime_ns for f in finished}  # not repeated
+    reference = with_settings(matrix, runs_dir=tmp_path / "b" / "runs")
+    MatrixRunner(reference).run()
+    for cell in matrix.cells():
+        assert without_rates(read_metrics(runs / cell.folder)) == \
+            without_rates(read_metrics(reference.runs_dir / cell.folder)), cell.folder
+    assert all(e["status"] == "completed" for e in read_manifest(runs)["cells"].values())
+
+
+def test_the_submitit_path_with_its_debug_executor(tmp_path, tiny_data):
+    pytest.importorskip("submitit")
+    path = small_matrix(tmp_path, tiny_data, launcher={"slurm": {"cluster": "debug"}})
+    result = runner.invoke(app, ["matrix", "run", str(path), "--launcher", "slurm"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "runs")
+    assert len(manifest["cells"]) == 4
+    assert all(e["status"] == "completed" and e["job_id"] for e in manifest["cells"].values())
+    assert (tmp_path / "runs" / "submitit").is_dir()
+
+
+def test_the_cli_dry_run_shows_cells_and_runs_nothing(tmp_path, tiny_data):
+    path = write_matrix(tmp_path, tiny_data)
+    result = runner.invoke(app, ["matrix", "run", str(path), "--dry-run"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "learning-rate sweep: 4 runs" in text and "10 cells" in text and "e3m4-E-post-ln-s2" in text
+    assert not (tmp_path / "runs").exists()
+    bad = runner.invoke(app, ["matrix", "run", str(tmp_path / "nope.yaml")])
+    assert bad.exit_code == 2 and "not found" in bad.output and "Traceback" not in bad.output
+    assert runner.invoke(app, ["matrix", "run", str(path), "--launcher", "pbs"]).exit_code == 2
