@@ -59,3 +59,5 @@ def test_a_diverging_run_reports_its_collapse_and_compare_shows_it(tmp_path, tin
                           env={"COLUMNS": "200"})
     assert shown.exit_code == 0 and "collapse: broken at step 15" in shown.output
     assert "highest stall" in shown.output and "zero gradients" in shown.output
+    assert "no collapse (validation loss stayed below its step-0 value, no divergence): healthy" in \
+        " ".join(shown.output.split())

@@ -85,6 +85,10 @@ def compare(
             for row in comparison.rows:
                 if row.collapse:
                     console.print(collapse_line(row.name, row.collapse))
+            held = [row.name for row in comparison.rows if not row.collapse and row.status == "completed"]
+            if held:
+                console.print(f"no collapse (validation loss stayed below its step-0 value, no divergence): "
+                              f"{', '.join(held)}")
             for row in comparison.rows:
                 if row.rank_warnings:
                     console.print(f"[yellow]rank:[/] {row.name}: effective rank below its threshold in "
