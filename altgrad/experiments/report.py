@@ -233,13 +233,17 @@ def _answer(benefits: list[Benefit], noise_floor: float) -> str:
                 "and the stochastic-rounding control (arm C) completed on at least two seeds.")
     real = [b for b in against_c if b.real(noise_floor) and b.paired.mean < 0]
     floor = f"{noise_floor:.4f}" if math.isfinite(noise_floor) else "unmeasured (fewer than two BF16 seeds)"
+    worse = [b for b in against_c if b.real(noise_floor) and b.paired.mean > 0]
+    hurt = (" Geometry is worse than arm C beyond noise in: " + "; ".join(
+        f"{b.format} {b.arm} {b.paired.mean:+.4f} [{b.paired.low:+.4f}, {b.paired.high:+.4f}]" for b in worse) + ".") \
+        if worse else ""
     if not real:
         best = against_c[0]
         return (f"No format benefits from geometry-aware updates beyond noise: no geometry arm's paired difference "
-                f"against stochastic-rounding AdamW (arm C) both excludes zero in its {CONFIDENCE:.0%} interval and "
-                f"exceeds the BF16 seed-to-seed spread of {floor}. The largest difference is {best.format} "
+                f"against stochastic-rounding AdamW (arm C) is below zero with an interval that excludes zero and a "
+                f"size beyond the BF16 seed-to-seed spread of {floor}. The lowest difference is {best.format} "
                 f"{best.arm} vs C: {best.paired.mean:+.4f} [{best.paired.low:+.4f}, {best.paired.high:+.4f}] "
-                f"(n={best.paired.n}).")
+                f"(n={best.paired.n}).{hurt}")
     top = real[0]
     others = [b for b in real[1:] if b.format != top.format]
     tail = (" Also beyond noise: " + "; ".join(f"{b.format} {b.arm} {b.paired.mean:+.4f}" for b in others) + ".") \
@@ -247,7 +251,7 @@ def _answer(benefits: list[Benefit], noise_floor: float) -> str:
     return (f"{top.format} benefits most from geometry-aware updates: {top.arm} lowers the final validation loss "
             f"by {-top.paired.mean:.4f} against stochastic-rounding AdamW (arm C), {CONFIDENCE:.0%} interval "
             f"[{top.paired.low:+.4f}, {top.paired.high:+.4f}] over n={top.paired.n} seeds, beyond the BF16 "
-            f"seed-to-seed spread of {floor}.{tail}")
+            f"seed-to-seed spread of {floor}.{tail}{hurt}")
 
 
 def analyse(groups: list[Group]) -> Analysis:

@@ -1,0 +1,167 @@
+"""The report (experiments/stats.py, report.py, report_files.py): the paired interval against a
+hand computation, the answer on constructed results (a clear winner, a null result, too few
+seeds, diverged runs), and the whole report on a tiny real matrix."""
+
+import json
+import math
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from altgrad.cli import app
+from altgrad.errors import UserError
+from altgrad.experiments.launch import MatrixRunner
+from altgrad.experiments.matrix import load_matrix
+from altgrad.experiments.report import Cell, Group, analyse, collect, role
+from altgrad.experiments.stats import paired_difference, sample_sd, t_quantile
+
+runner = CliRunner()
+
+
+def test_the_paired_interval_is_the_hand_computed_t_interval():
+    a = {1: 2.00, 2: 2.10, 3: 1.95, 4: 9.0}
+    b = {1: 2.05, 2: 2.12, 3: 2.01, 5: 1.0}  # seeds 4 and 5 have no partner
+    paired = paired_difference(a, b)
+    diffs = [-0.05, -0.02, -0.06]
+    m = sum(diffs) / 3
+    sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / 2)
+    half = 4.302652729911275 * sd / math.sqrt(3)  # t_{0.975, 2} from a table
+    assert paired.n == 3 and paired.per_seed == pytest.approx({1: -0.05, 2: -0.02, 3: -0.06})
+    assert paired.mean == pytest.approx(m) and paired.sd == pytest.approx(sd)
+    assert (paired.low, paired.high) == pytest.approx((m - half, m + half))
+    assert not paired.excludes_zero  # high = +0.0084: three seeds are not enough here
+    assert t_quantile(9) == pytest.approx(2.2621571627409915)
+
+
+def test_undefined_intervals_are_nan_and_non_finite_losses_are_not_paired():
+    one = paired_difference({1: 2.0, 2: math.nan}, {1: 1.5, 2: 1.0})
+    assert one.n == 1 and one.mean == 0.5 and math.isnan(one.low) and not one.excludes_zero
+    none = paired_difference({}, {1: 1.0})
+    assert none.n == 0 and math.isnan(none.mean)
+    assert math.isnan(sample_sd([1.0]))
+
+
+def test_arm_roles_come_from_the_runs_own_arm_tag():
+    assert [role(t) for t in ("adamw", "adamw-rtn", "adamw-sr", "manifold-sr", "manifold-master", "grid-sr",
+                              "grid-momentum-sr", "adamw-mixed")] == \
+        ["A", "B", "C", "geometry", "geometry", "geometry", "geometry", "other"]
+
+
+def group(fmt, arm, tag, losses, statuses=None, layers="uniform"):
+    statuses = statuses or {}
+    return Group(fmt, arm, layers if fmt != "bf16" else "-", tag,
+                 [Cell(f"{fmt}-{arm}-s{s}", s, statuses.get(s, "completed"), v, None) for s, v in losses.items()])
+
+
+BF16 = group("bf16", "A", "adamw", {1: 2.000, 2: 2.010, 3: 1.995})
+
+
+def test_a_clear_geometry_benefit_names_its_format():
+    groups = [BF16,
+              group("E5M2", "C", "adamw-sr", {1: 2.10, 2: 2.12, 3: 2.09}),
+              group("E5M2", "E", "grid-sr", {1: 2.05, 2: 2.06, 3: 2.045}),
+              group("E3M4", "C", "adamw-sr", {1: 2.02, 2: 2.03, 3: 2.01}),
+              group("E3M4", "E", "grid-sr", {1: 2.019, 2: 2.031, 3: 2.012}),
+              group("E3M4", "B", "adamw-rtn", {1: 2.5, 2: 2.6, 3: 2.55})]
+    analysis = analyse(groups)
+    assert analysis.noise_floor == pytest.approx(sample_sd([2.000, 2.010, 1.995]))
+    assert analysis.answer.startswith("E5M2 benefits most from geometry-aware updates: E lowers the final "
+                                      "validation loss by 0.0517")
+    against_c = [b for b in analysis.benefits if b.control == "C"]
+    assert [b.format for b in against_c] == ["E5M2", "E3M4"]  # ranked, largest benefit first
+    assert against_c[0].real(analysis.noise_floor) and not against_c[1].real(analysis.noise_floor)
+    against_b = [b for b in analysis.benefits if b.control == "B"]
+    assert [(b.format, b.arm) for b in against_b] == [("E3M4", "E")]
+    assert analysis.vs_baseline["E5M2/C/uniform"].per_seed == pytest.approx({1: 0.10, 2: 0.11, 3: 0.095})
+
+
+def test_no_difference_beyond_noise_is_said_plainly():
+    groups = [BF16,
+              group("E5M2", "C", "adamw-sr", {1: 2.10, 2: 2.12, 3: 2.09}),
+              group("E5M2", "D", "manifold-sr", {1: 2.095, 2: 2.13, 3: 2.085})]
+    answer = analyse(groups).answer
+    assert answer.startswith("No format benefits from geometry-aware updates beyond noise")
+    assert "E5M2 D vs C" in answer
+
+
+def test_geometry_that_hurts_beyond_noise_is_no_benefit_and_is_said():
+    groups = [BF16, group("E5M2", "C", "adamw-sr", {1: 2.10, 2: 2.12, 3: 2.09}),
+              group("E5M2", "E", "grid-sr", {1: 2.30, 2: 2.33, 3: 2.28})]
+    answer = analyse(groups).answer
+    assert answer.startswith("No format benefits") and "worse than arm C beyond noise in: E5M2 E +0.2" in answer
+
+
+def test_a_consistent_difference_below_the_noise_floor_is_not_called_real():
+    noisy = group("bf16", "A", "adamw", {1: 2.0, 2: 2.1, 3: 1.9})  # sd 0.1
+    groups = [noisy, group("E5M2", "C", "adamw-sr", {1: 2.10, 2: 2.12, 3: 2.09}),
+              group("E5M2", "E", "grid-sr", {1: 2.08, 2: 2.10, 3: 2.07})]  # -0.02 on every seed
+    analysis = analyse(groups)
+    benefit = next(b for b in analysis.benefits if b.control == "C")
+    assert benefit.paired.excludes_zero and not benefit.real(analysis.noise_floor)
+    assert analysis.answer.startswith("No format benefits")
+
+
+def test_diverged_runs_are_counted_apart_and_never_averaged():
+    g = group("E7M0", "E", "grid-sr", {1: 2.5, 2: math.nan, 3: 9.0}, statuses={3: "diverged"})
+    assert g.losses() == {1: 2.5} and g.mean_loss() == 2.5 and g.diverged == 2
+    analysis = analyse([BF16, g])
+    assert analysis.vs_baseline[g.key].n == 1
+
+
+def test_without_a_control_there_is_no_answer_yet():
+    assert analyse([BF16, group("E5M2", "A", "adamw", {1: 2.1, 2: 2.2})]).answer.startswith("No answer yet")
+
+
+@pytest.fixture(scope="module")
+def tiny_matrix(tmp_path_factory, tiny_data):
+    root = tmp_path_factory.mktemp("report")
+    spec = {"preset": "tiny",
+            "settings": {"data": str(tiny_data), "max_steps": 20, "eval_interval": 10, "checkpoint_interval": 10,
+                         "stats_interval": 5, "rank_interval": 10, "device": "cpu"},
+            "runs_dir": str(root / "runs"), "seeds": [1, 2, 3], "formats": ["bf16", "E5M2"],
+            "arms": {"A": {"optimizer": "adamw"},
+                     "B": {"optimizer": "adamw", "weight_storage": "format", "update_rounding": "nearest"},
+                     "C": {"optimizer": "adamw", "weight_storage": "format", "update_rounding": "stochastic"},
+                     "E": {"optimizer": "grid"}},
+            "cells": [{"formats": ["bf16"], "arms": ["A"]}, {"formats": ["E5M2"], "arms": ["A", "B", "C", "E"]}]}
+    path = root / "matrix.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    MatrixRunner(load_matrix(path), jobs=2).run()
+    return path
+
+
+def test_the_report_on_a_tiny_real_matrix(tiny_matrix, tmp_path):
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["report", str(tiny_matrix), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "answer:" in result.output
+    data = json.loads((out / "report.json").read_text())
+    groups = {(g["format"], g["arm"]): g for g in data["groups"]}
+    assert set(groups) == {("bf16", "A"), ("E5M2", "A"), ("E5M2", "B"), ("E5M2", "C"), ("E5M2", "E")}
+    for g in data["groups"]:  # every number is backed by its per-seed values
+        losses = {r["seed"]: r["final_val_loss"] for r in g["runs"]}
+        assert g["mean_final_val_loss"] == pytest.approx(sum(losses.values()) / 3)
+        if g["vs_bf16"]:
+            base = {r["seed"]: r["final_val_loss"] for r in groups[("bf16", "A")]["runs"]}
+            diffs = {str(s): losses[s] - base[s] for s in losses}
+            assert g["vs_bf16"]["per_seed"] == pytest.approx(diffs)
+            assert g["vs_bf16"]["mean"] == pytest.approx(sum(diffs.values()) / 3)
+    benefit = {(b["arm"], b["control"]) for b in data["geometry_benefit"]}
+    assert benefit == {("E", "C"), ("E", "B")}
+    assert data["noise_floor"]["bf16_seed_sd"] == pytest.approx(
+        sample_sd([r["final_val_loss"] for r in groups[("bf16", "A")]["runs"]]))
+    markdown = (out / "report.md").read_text()
+    assert data["answer"] in markdown and "Student-t" in markdown and "n=3" in markdown
+    for name in ("loss_curves.png", "heatmaps.png", "flips_updates.png", "rank_vs_bf16.png"):
+        assert (out / name).stat().st_size > 1000 and f"]({name})" in markdown
+    assert "20 steps" in data["limits"] and "byte tokens" in data["limits"]
+    same = collect(load_matrix(tiny_matrix).runs_dir)  # the runs directory works as well as the file
+    assert len(same[1]) == 5
+
+
+def test_a_report_of_nothing_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no runs"):
+        collect(tmp_path / "empty")
+    result = runner.invoke(app, ["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
