@@ -21,18 +21,20 @@ from .runs import RunRecord
 #: and names, places and monitoring, none of which changes batches, weights at step 0 or the
 #: validation set. Every other key (model shape, data, seed, steps, batch, learning rate and
 #: schedule, weight decay, dropout, the clipping bound, evaluation batches) must be equal.
-UNPAIRED_KEYS = frozenset({
+PRECISION_KEYS = frozenset({
     "precision", "format", "grad_format", "rounding", "grad_rounding", "scaling", "amax_history_len",
     "scale_margin", "power_of_two_scales", "gemm_dtype", "policy", "format_shift", "shift_patience",
     "grad_clip_mode",  # the precision policy and its failure handling (the same for a run without FP8 layers)
-    "optimizer", "weight_storage", "update_rounding", "grid_lr", "max_stiffness", "rung_clip",
-    "grid_direction",  # the optimizer arm
+})
+ARM_KEYS = frozenset({"optimizer", "weight_storage", "update_rounding", "grid_lr", "max_stiffness", "rung_clip",
+                      "grid_direction"})
+PLACE_AND_MONITORING_KEYS = frozenset({
     "run_name", "runs_dir", "preset", "device", "compile", "wandb", "wandb_project", "tags", "log_interval",
     "eval_interval", "checkpoint_interval", "keep_checkpoints", "stats_interval", "dead_window", "use_shadow",
     "shadow_interval", "overflow_threshold", "underflow_threshold", "bit_stall_threshold",
-    "grad_cos_threshold", "rank_interval", "rank_threshold", "critical_layers",
-    "critical_threshold_multiplier",  # names, places, monitoring
+    "grad_cos_threshold", "rank_interval", "rank_threshold", "critical_layers", "critical_threshold_multiplier",
 })
+UNPAIRED_KEYS = PRECISION_KEYS | ARM_KEYS | PLACE_AND_MONITORING_KEYS
 
 
 def pairing_difference(reference: dict[str, Any], other: dict[str, Any]) -> str | None:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..training.config import CONFIG_FILE_NAME
+from ..training.config import CONFIG_FILE_NAME, TrainConfig
+from .compare import PLACE_AND_MONITORING_KEYS
 from .launch import MANIFEST, read_manifest
 from .matrix import BASELINES
 from .runs import RunRecord, available_runs, load_run
@@ -137,19 +138,39 @@ def _from_manifest(runs_dir: Path, manifest: dict[str, Any]) -> list[Group]:
     return list(groups.values())
 
 
+#: Config keys that do not make two runs different experiments (seeds repeat a group).
+_NOT_THE_EXPERIMENT = PLACE_AND_MONITORING_KEYS | {"seed"}
+
+
 def _from_folders(runs_dir: Path) -> list[Group]:
-    groups: dict[tuple, Group] = {}
+    """Runs without a manifest: a group is every setting but the seed; groups that share a format
+    and arm are told apart by the settings in which they differ."""
+    by_setting: dict[str, list[RunRecord]] = {}
     for name in available_runs(runs_dir):
         run = load_run(runs_dir, name)
-        config, summary = run.config, run.summary
-        fmt = (config.get("format") or ("mixed" if config.get("policy") else config.get("precision", "?")))
-        tag = summary.get("arm", "adamw")
+        setting = json.dumps({k: v for k, v in run.config.items() if k not in _NOT_THE_EXPERIMENT},
+                             sort_keys=True, default=str)
+        by_setting.setdefault(setting, []).append(run)
+    groups = []
+    for runs in by_setting.values():
+        config, summary = runs[0].config, runs[0].summary
+        fmt = config.get("format") or ("mixed" if config.get("policy") else config.get("precision", "?"))
         layers = "mixed" if config.get("policy") else ("-" if not config.get("format") else "uniform")
-        key = (str(fmt), tag, layers)
-        group = groups.setdefault(key, Group(str(fmt), tag, layers, tag))
-        group.cells.append(Cell(name, int(config.get("seed", 0)), summary.get("status", "incomplete"),
-                                _number(summary.get("final_val_loss")), run))
-    return list(groups.values())
+        tag = summary.get("arm", "adamw")
+        groups.append(Group(str(fmt), tag, layers, tag, [
+            Cell(run.name, int(run.config.get("seed", 0)), run.summary.get("status", "incomplete"),
+                 _number(run.summary.get("final_val_loss")), run) for run in runs]))
+    shown = [(g.format, g.arm, g.layers) for g in groups]
+    for group, key in zip(groups, shown):
+        twins = [g for g, other in zip(groups, shown) if other == key]
+        if len(twins) > 1:
+            defaults = TrainConfig().to_dict()  # a run from before a setting existed had its default
+            configs = [{**defaults, **g.cells[0].run.config} for g in twins]
+            differing = sorted(k for k in set().union(*configs) if k not in _NOT_THE_EXPERIMENT
+                               and len({json.dumps(c.get(k), default=str) for c in configs}) > 1)
+            own = {**defaults, **group.cells[0].run.config}
+            group.layers = ",".join(f"{k}={own.get(k)}" for k in differing[:2])
+    return groups
 
 
 def collect(source: Path) -> tuple[Path, list[Group], dict[str, Any]]:
@@ -222,7 +243,7 @@ def _limits(groups: list[Group]) -> str:
     seeds = sorted({c.seed for g in groups for c in g.cells})
     return (f"It holds for a {config.get('n_layer')}-layer, {config.get('n_embd')}-wide GPT ({size}block "
             f"{config.get('block_size')}), trained {config.get('max_steps')} steps on {data} ({tokenizer} tokens), "
-            f"{len(seeds)} seeds, per-tensor power-of-two amax scaling; a larger model, more data or longer "
+            f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}, per-tensor power-of-two amax scaling; a larger model, more data or longer "
             "training may rank the formats differently.")
 
 
