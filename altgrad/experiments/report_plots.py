@@ -55,6 +55,7 @@ def loss_curves(analysis: Analysis, path: Path) -> Path | None:
     arms = list(dict.fromkeys(g.arm for g in analysis.groups if not g.baseline))
     colors = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}
     for axis, (fmt, layers) in zip(axes.flat, panels):
+        late: list[float] = []  # values after the first quarter of training set the y-range
         if analysis.baseline is not None:
             steps, table = _curve(analysis.baseline, "val_loss")
             if len(steps):
@@ -67,6 +68,11 @@ def loss_curves(analysis: Analysis, path: Path) -> Path | None:
                 continue
             axis.plot(steps, np.nanmean(table, 0), color=colors[g.arm], label=f"{g.arm} ({g.arm_tag})")
             axis.fill_between(steps, np.nanmin(table, 0), np.nanmax(table, 0), color=colors[g.arm], alpha=0.2)
+            quarter = [i for i, s in enumerate(steps) if s >= steps[-1] / 4]
+            late += [v for v in table[:, quarter].ravel() if math.isfinite(v)]
+        if late:
+            low, high = min(late), max(late)
+            axis.set_ylim(low - 0.05 * (high - low + 1e-3), high + 0.05 * (high - low + 1e-3))
         axis.set_title(fmt + ("" if layers in ("uniform", "-") else f" ({layers})"))
         axis.set_xlabel("step")
         axis.set_ylabel("validation loss")
@@ -75,6 +81,7 @@ def loss_curves(analysis: Analysis, path: Path) -> Path | None:
     for axis in list(axes.flat)[len(panels):]:
         axis.set_visible(False)
     figure.suptitle("validation loss: mean over seeds, band = min..max over seeds", fontsize="small")
+    figure.subplots_adjust(top=0.85)
     return _save(figure, path)
 
 
@@ -150,13 +157,16 @@ def flips_updates(analysis: Analysis, path: Path) -> Path | None:
                 steps, table = _curve(g, key)
                 if len(steps):
                     axis.plot(steps, np.nanmean(table, 0), color=colors[g.arm], label=g.arm, linewidth=1)
-            axis.set_yscale("log" if key == "optim/flip_rate" else "linear")
+            if key == "optim/flip_rate":
+                axis.set_yscale("log")
+            else:
+                axis.set_ylim(0, 1.05)  # a rate: near 1 means almost every weight had a gradient
             axis.set_title(f"{fmt}{'' if layers in ('uniform', '-') else ' ' + layers}: {label}", fontsize="small")
             axis.set_xlabel("step")
             axis.grid(alpha=0.3)
             axis.legend(fontsize="x-small")
-    figure.suptitle("flips (on-grid value changed) and updates (non-zero gradient) per element, "
-                    "mean over layers and seeds", fontsize="small")
+    figure.suptitle("flips (on-grid value changed) and updates (non-zero gradient)\n"
+                    "per element, mean over layers and seeds", fontsize="small")
     return _save(figure, path)
 
 
