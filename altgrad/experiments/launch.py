@@ -183,8 +183,10 @@ class MatrixRunner:
         entry = self.manifest["cells"].setdefault(cell.folder, {})
         previous = entry.get("status")
         entry |= cell.describe() | {"folder": cell.folder}
-        if outcome.get("status") == "skipped":  # finished earlier: keep how it ended
-            entry.setdefault("status", "completed")
+        if outcome.get("status") == "skipped":  # finished (or failed) earlier: keep how it ended
+            if "status" not in entry or entry["status"] in ("queued", "running"):
+                summary = self.runs_dir / cell.folder / SUMMARY_FILE
+                entry["status"] = json.loads(summary.read_text()).get("status") if summary.exists() else "failed"
             return
         if outcome.get("status") == "queued":
             entry |= outcome
