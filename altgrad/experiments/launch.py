@@ -66,16 +66,25 @@ def swept_values(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
             if sweep.get("best") is not None}
 
 
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A run's summary.json, {} when there is none (yet) or it is unreadable."""
+    path = Path(run_dir) / SUMMARY_FILE
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def finished(summary: dict[str, Any], max_steps: int) -> bool:
+    """Diverged, or completed all its steps (a completed shorter run can be continued)."""
+    return summary.get("status") == "diverged" or (summary.get("status") == "completed"
+                                                   and summary.get("steps") == max_steps)
+
+
 def run_state(run_dir: Path, max_steps: int) -> str:
     """What a cell's folder holds: finished | resumable | fresh."""
-    summary = Path(run_dir) / SUMMARY_FILE
-    if summary.exists():
-        try:
-            data = json.loads(summary.read_text())
-        except json.JSONDecodeError:
-            data = {}
-        if data.get("status") == "diverged" or (data.get("status") == "completed" and data.get("steps") == max_steps):
-            return "finished"
+    if finished(read_summary(run_dir), max_steps):
+        return "finished"
     return "resumable" if list_checkpoints(run_dir) else "fresh"
 
 
@@ -185,8 +194,7 @@ class MatrixRunner:
         entry |= cell.describe() | {"folder": cell.folder}
         if outcome.get("status") == "skipped":  # finished (or failed) earlier: keep how it ended
             if "status" not in entry or entry["status"] in ("queued", "running"):
-                summary = self.runs_dir / cell.folder / SUMMARY_FILE
-                entry["status"] = json.loads(summary.read_text()).get("status") if summary.exists() else "failed"
+                entry["status"] = read_summary(self.runs_dir / cell.folder).get("status", "failed")
             return
         if outcome.get("status") == "queued":
             entry |= outcome
@@ -221,13 +229,8 @@ class MatrixRunner:
         for group, cells in groups.items():
             losses = {}
             for cell in cells:
-                summary = self.runs_dir / cell.folder / SUMMARY_FILE
-                loss = None
-                if summary.exists():
-                    data = json.loads(summary.read_text())
-                    value = data.get("final_val_loss")
-                    loss = float(value) if isinstance(value, (int, float)) else None
-                losses[str(cell.sweep[1])] = loss
+                value = read_summary(self.runs_dir / cell.folder).get("final_val_loss")
+                losses[str(cell.sweep[1])] = float(value) if isinstance(value, (int, float)) else None
             finite = [(loss, cell.sweep[1]) for cell, loss in zip(cells, losses.values())
                       if loss is not None and math.isfinite(loss)]
             best = min(finite, key=lambda item: item[0])[1] if len(finite) == len(cells) else None

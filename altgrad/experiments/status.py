@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ..training.checkpoint import list_checkpoints
-from ..training.tracking import SUMMARY_FILE
-from .launch import LOG_FILE, read_manifest, swept_values
+from .launch import LOG_FILE, finished, read_manifest, read_summary, swept_values
 from .matrix import Cell, Matrix
-
-
-def _summary(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / SUMMARY_FILE
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError:
-        return {}
 
 
 def _status(cell: Cell, run_dir: Path, entry: dict[str, Any]) -> tuple[str, int | None, str]:
     """(status, steps done, note) of one cell."""
-    summary = _summary(run_dir)
+    summary = read_summary(run_dir)
     checkpoints = list_checkpoints(run_dir)
     step = int(checkpoints[-1].stem.removeprefix("step_")) if checkpoints else None
-    if summary.get("status") in ("completed", "diverged") and (
-            summary["status"] == "diverged" or summary.get("steps") == cell.config.max_steps):
+    if finished(summary, cell.config.max_steps):
         return summary["status"], summary.get("steps"), summary.get("message", "")
     if entry.get("status") == "failed":
         return "failed", step, entry.get("error", "")
@@ -47,7 +36,7 @@ def cell_status(matrix: Matrix) -> list[dict[str, Any]]:
         status, steps, note = _status(cell, run_dir, entry)
         if cell.expected_failure and status in ("diverged", "completed"):
             note = f"expected failure: {cell.expected_failure}" + (f"; {note}" if note else "")
-        loss = _summary(run_dir).get("final_val_loss")
+        loss = read_summary(run_dir).get("final_val_loss")
         rows.append(cell.describe() | {
             "cell": cell.folder, "status": status, "steps": steps, "max_steps": cell.config.max_steps,
             "final_val_loss": float(loss) if isinstance(loss, (int, float, str)) and loss is not None else None,
