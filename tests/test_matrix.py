@@ -220,8 +220,8 @@ def test_a_killed_matrix_resumes_without_repeating_or_losing_anything(tmp_path, 
 
 def test_the_submitit_path_with_its_debug_executor(tmp_path, tiny_data):
     pytest.importorskip("submitit")
-    path = small_matrix(tmp_path, tiny_data, launcher={"slurm": {"cluster": "debug"}})
-    result = runner.invoke(app, ["matrix", "run", str(path), "--launcher", "slurm"])
+    path = small_matrix(tmp_path, tiny_data, launcher={"slurm": {"cluster": "local", "timeout_min": 5}})
+    result = runner.invoke(app, ["matrix", "run", str(path), "--launcher", "slurm", "--slurm", "cluster=debug"])
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path / "runs")
     assert len(manifest["cells"]) == 4
@@ -239,3 +239,21 @@ def test_the_cli_dry_run_shows_cells_and_runs_nothing(tmp_path, tiny_data):
     bad = runner.invoke(app, ["matrix", "run", str(tmp_path / "nope.yaml")])
     assert bad.exit_code == 2 and "not found" in bad.output and "Traceback" not in bad.output
     assert runner.invoke(app, ["matrix", "run", str(path), "--launcher", "pbs"]).exit_code == 2
+
+
+def test_a_format_can_carry_settings_or_come_from_a_policy_file(tmp_path, tiny_data):
+    formats = ["bf16", "E5M2", {"name": "E4M3-g4", "format": "E4M3", "grad_format": "E4M3"},
+               {"name": "mixed", "config": str(CONFIGS / "mixed_precision.yaml")}]
+    path = write_matrix(tmp_path, tiny_data, formats=formats,
+                        cells=[{"formats": ["E4M3-g4", "mixed"], "arms": ["A"], "layers": ["uniform", "post-ln"]}])
+    cells = {c.name: c.config for c in load_matrix(path).cells()}
+    assert set(cells) == {"e4m3-g4-A-s1", "e4m3-g4-A-s2", "e4m3-g4-A-post-ln-s1", "e4m3-g4-A-post-ln-s2",
+                          "mixed-A-s1", "mixed-A-s2"}  # a policy of its own: the layers axis does not apply
+    assert (cells["e4m3-g4-A-s1"].format, cells["e4m3-g4-A-s1"].grad_format) == ("E4M3", "E4M3")
+    assert cells["e4m3-g4-A-post-ln-s1"].policy[0]["format"] == "E4M3"
+    mixed = cells["mixed-A-s1"]
+    assert mixed.policy[2] == {"layers": "*.attn.c_attn", "format": "E5M2"} and mixed.run_name != "mixed-precision"
+    for bad, message in (({"name": "x"}, "needs a format"), ({"format": "E4M3"}, "mapping with a name"),
+                         ({"name": "x", "format": "E4M3", "colour": 1}, "unknown key")):
+        with pytest.raises(UserError, match=message):
+            load_matrix(write_matrix(tmp_path, tiny_data, formats=["bf16", bad]))

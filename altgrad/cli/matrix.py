@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+import yaml
 from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -15,6 +16,7 @@ from ..experiments.launch import MatrixRunner
 from ..experiments.matrix import Cell, load_matrix, with_settings
 from ..experiments.status import cell_status
 from .common import cell as number_cell
+from ..errors import UserError
 from .common import console, error_console, user_errors
 
 matrix_app = typer.Typer(help="Run the format x arm x layers x seed matrix; see its status; document it.",
@@ -36,6 +38,17 @@ def cells_table(cells: list[Cell], title: str) -> Table:
     return table
 
 
+def _options(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs, each value read as YAML (numbers, booleans, strings)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--slurm takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
 def run(
     file: Path = typer.Argument(..., help="Matrix YAML, e.g. configs/matrix/small.yaml."),
     jobs: int = typer.Option(1, "--jobs", "-j", help="Cells at once (local); the CPU threads are divided among them."),
@@ -45,6 +58,9 @@ def run(
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Where the cells go (default: the file's runs_dir)."),
     data: Optional[str] = typer.Option(None, "--data", help="Prepared data for every cell (default: the file's)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per cell (default: CPUs / jobs)."),
+    slurm: Optional[list[str]] = typer.Option(
+        None, "--slurm", help="A submitit executor option KEY=VALUE (repeatable; over launcher.slurm in the file), "
+                              "e.g. --slurm slurm_partition=gpu --slurm timeout_min=120."),
 ) -> None:
     """Run every cell (sweeps first): finished cells are skipped, interrupted ones resumed."""
     with user_errors():
@@ -57,7 +73,8 @@ def run(
             console.print(cells_table(cells, f"{len(cells)} cells of {file} -> {matrix.runs_dir}"
                                              + (" (swept values not yet known: the arms' own)" if sweeps else "")))
             return
-        runner = MatrixRunner(matrix, jobs=jobs, launcher=launcher, retry_failed=retry_failed, threads=threads)
+        runner = MatrixRunner(matrix, jobs=jobs, launcher=launcher, retry_failed=retry_failed, threads=threads,
+                              executor_options=_options(slurm or []))
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("[green]{task.fields[running]} running[/] [red]{task.fields[failed]} failed[/]"),
                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)

@@ -9,7 +9,9 @@ run (``cells``)::
     settings: {data: data/eurlex-byte}     # changes for every cell
     runs_dir: runs/matrix-small            # the cells' run folders and the manifest
     seeds: [1337, 1338, 1339]
-    formats: [bf16, E5M2, E3M4]            # bf16 / fp32: the baseline, no FP8 layer
+    formats: [bf16, E5M2, E3M4,            # bf16 / fp32: the baseline, no FP8 layer
+              {name: E4M3-g4, format: E4M3, grad_format: E4M3},   # a format with other settings
+              {name: mixed, config: ../mixed_precision.yaml}]     # a policy file's precision policy
     arms:                                  # DESIGN §4; any config keys, plus an optional sweep
       A: {optimizer: adamw}
       D: {optimizer: manifold, sweep: {grid_lr: [0.25, 0.5, 1.0]}}
@@ -138,7 +140,7 @@ class Matrix:
     settings: dict[str, Any]
     runs_dir: Path
     seeds: tuple[int, ...]
-    formats: tuple[str, ...]
+    formats: dict[str, dict[str, Any]]  # name -> its config changes (a policy of its own ignores the layers axis)
     arms: dict[str, dict[str, Any]]
     layers: dict[str, dict[str, Any]]
     sweep: dict[str, Any]
@@ -161,12 +163,21 @@ class Matrix:
         except (TypeError, ValueError) as error:
             raise UserError(f"{where}: {error}") from None
 
+    def _own_policy(self, fmt: str) -> bool:
+        """The baseline, or a format entry with a policy of its own: the layers axis does not apply."""
+        return fmt.lower() in BASELINES or "policy" in self.formats[fmt]
+
     def _overrides(self, fmt: str, arm: str, layers: str, seed: int) -> dict[str, Any]:
         arm_values = {k: v for k, v in self.arms[arm].items() if k != "sweep"}
+        spec = self.formats[fmt]
         if fmt.lower() in BASELINES:
             policy = {"precision": fmt.lower(), "format": None, "policy": []}
+        elif "policy" in spec:
+            policy = {"format": None, **spec}
         else:
-            policy = {"format": None, "policy": [], **_fill(copy.deepcopy(self.layers[layers]), fmt)}
+            extra = {k: v for k, v in spec.items() if k != "format"}
+            policy = {"format": None, "policy": [], **_fill(copy.deepcopy(self.layers[layers]), spec["format"]),
+                      **extra}
         return {**policy, **arm_values, "seed": seed}
 
     def _combinations(self) -> list[tuple[str, str, str, tuple[int, ...], str | None, bool]]:
@@ -193,7 +204,7 @@ class Matrix:
                                     f"the matrix has {', '.join(known) or 'none'}")
             for fmt in formats:
                 for arm in arms:
-                    for policy in (["-"] if fmt.lower() in BASELINES else layers):
+                    for policy in (["-"] if self._own_policy(fmt) else layers):
                         key = (fmt, arm, policy)
                         if key in seen:
                             raise UserError(f"{where}: {fmt} x {arm} x {policy} is listed twice")
@@ -247,6 +258,34 @@ def _sweep_values(arm: str, spec: Any, where: str) -> dict[str, list[Any]]:
     return {key: values}
 
 
+def _formats(entries: Any, path: Path, where: str) -> dict[str, dict[str, Any]]:
+    """The formats axis: names (``E5M2``; ``bf16``/``fp32`` for the baseline) or mappings with a
+    ``name`` and config changes (``format``, ``grad_format``, ...) or a ``config`` file whose
+    precision policy (its format, policy, gradient format, rounding and scaling keys) is taken."""
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"{where}: formats must be a non-empty list of format names or mappings with a name")
+    formats: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        if isinstance(entry, str):
+            name, spec = entry, ({} if entry.lower() in BASELINES else {"format": entry})
+        elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            name, spec = entry["name"], {k: v for k, v in entry.items() if k != "name"}
+            if "config" in spec:
+                from .compare import PRECISION_KEYS
+
+                values = read_yaml(path.parent / str(spec.pop("config")))
+                spec = {**{k: v for k, v in values.items() if k in PRECISION_KEYS}, **spec}
+            _check_config_keys(spec, f"{where}: format {name}")
+            if "format" not in spec and "policy" not in spec:
+                raise UserError(f"{where}: format {name} needs a format, a policy or a config file with one")
+        else:
+            raise UserError(f"{where}: a formats entry is a name or a mapping with a name, got {entry!r}")
+        if name in formats:
+            raise UserError(f"{where}: format {name} is listed twice")
+        formats[name] = spec
+    return formats
+
+
 def load_matrix(path: Path) -> Matrix:
     """A matrix file, checked (see the module doc); every cell's config is resolved here."""
     path = Path(path)
@@ -290,7 +329,7 @@ def load_matrix(path: Path) -> Matrix:
         raise UserError(f"{where}: no cells: list the combinations to run under cells:")
     runs_dir = Path(data.get("runs_dir") or Path("runs") / path.stem)
     matrix = Matrix(path=path, preset=preset, config=config, settings=settings, runs_dir=runs_dir,
-                    seeds=tuple(seeds), formats=tuple(_names(data.get("formats"), f"{where}: formats")), arms=arms,
+                    seeds=tuple(seeds), formats=_formats(data.get("formats"), path, where), arms=arms,
                     layers=layers, sweep=sweep, cells_spec=tuple(data["cells"]),
                     launcher=_mapping(data.get("launcher"), f"{where}: launcher"),
                     description=str(data.get("description", "")))
