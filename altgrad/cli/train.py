@@ -15,6 +15,7 @@ from rich.table import Table
 from ..model.surgery import LayerAssignment
 from ..training import Trainer, TrainResult, resolve_config, resume_config, run_directory
 from ..training.config import TrainConfig, read_yaml
+from ..training import distributed
 from ..training.shift import describe
 from .common import cell, console, error_console, fitted_width, user_errors
 
@@ -247,6 +248,9 @@ def train(
             given |= set(read_yaml(config)) if config else set()
             resolved = resume_config(run_directory(resolved), max_steps=max_steps, wandb=wandb, requested=resolved,
                                      given=tuple(sorted(given)))
+        if not distributed.context().main:  # another process of a torchrun job: rank 0 reports
+            Trainer(resolved, resume=resume).run()
+            return
         display = LiveDisplay()
         with display.live:
             result = Trainer(resolved, resume=resume, on_event=display).run()

@@ -12,7 +12,7 @@ Logged per Linear layer (by its module name; ``lm_head`` is tied to the token em
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -30,8 +30,12 @@ class GradientShadow:
         self.device = device
 
     def compare(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], grad_accum: int,
-                rng_state: dict[str, Any]) -> dict[str, float]:
-        """Gradient agreement between ``model`` (gradients already computed) and the FP32 shadow."""
+                rng_state: dict[str, Any], average: Callable[[list[torch.Tensor]], None] | None = None
+                ) -> dict[str, float]:
+        """Gradient agreement between ``model`` (gradients already computed) and the FP32 shadow.
+
+        Under data parallelism ``average`` averages the shadow's gradients over the processes, as
+        DDP did the model's, so both are the gradients of the whole batch."""
         shadow = self.model
         with torch.no_grad():
             for mine, theirs in zip(shadow.parameters(), model.parameters(), strict=True):
@@ -43,6 +47,8 @@ class GradientShadow:
             for x, y in batches:
                 _, loss = shadow(x, y)
                 (loss / grad_accum).backward()
+        if average is not None:
+            average([p.grad for p in shadow.parameters() if p.grad is not None])
         metrics: dict[str, float] = {}
         cosines, errors = [], []
         for name, module in model.named_modules():

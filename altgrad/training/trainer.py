@@ -29,9 +29,11 @@ from ..optim import build_optimizer, set_learning_rates
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from .config import CONFIG_FILE_NAME, TrainConfig, config_from_dict, read_yaml
 from .monitors import Monitor, QuantStatsMonitor, RankMonitor, ShadowMonitor, StepContext, Thresholds, UpdateMonitor
+from . import distributed
 from .clipping import GradientClipper
 from .collapse import collapse_analysis
 from .shift import FormatShifter
+from .signals import StopRequest
 from .tracking import RunTracker, read_metrics
 
 DEFAULT_DATA = DEFAULT_DATA_ROOT / "eurlex"
@@ -136,7 +138,10 @@ class Trainer:
         self.resume = resume
         self.notify: Event = on_event or (lambda kind, payload: None)
         self.run_dir = run_directory(config)
-        self.device = resolve_device(config.device)
+        self.dist = distributed.context()  # a process of a torchrun job, or the only one
+        self.device = self.dist.device(resolve_device(config.device))
+        if not self.dist.main:
+            self.notify = lambda kind, payload: None  # rank 0 alone reports
 
     # ---- set-up -------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
@@ -171,7 +176,12 @@ class Trainer:
         self.thresholds = Thresholds(cfg.overflow_threshold, cfg.underflow_threshold, cfg.bit_stall_threshold,
                                      cfg.grad_cos_threshold)
         self.batches = TokenBatches(self.data_dir, cfg.block_size, cfg.batch_size, cfg.seed, self.device)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.evaluation = torch.compile(self.model) if cfg.compile else self.model
+        self.ddp = None
+        if self.dist.active:  # after the optimizer: format weights are on their grid, identical on every rank
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None, broadcast_buffers=False)
+        self.forward = self.evaluation if self.ddp is None else (torch.compile(self.ddp) if cfg.compile else self.ddp)
 
     def _autocast(self):
         if self.config.precision == "bf16":
@@ -185,29 +195,35 @@ class Trainer:
         losses = []
         for x, y in self.batches.val_batches(self.config.eval_iters):
             with self._autocast():
-                _, loss = self.forward(x, y)
+                _, loss = self.evaluation(x, y)
             losses.append(float(loss))
         self.model.train()
         return sum(losses) / len(losses)
 
     def _micro_batches(self, step: int):
-        return [self.batches.train_batch(step, micro) for micro in range(self.config.grad_accum)]
+        """This process's micro-batches of the step (all of them in a single process)."""
+        micros, rows = self.dist.share(self.config.grad_accum, self.config.batch_size)
+        return [tuple(t[rows] for t in self.batches.train_batch(step, micro)) for micro in micros]
 
     def _forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Forward/backward over one step's micro-batches; returns the mean loss."""
-        total = 0.0
-        for x, y in batches:
-            with self._autocast():
-                _, loss = self.forward(x, y)
-            (loss / self.config.grad_accum).backward()
-            total += float(loss.detach()) / self.config.grad_accum
-        return total
+        """Forward/backward over this process's micro-batches; returns the step's mean loss (over
+        every process). Under DDP the gradients are averaged on the last micro-step only."""
+        total, count = 0.0, len(batches)
+        for index, (x, y) in enumerate(batches):
+            local = self.ddp.no_sync() if self.ddp is not None and index < count - 1 else contextlib.nullcontext()
+            with local:
+                with self._autocast():
+                    _, loss = self.forward(x, y)
+                (loss / count).backward()
+            total += float(loss.detach()) / count
+        return self.dist.mean(total, self.device)
 
     def _step(self, step: int) -> tuple[float, float, bool, dict[str, float]]:
         """One optimizer step (1-based ``step`` once done): (loss, grad norm, applied, monitor metrics)."""
         due = [monitor for monitor in self.monitors if monitor.due(step + 1)]
         rng_state = capture_rng() if any(monitor.needs_rng for monitor in due) else None
-        ctx = StepContext(step + 1, self._micro_batches(step), self.config.grad_accum, rng_state)
+        batches = self._micro_batches(step)
+        ctx = StepContext(step + 1, batches, len(batches), rng_state, self.dist.average)
         metrics: dict[str, float] = {}
         for monitor in due:
             monitor.before_forward(ctx)
@@ -240,6 +256,8 @@ class Trainer:
         }
 
     def _save(self, step: int) -> None:
+        if not self.dist.main:
+            return
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             self.notify("warning", {"message": f"step {step}: weights are not finite; checkpoint not written"})
             return
@@ -266,67 +284,89 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        joined = distributed.start(self.dist, self.device)
+        try:
+            result = self._run()
+        except RuntimeError as error:
+            if not (self.dist.active and distributed.peer_lost(error)):
+                raise
+            # No goodbye to a process group that lost a member: it could wait for it forever.
+            last = list_checkpoints(self.run_dir)
+            where = f"its last checkpoint ({last[-1].name})" if last else "the start (no checkpoint yet)"
+            raise UserError(f"rank {self.dist.rank}: another process of this run stopped ({str(error)[:160]}); "
+                            f"run the same torchrun command with --resume to continue from {where}") from None
+        distributed.stop(joined)
+        return result
+
+    def _run(self) -> TrainResult:
         cfg = self.config
         self._check_run_dir()
+        self.dist.barrier()  # every process has checked before rank 0 writes
         self._build()
         self.counters = {"tokens": 0, "nonfinite_steps": 0, "consecutive_nonfinite": 0, "wall_s": 0.0,
                          "best_val_loss": None, "final_val_loss": None, "alerts": {}, "alerting": []}
         self.clip_window: dict[str, float] = {}
         start = self._restore() if self.resume else 0
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_yaml(self.run_dir / CONFIG_FILE_NAME, cfg.to_dict())
+        main = self.dist.main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_yaml(self.run_dir / CONFIG_FILE_NAME, cfg.to_dict())
         tracker = RunTracker(self.run_dir, cfg.to_dict(), cfg.wandb, cfg.wandb_project,
-                             resume_step=start if self.resume else None)
+                             resume_step=start if self.resume else None) if main else None
         self.notify("start", {"run_dir": str(self.run_dir), "data": str(self.data_dir), "device": str(self.device),
                               "params": self.model.num_parameters(), "start_step": start,
                               "max_steps": cfg.max_steps, "vocab_size": int(self.meta["vocab_size"]),
                               "layers": self.layers, "label": cfg.label})
         status, message, step = "completed", "", start
         began = time.perf_counter() - self.counters["wall_s"]
-        try:
-            if start == 0:
-                self._record(tracker, 0, {"val_loss": self.evaluate(), "lr": learning_rate(0, cfg)})
-            window_start, window_tokens = time.perf_counter(), 0
-            while step < cfg.max_steps:
-                lr = learning_rate(step, cfg)
-                set_learning_rates(self.optimizer, lr / cfg.lr)  # the schedule, peak 1
-                loss, grad_norm, applied, monitored = self._step(step)
-                step += 1
-                if applied:
-                    self.counters["consecutive_nonfinite"] = 0
-                else:
-                    self.counters["nonfinite_steps"] += 1
-                    self.counters["consecutive_nonfinite"] += 1
-                    self.notify("warning", {"message": f"step {step}: non-finite loss or gradient, step skipped"})
-                shifts = self.shifter.observe(step, monitored, applied) if self.shifter else []
-                for event in shifts:
-                    self.notify("format_shift", event)
-                self.optimizer.zero_grad(set_to_none=True)
-                self.counters["tokens"] += cfg.tokens_per_step
-                window_tokens += cfg.tokens_per_step
-                if self.counters["consecutive_nonfinite"] >= cfg.nan_patience:
-                    status = "diverged"
-                    message = f"{cfg.nan_patience} consecutive non-finite steps at step {step}"
-                    break
-                is_eval = step % cfg.eval_interval == 0 or step == cfg.max_steps
-                if step % cfg.log_interval == 0 or is_eval or monitored or shifts:
-                    elapsed = time.perf_counter() - window_start
-                    record = {"loss": loss, "lr": lr, "grad/norm": grad_norm,
-                              "tokens_per_s": window_tokens / elapsed if elapsed > 0 else 0.0,
-                              "tokens": self.counters["tokens"], **monitored,
-                              **{f"grad/clip_factor/{name}": f for name, f in self.clip_window.items()}}
-                    self.clip_window = {}
-                    if shifts:
-                        record["format_shifts"] = shifts
-                    if is_eval:
-                        record["val_loss"] = self.evaluate()
-                    self._record(tracker, step, record)
-                    window_start, window_tokens = time.perf_counter(), 0
-                if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
-                    self.counters["wall_s"] = time.perf_counter() - began
-                    self._save(step)
-        except KeyboardInterrupt:
-            status, message = "interrupted", f"interrupted at step {step}"
+        with StopRequest() as stop:  # SIGINT/SIGTERM: stop at the next step boundary
+            try:
+                if start == 0 and main:
+                    self._record(tracker, 0, {"val_loss": self.evaluate(), "lr": learning_rate(0, cfg)})
+                window_start, window_tokens = time.perf_counter(), 0
+                while step < cfg.max_steps:
+                    lr = learning_rate(step, cfg)
+                    set_learning_rates(self.optimizer, lr / cfg.lr)  # the schedule, peak 1
+                    loss, grad_norm, applied, monitored = self._step(step)
+                    step += 1
+                    if applied:
+                        self.counters["consecutive_nonfinite"] = 0
+                    else:
+                        self.counters["nonfinite_steps"] += 1
+                        self.counters["consecutive_nonfinite"] += 1
+                        self.notify("warning", {"message": f"step {step}: non-finite loss or gradient, step skipped"})
+                    shifts = self._shifts(step, monitored, applied)
+                    for event in shifts:
+                        self.notify("format_shift", event)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.counters["tokens"] += cfg.tokens_per_step
+                    window_tokens += cfg.tokens_per_step
+                    if self.counters["consecutive_nonfinite"] >= cfg.nan_patience:
+                        status = "diverged"
+                        message = f"{cfg.nan_patience} consecutive non-finite steps at step {step}"
+                        break
+                    is_eval = step % cfg.eval_interval == 0 or step == cfg.max_steps
+                    if main and (step % cfg.log_interval == 0 or is_eval or monitored or shifts):
+                        elapsed = time.perf_counter() - window_start
+                        record = {"loss": loss, "lr": lr, "grad/norm": grad_norm,
+                                  "tokens_per_s": window_tokens / elapsed if elapsed > 0 else 0.0,
+                                  "tokens": self.counters["tokens"], **monitored,
+                                  **{f"grad/clip_factor/{name}": f for name, f in self.clip_window.items()}}
+                        self.clip_window = {}
+                        if shifts:
+                            record["format_shifts"] = shifts
+                        if is_eval:
+                            record["val_loss"] = self.evaluate()
+                        self._record(tracker, step, record)
+                        window_start, window_tokens = time.perf_counter(), 0
+                    if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps:
+                        self.counters["wall_s"] = time.perf_counter() - began
+                        self._save(step)
+                    if self.dist.any(stop.reason is not None, self.device) and step < cfg.max_steps:
+                        status, message = "interrupted", f"stopped by {stop.reason or 'another process'} at step {step}"
+                        break
+            except KeyboardInterrupt:
+                status, message = "interrupted", f"interrupted at step {step}"
         self.counters["wall_s"] = time.perf_counter() - began
         if status != "completed":  # a completed run saved its last step in the loop
             self._save(step)
@@ -337,13 +377,29 @@ class Trainer:
                              alerts=self.counters["alerts"], layers=self._layer_summary(),
                              format_shifts=self.shifter.events if self.shifter else [],
                              clipping=self.clipper.summary())
-        tracker.write_summary({k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
-                              | {"params": self.model.num_parameters(), "precision": cfg.precision,
-                                 "seed": cfg.seed, "device": str(self.device), "label": cfg.label, "arm": cfg.arm,
-                                 "optimizer": cfg.optimizer,
-                                 "collapse": collapse_analysis(read_metrics(self.run_dir), status, step)})
-        tracker.close()
+        if tracker is not None:
+            tracker.write_summary({k: (str(v) if isinstance(v, Path) else v)
+                                   for k, v in dataclasses.asdict(result).items()}
+                                  | {"params": self.model.num_parameters(), "precision": cfg.precision,
+                                     "seed": cfg.seed, "device": str(self.device), "label": cfg.label,
+                                     "arm": cfg.arm, "optimizer": cfg.optimizer, "processes": self.dist.world,
+                                     "collapse": collapse_analysis(read_metrics(self.run_dir), status, step)})
+            tracker.close()
         return result
+
+    def _shifts(self, step: int, monitored: dict[str, float], applied: bool) -> list[dict[str, Any]]:
+        """The emergency shifts of this step: decided on rank 0 (its statistics) and applied on every
+        process, so that the replicas keep the same formats."""
+        if self.shifter is None:
+            return []
+        if not self.dist.active:
+            return self.shifter.observe(step, monitored, applied)
+        decided = [self.shifter.observe(step, monitored, applied) if self.dist.main else None]
+        torch.distributed.broadcast_object_list(decided, src=0)
+        if not self.dist.main:
+            for event in decided[0]:
+                self.shifter.apply(event, project=True)
+        return decided[0]
 
     def _record(self, tracker: RunTracker, step: int, record: dict[str, Any]) -> None:
         if "val_loss" in record:

@@ -14,7 +14,7 @@ A new monitor is a new file with a class like `BaseMonitor`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,6 +27,7 @@ class StepContext:
     batches: list[tuple[torch.Tensor, torch.Tensor]]  # its micro-batches
     grad_accum: int
     rng_state: dict[str, Any] | None = None  # RNG state before the forward, when a due monitor needs_rng
+    average: Callable[[list[torch.Tensor]], None] | None = None  # averages tensors over processes (DDP)
 
 
 class Monitor(Protocol):

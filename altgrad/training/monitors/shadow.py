@@ -27,4 +27,4 @@ class ShadowMonitor(BaseMonitor):
         self.shadow = GradientShadow(model_config, device)
 
     def after_backward(self, ctx: StepContext) -> dict[str, float]:
-        return self.shadow.compare(self.model, ctx.batches, ctx.grad_accum, ctx.rng_state)
+        return self.shadow.compare(self.model, ctx.batches, ctx.grad_accum, ctx.rng_state, ctx.average)
