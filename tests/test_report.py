@@ -165,3 +165,17 @@ def test_a_report_of_nothing_is_a_clear_error(tmp_path):
         collect(tmp_path / "empty")
     result = runner.invoke(app, ["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_notes_explain_identical_formats_and_sweeps_at_the_edge():
+    same = {1: 2.2, 2: 2.3}
+    groups = [BF16, group("E1M6", "E", "grid-sr", same, layers="post-ln"),
+              group("E0M7", "E", "grid-sr", dict(same), layers="post-ln"),
+              group("E4M3", "E", "grid-sr", dict(same))]  # same numbers, other layers: no note
+    sweeps = {"e5m2-D": {"key": "grid_lr", "losses": {"0.25": 2.1, "0.5": 2.0, "1.0": 2.2}, "best": 0.5},
+              "e3m4-D": {"key": "grid_lr", "losses": {"0.25": 2.4, "0.5": 2.3, "1.0": 2.1}, "best": 1.0}}
+    notes = analyse(groups, sweeps).notes
+    assert len(notes) == 2
+    assert notes[0] == ("E1M6 and E0M7 (E, post-ln) give bit-identical final losses on every seed: their grids are "
+                        "the same up to a power of two, which power-of-two scaling absorbs.")
+    assert "e3m4-D chose grid_lr = 1.0, the edge of the values tried" in notes[1]

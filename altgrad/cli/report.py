@@ -48,4 +48,6 @@ def report(
             console.print(benefit)
         console.print(f"[bold]answer:[/] {analysis.answer}")
         console.print(f"[dim]{analysis.limits}[/]")
+        for note in analysis.notes:
+            console.print(f"[yellow]note:[/] {note}")
         console.print(f"wrote {', '.join(str(p) for p in files.values())}")

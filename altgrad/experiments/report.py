@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import UserError
+from ..quantization.formats import FormatError, get_format
 from ..training.config import CONFIG_FILE_NAME, TrainConfig
 from .compare import PLACE_AND_MONITORING_KEYS
 from .launch import MANIFEST, read_manifest
@@ -221,6 +224,7 @@ class Analysis:
     benefits: list[Benefit]  # ranked: most negative (largest benefit) first
     answer: str
     limits: str
+    notes: list[str] = field(default_factory=list)  # what a reader must know to read the tables right
 
     def group(self, key: str) -> Group:
         return next(g for g in self.groups if g.key == key)
@@ -275,7 +279,41 @@ def _answer(benefits: list[Benefit], noise_floor: float) -> str:
             f"seed-to-seed spread of {floor}.{tail}{hurt}")
 
 
-def analyse(groups: list[Group]) -> Analysis:
+def same_grid(a: str, b: str) -> bool:
+    """Whether two formats' grids are the same up to a power of two (which power-of-two scaling
+    absorbs: E0M7 and E1M6 are k/128 and k/32)."""
+    try:
+        x, y = get_format(a).positive_values, get_format(b).positive_values
+    except (FormatError, UserError):
+        return False
+    if len(x) != len(y) or len(x) < 2:
+        return False
+    ratio = y[1] / x[1]
+    return bool(np.all(y == x * ratio)) and math.log2(ratio).is_integer()
+
+
+def _notes(groups: list[Group], sweeps: dict[str, Any]) -> list[str]:
+    notes = []
+    seen = set()
+    for g in groups:
+        for h in groups:
+            if g is h or g.arm != h.arm or g.layers != h.layers or (h.key, g.key) in seen:
+                continue
+            seen.add((g.key, h.key))
+            if g.losses() and g.losses() == h.losses():
+                why = ("their grids are the same up to a power of two, which power-of-two scaling absorbs"
+                       if same_grid(g.format, h.format) else "an unexpected coincidence: look into it")
+                notes.append(f"{g.format} and {h.format} ({g.arm}{'' if g.layers in ('uniform', '-') else ', ' + g.layers})"
+                             f" give bit-identical final losses on every seed: {why}.")
+    for group, sweep in sweeps.items():
+        values = [float(v) for v in sweep.get("losses", {})]
+        if sweep.get("best") is not None and values and sweep["best"] in (min(values), max(values)):
+            notes.append(f"The sweep of {group} chose {sweep['key']} = {sweep['best']}, the edge of the values tried "
+                         f"({', '.join(map(str, sweep['losses']))}): a wider sweep may find a better value.")
+    return notes
+
+
+def analyse(groups: list[Group], sweeps: dict[str, Any] | None = None) -> Analysis:
     baseline = next((g for g in groups if g.baseline and g.role == "A"), None)
     base_losses = baseline.losses() if baseline else {}
     noise_floor = sample_sd(list(base_losses.values()))
@@ -296,7 +334,7 @@ def analyse(groups: list[Group]) -> Analysis:
                                             paired_difference(g.losses(), other.losses())))
     benefits.sort(key=lambda b: (b.control, b.paired.mean if math.isfinite(b.paired.mean) else math.inf))
     return Analysis(groups, baseline, noise_floor, vs_baseline, vs_arm_a, benefits,
-                    _answer(benefits, noise_floor), _limits(groups))
+                    _answer(benefits, noise_floor), _limits(groups), _notes(groups, sweeps or {}))
 
 
 # ---- report.json -------------------------------------------------------------------------------
@@ -323,4 +361,5 @@ def to_json(analysis: Analysis, runs_dir: Path, manifest: dict[str, Any]) -> dic
             "geometry_benefit": [{"format": b.format, "layers": b.layers, "arm": b.arm, "control": b.control,
                                   "beyond_noise": b.real(analysis.noise_floor), **b.paired.to_dict()}
                                  for b in analysis.benefits],
-            "sweeps": manifest.get("sweeps", {}), "answer": analysis.answer, "limits": analysis.limits}
+            "sweeps": manifest.get("sweeps", {}), "answer": analysis.answer, "limits": analysis.limits,
+            "notes": analysis.notes}
