@@ -155,6 +155,10 @@ def _summary_table(result: TrainResult) -> Table:
             ("steps", str(result.steps)), ("tokens", f"{result.tokens:,}"), ("wall time", f"{result.wall_s:.1f} s"),
             ("final val loss", cell(result.final_val_loss)), ("best val loss", cell(result.best_val_loss)),
             ("non-finite steps skipped", str(result.nonfinite_steps)), ("run directory", str(result.run_dir))]
+    if result.throughput:
+        t = result.throughput
+        rows.insert(4, ("throughput", f"{t['tokens_per_s']:,.0f} tokens/s, MFU {t['mfu']:.1%} of the measured "
+                                      f"matmul peak ({t['peak_flops'] / 1e9:,.1f} GFLOP/s)"))
     rows += [(f"alert: {name}", f"{seen['count']}x from step {seen['first_step']} ({seen['message']})")
              for name, seen in result.alerts.items() if not name.startswith("rank_drop/")]
     ranks = {name.removeprefix("rank_drop/"): seen for name, seen in result.alerts.items()

@@ -32,6 +32,7 @@ from .monitors import Monitor, QuantStatsMonitor, RankMonitor, ShadowMonitor, St
 from . import distributed
 from .clipping import GradientClipper
 from .collapse import collapse_analysis
+from .flops import utilisation
 from .shift import FormatShifter
 from .signals import StopRequest
 from .tracking import RunTracker, read_metrics
@@ -70,6 +71,7 @@ class TrainResult:
     layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per Linear: formats, storage, updates
     format_shifts: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # emergency shifts (shift.py)
     clipping: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per partition: clipped steps
+    throughput: dict[str, float] | None = None  # tokens/s over the run, MFU against the measured matmul peak
 
 
 def resolve_device(name: str) -> torch.device:
@@ -376,7 +378,8 @@ class Trainer:
                              nonfinite_steps=self.counters["nonfinite_steps"], run_dir=self.run_dir, message=message,
                              alerts=self.counters["alerts"], layers=self._layer_summary(),
                              format_shifts=self.shifter.events if self.shifter else [],
-                             clipping=self.clipper.summary())
+                             clipping=self.clipper.summary(),
+                             throughput=self._throughput(self.counters["tokens"], self.counters["wall_s"]))
         if tracker is not None:
             tracker.write_summary({k: (str(v) if isinstance(v, Path) else v)
                                    for k, v in dataclasses.asdict(result).items()}
@@ -386,6 +389,16 @@ class Trainer:
                                      "collapse": collapse_analysis(read_metrics(self.run_dir), status, step)})
             tracker.close()
         return result
+
+    def _throughput(self, tokens: int, wall_s: float) -> dict[str, float] | None:
+        """Tokens per second over the whole run (evaluation and monitoring included: what the user
+        waits for) and the model FLOPs utilisation against this device's measured matmul peak."""
+        if not tokens or wall_s <= 0 or not self.dist.main:
+            return None
+        rate = tokens / wall_s
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float32
+        return {"tokens_per_s": rate, **utilisation(self.model.config, self.model.num_parameters(), rate,
+                                                   self.device, dtype, self.dist.world)}
 
     def _shifts(self, step: int, monitored: dict[str, float], applied: bool) -> list[dict[str, Any]]:
         """The emergency shifts of this step: decided on rank 0 (its statistics) and applied on every
