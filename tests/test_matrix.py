@@ -257,3 +257,18 @@ def test_a_format_can_carry_settings_or_come_from_a_policy_file(tmp_path, tiny_d
                          ({"name": "x", "format": "E4M3", "colour": 1}, "unknown key")):
         with pytest.raises(UserError, match=message):
             load_matrix(write_matrix(tmp_path, tiny_data, formats=["bf16", bad]))
+
+
+def test_cells_of_an_earlier_matrix_are_superseded_not_reported(tmp_path, tiny_data):
+    path = small_matrix(tmp_path, tiny_data, cells=[{"formats": ["bf16"], "arms": ["A"]}])
+    first = MatrixRunner(load_matrix(path)).run()
+    old = set(first["cells"])
+    changed = small_matrix(tmp_path, tiny_data, arms={"A": {"optimizer": "adamw", "lr": 0.002}},
+                           cells=[{"formats": ["bf16"], "arms": ["A"]}])
+    second = MatrixRunner(load_matrix(changed)).run()
+    assert set(second["superseded"]) == old and not old & set(second["cells"])
+    assert all((tmp_path / "runs" / folder).is_dir() for folder in old)  # nothing deleted
+    from altgrad.experiments.report import collect
+
+    _, groups, _ = collect(tmp_path / "runs")
+    assert [len(g.cells) for g in groups] == [2]

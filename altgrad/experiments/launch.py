@@ -259,8 +259,19 @@ class MatrixRunner:
                 notify("message", None, {"text": f"sweep without a usable result for {', '.join(missing)}: "
                                                  "those groups keep their arm's own value"}, progress)
         cells = self.matrix.cells(self._swept())
+        self._retire({c.folder for c in [*sweep_cells, *cells]})
         self._phase("main", cells, progress, notify)
         return self.manifest
+
+    def _retire(self, current: set[str]) -> None:
+        """Cells of an earlier version of the matrix (another config, another swept value) move to
+        ``superseded``: kept on disk and in the manifest, out of the matrix's cells and its report."""
+        stale = [folder for folder in self.manifest["cells"] if folder not in current]
+        if stale:
+            old = self.manifest.setdefault("superseded", {})
+            for folder in stale:
+                old[folder] = self.manifest["cells"].pop(folder)
+            self._save()
 
     def _phase(self, phase: str, cells: list[Cell], progress: Progress, notify: Callback) -> None:
         todo = self.todo(cells)
