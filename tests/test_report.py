@@ -66,8 +66,8 @@ def test_a_clear_geometry_benefit_names_its_format():
               group("E3M4", "B", "adamw-rtn", {1: 2.5, 2: 2.6, 3: 2.55})]
     analysis = analyse(groups)
     assert analysis.noise_floor == pytest.approx(sample_sd([2.000, 2.010, 1.995]))
-    assert analysis.answer.startswith("E5M2 benefits most from geometry-aware updates: E lowers the final "
-                                      "validation loss by 0.0517")
+    assert analysis.answer.startswith("E5M2 benefits most from geometry-aware updates (the largest benefit beyond "
+                                      "noise): E lowers the final validation loss by 0.0517")
     against_c = [b for b in analysis.benefits if b.control == "C"]
     assert [b.format for b in against_c] == ["E5M2", "E3M4"]  # ranked, largest benefit first
     assert against_c[0].real(analysis.noise_floor) and not against_c[1].real(analysis.noise_floor)
@@ -111,6 +111,22 @@ def test_diverged_runs_are_counted_apart_and_never_averaged():
 
 def test_without_a_control_there_is_no_answer_yet():
     assert analyse([BF16, group("E5M2", "A", "adamw", {1: 2.1, 2: 2.2})]).answer.startswith("No answer yet")
+
+
+def test_one_seed_cannot_tell():
+    one = group("bf16", "A", "adamw", {1: 2.0})
+    answer = analyse([one, group("E5M2", "C", "adamw-sr", {1: 2.1}), group("E5M2", "E", "grid-sr", {1: 1.5})]).answer
+    assert answer.startswith("Cannot tell yet")
+
+
+def test_a_master_geometry_arm_is_compared_with_arm_a_not_with_format_storage():
+    groups = [BF16, group("E5M2", "A", "adamw", {1: 2.1, 2: 2.2}), group("E5M2", "C", "adamw-sr", {1: 2.3, 2: 2.4}),
+              group("E5M2", "Dm", "manifold-master", {1: 2.0, 2: 2.1})]
+    benefits = analyse(groups).benefits
+    assert [(b.arm, b.control) for b in benefits] == [("Dm", "A")]
+    with pytest.raises(UserError, match="are all arm C"):
+        analyse(groups + [group("E5M2", "C2", "adamw-sr", {1: 2.3, 2: 2.4}),
+                          group("E5M2", "E", "grid-sr", {1: 2.0, 2: 2.1})])
 
 
 @pytest.fixture(scope="module")

@@ -280,3 +280,16 @@ def test_the_cli_flags_show_shifts_and_clipping_and_bad_modes_are_one_line(tmp_p
     bad = runner.invoke(app, ["train", "--preset", "tiny", "--grad-clip-mode", "layer"])
     assert bad.exit_code == 2 and "grad_clip_mode must be one of global, partition" in bad.output
     assert len([line for line in bad.output.splitlines() if line.strip()]) == 1
+
+
+def test_a_gradient_shift_regroups_the_clipping_partitions_and_resumes_exactly(tmp_path, tiny_data):
+    settings = dict(grad_clip_mode="partition", max_steps=40, lr_decay_steps=40)
+    full = Trainer(overflowing(tmp_path, tiny_data, "full", **settings)).run()
+    assert any(e["side"] == "gradient" and e["to"] == {"gradient": "E6M1"} for e in full.format_shifts)
+    assert "E6M1" in full.clipping and "E5M2" in full.clipping
+    records = read_metrics(full.run_dir)
+    assert any("grad/clip_factor/E6M1" in r for r in records)
+    Trainer(overflowing(tmp_path, tiny_data, "split", **{**settings, "max_steps": 20})).run()
+    resumed = Trainer(overflowing(tmp_path, tiny_data, "split", **settings), resume=True).run()
+    assert without_rates(read_metrics(resumed.run_dir)) == without_rates(records)
+    assert resumed.clipping == full.clipping

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import signal
 import math
 
 import pytest
@@ -102,13 +104,35 @@ def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, tiny_data, 
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def test_ctrl_c_checkpoints_marks_interrupted_and_resumes_exactly(tmp_path, tiny_data):
+def _signal_at(step, signum):
+    def on_event(kind, payload):
+        if kind == "log" and payload["step"] == step:
+            os.kill(os.getpid(), signum)
+
+    return on_event
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_ends_the_step_checkpoints_and_resumes_exactly(tmp_path, tiny_data, signum):
     config = tiny_config(tmp_path, tiny_data, precision="fp32", max_steps=30)
+    reference = Trainer(dataclasses.replace(config, run_name="whole")).run()
+    stopped = Trainer(dataclasses.replace(config, run_name="stopped"), on_event=_signal_at(15, signum)).run()
+    assert stopped.status == "interrupted" and stopped.steps == 15
+    assert signal.Signals(signum).name in stopped.message
+    assert list_checkpoints(stopped.run_dir)[-1].name == "step_0000015.pt"
+    assert signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL)  # handlers restored
+    resumed = Trainer(resume_config(stopped.run_dir), resume=True).run()
+    assert without_rates(read_metrics(resumed.run_dir)) == without_rates(read_metrics(reference.run_dir))
+
+
+def test_a_forced_interrupt_writes_no_checkpoint_of_a_half_step(tmp_path, tiny_data):
+    config = tiny_config(tmp_path, tiny_data, precision="fp32", max_steps=30, checkpoint_interval=10)
     reference = Trainer(dataclasses.replace(config, run_name="whole")).run()
     interrupted = Trainer(dataclasses.replace(config, run_name="ctrl-c"),
                           on_event=_stop_at(15, KeyboardInterrupt())).run()
     assert interrupted.status == "interrupted" and interrupted.steps == 15
     assert json.loads((interrupted.run_dir / "summary.json").read_text())["status"] == "interrupted"
+    assert list_checkpoints(interrupted.run_dir)[-1].name == "step_0000010.pt"  # the last whole one
     resumed = Trainer(resume_config(interrupted.run_dir), resume=True).run()
     assert without_rates(read_metrics(resumed.run_dir)) == without_rates(read_metrics(reference.run_dir))
 

@@ -8,16 +8,9 @@ import typer
 from rich import box
 from rich.table import Table
 
+from ..experiments.report_files import interval as _interval
 from ..experiments.report_files import write_report
 from .common import console, user_errors
-
-
-def _interval(paired) -> str:
-    if paired is None or paired.n == 0:
-        return "-"
-    if paired.n < 2:
-        return f"{paired.mean:+.4f} (n=1)"
-    return f"{paired.mean:+.4f} [{paired.low:+.4f}, {paired.high:+.4f}]"
 
 
 def report(

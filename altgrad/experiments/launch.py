@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import fcntl
 import json
 import math
 import multiprocessing
@@ -44,6 +45,8 @@ MANIFEST = "manifest.json"
 LOG_FILE = "matrix.log"
 FINISHED = ("completed", "diverged")
 LAUNCHERS = ("local", "slurm")
+IN_USE_S = 120  # on a cluster, a cell folder written this recently may belong to a job still running
+LOCK_FILE = ".matrix.lock"
 
 
 def now() -> str:
@@ -131,6 +134,11 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     if state == "finished":
         return outcome | {"status": "skipped", "ended": now()}
     if state == "fresh" and run_dir.exists():
+        log = run_dir / LOG_FILE
+        if spec.get("cluster") and log.exists() and time.time() - log.stat().st_mtime < IN_USE_S:
+            return outcome | {"status": "failed", "ended": now(),
+                              "error": f"{run_dir} was written {IN_USE_S} s ago or less: another job may still run "
+                                       "this cell; wait for it (squeue) and run the matrix again"}
         shutil.rmtree(run_dir)  # started, killed before its first checkpoint: nothing to keep
     run_dir.mkdir(parents=True, exist_ok=True)
     log = _EventLog(run_dir / LOG_FILE)
@@ -222,30 +230,48 @@ class MatrixRunner:
         return swept_values(self.manifest)
 
     def _choose(self, sweep_cells: list[Cell]) -> None:
-        """Record each sweep's final losses and its best value (lowest finite final val loss)."""
+        """Record each sweep's outcomes and its best value: the lowest final validation loss among
+        the runs that completed all their steps. A diverged value loses (its last finite loss
+        does not count); no value is chosen while one has not finished or failed."""
         groups: dict[str, list[Cell]] = {}
         for cell in sweep_cells:
             groups.setdefault(cell.group, []).append(cell)
         for group, cells in groups.items():
-            losses = {}
+            losses, statuses, candidates = {}, {}, []
             for cell in cells:
-                value = read_summary(self.runs_dir / cell.folder).get("final_val_loss")
-                losses[str(cell.sweep[1])] = float(value) if isinstance(value, (int, float)) else None
-            finite = [(loss, cell.sweep[1]) for cell, loss in zip(cells, losses.values())
-                      if loss is not None and math.isfinite(loss)]
-            best = min(finite, key=lambda item: item[0])[1] if len(finite) == len(cells) else None
-            self.manifest["sweeps"][group] = {"key": cells[0].sweep[0], "losses": losses, "best": best,
-                                              "seed": cells[0].seed, "max_steps": cells[0].config.max_steps}
+                summary = read_summary(self.runs_dir / cell.folder)
+                value = summary.get("final_val_loss")
+                loss = float(value) if isinstance(value, (int, float)) else None
+                losses[str(cell.sweep[1])] = loss
+                statuses[str(cell.sweep[1])] = summary.get("status", "missing")
+                if finished(summary, cell.config.max_steps) and summary["status"] == "completed" \
+                        and loss is not None and math.isfinite(loss):
+                    candidates.append((loss, cell.sweep[1]))
+            settled = all(finished(read_summary(self.runs_dir / c.folder), c.config.max_steps) for c in cells)
+            best = min(candidates, key=lambda item: item[0])[1] if settled and candidates else None
+            self.manifest["sweeps"][group] = {"key": cells[0].sweep[0], "losses": losses, "statuses": statuses,
+                                              "best": best, "seed": cells[0].seed,
+                                              "max_steps": cells[0].config.max_steps}
 
     # ---- running ----------------------------------------------------------------------------
     def _spec(self, cell: Cell) -> dict[str, Any]:
         config = cell.config.to_dict() | {"run_name": cell.folder, "runs_dir": str(self.runs_dir)}
-        return {"config": config, "threads": self.threads if self.launcher == "local" else None}
+        return {"config": config, "threads": self.threads if self.launcher == "local" else None,
+                "cluster": self.launcher != "local"}
 
     def run(self, on_event: Callback | None = None) -> dict[str, Any]:
-        """Sweeps, then every main cell; returns the manifest."""
-        notify = on_event or (lambda *args: None)
+        """Sweeps, then every main cell; returns the manifest. One matrix run per runs directory
+        at a time (a lock file): two would overwrite each other's manifest."""
         self.runs_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.runs_dir / LOCK_FILE, "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise UserError(f"another `altgrad matrix run` is using {self.runs_dir}; wait for it to end") from None
+            return self._run(on_event)
+
+    def _run(self, on_event: Callback | None) -> dict[str, Any]:
+        notify = on_event or (lambda *args: None)
         sweep_cells = self.matrix.sweep_cells()
         main_total = len(self.matrix.cells())
         progress = Progress(total=len(sweep_cells) + main_total)
@@ -291,8 +317,8 @@ class MatrixRunner:
             progress.done += 1
             progress.failed += outcome.get("status") == "failed"
             notify("cell", cell, outcome, progress)
-            if outcome.get("status") == "interrupted":
-                raise KeyboardInterrupt
+            if outcome.get("status") == "interrupted" and self.launcher == "local":
+                raise KeyboardInterrupt  # Ctrl-C reached the cells: stop here (a cluster job's time limit does not)
 
     def _run_local(self, cells: list[Cell], progress: Progress, notify: Callback
                    ) -> Iterator[tuple[Cell, dict[str, Any]]]:

@@ -78,7 +78,7 @@ class Cell:
     @property
     def group(self) -> str:
         """The (format, arm, layers) group: what seeds repeat and a sweep tunes."""
-        return f"{self.format.lower()}-{self.arm}" + ("" if self.layers in ("-", "uniform") else f"-{self.layers}")
+        return group_name(self.format, self.arm, self.layers)
 
     @property
     def folder(self) -> str:
@@ -88,6 +88,11 @@ class Cell:
         return {"name": self.name, "format": self.format, "arm": self.arm, "layers": self.layers, "seed": self.seed,
                 "group": self.group, "expected_failure": self.expected_failure,
                 "sweep": list(self.sweep) if self.sweep else None}
+
+
+def group_name(fmt: str, arm: str, layers: str) -> str:
+    """``e5m2-D``, ``e1m6-E-post-ln``: a group's name, and the stem of its cells' names."""
+    return f"{fmt.lower()}-{arm}" + ("" if layers in ("-", "uniform") else f"-{layers}")
 
 
 def config_hash(config: TrainConfig) -> str:
@@ -212,9 +217,6 @@ class Matrix:
                         combos.append((fmt, arm, policy, seeds, entry.get("expected_failure"), swept))
         return combos
 
-    def _name(self, fmt: str, arm: str, layers: str) -> str:
-        return f"{fmt.lower()}-{arm}" + ("" if layers in ("-", "uniform") else f"-{layers}")
-
     def sweep_cells(self) -> list[Cell]:
         """The short one-seed runs of every group whose arm has a sweep."""
         cells = []
@@ -222,7 +224,7 @@ class Matrix:
         for fmt, arm, layers, _, expected, swept in self._combinations():
             for key, values in (self.arms[arm].get("sweep", {}) if swept else {}).items():
                 for value in values:
-                    name = f"sweep-{self._name(fmt, arm, layers)}-{key}{value}"
+                    name = f"sweep-{group_name(fmt, arm, layers)}-{key}{value}"
                     overrides = {**self._overrides(fmt, arm, layers, seed), key: value}
                     if steps is not None:
                         overrides["max_steps"] = int(steps)
@@ -235,7 +237,7 @@ class Matrix:
         sweep's results); a group whose sweep has not run yet gets the arm's own value."""
         cells = []
         for fmt, arm, layers, seeds, expected, _ in self._combinations():
-            group = self._name(fmt, arm, layers)
+            group = group_name(fmt, arm, layers)
             for seed in seeds:
                 name = f"{group}-s{seed}"
                 overrides = {**self._overrides(fmt, arm, layers, seed), **(swept or {}).get(group, {})}

@@ -32,7 +32,7 @@ from ..errors import UserError
 from ..quantization.formats import FormatError, get_format
 from ..training.config import CONFIG_FILE_NAME, TrainConfig
 from .compare import PLACE_AND_MONITORING_KEYS
-from .launch import MANIFEST, read_manifest
+from .launch import MANIFEST, finished, read_manifest
 from .matrix import BASELINES
 from .runs import RunRecord, available_runs, load_run
 from .stats import CONFIDENCE, Paired, paired_difference, sample_sd
@@ -113,6 +113,12 @@ class Group:
     def failed(self) -> int:
         return sum(c.status not in ("completed", "diverged") for c in self.cells)
 
+    @property
+    def divergence_rate(self) -> float:
+        """Diverged over the runs that ended (completed or diverged); NaN when none did."""
+        ended = len(self.cells) - self.failed
+        return self.diverged / ended if ended else math.nan
+
     def mean_loss(self) -> float:
         values = list(self.losses().values())
         return sum(values) / len(values) if values else math.nan
@@ -128,7 +134,7 @@ def _from_manifest(runs_dir: Path, manifest: dict[str, Any]) -> list[Group]:
         run = load_run(runs_dir, folder) if (runs_dir / folder / CONFIG_FILE_NAME).exists() else None
         summary = run.summary if run else {}
         status = summary.get("status", entry.get("status", "missing"))
-        if status == "completed" and summary.get("steps") != (run.config.get("max_steps") if run else None):
+        if status == "completed" and not finished(summary, run.config.get("max_steps")):
             status = "incomplete"
         tag = summary.get("arm") or entry.get("arm")
         key = (entry["format"], entry["arm"], entry["layers"])
@@ -172,7 +178,7 @@ def _from_folders(runs_dir: Path) -> list[Group]:
             differing = sorted(k for k in set().union(*configs) if k not in _NOT_THE_EXPERIMENT
                                and len({json.dumps(c.get(k), default=str) for c in configs}) > 1)
             own = {**defaults, **group.cells[0].run.config}
-            group.layers = ",".join(f"{k}={own.get(k)}" for k in differing[:2])
+            group.layers = ",".join(f"{k}={own.get(k)}" for k in differing)
     return groups
 
 
@@ -231,7 +237,17 @@ class Analysis:
 
 
 def _find(groups: list[Group], fmt: str, layers: str, wanted: str) -> Group | None:
-    return next((g for g in groups if g.format == fmt and g.layers == layers and g.role == wanted), None)
+    """The group of one role in a format and layer policy; two are an error (which to compare?)."""
+    found = [g for g in groups if g.format == fmt and g.layers == layers and g.role == wanted]
+    if len(found) > 1:
+        raise UserError(f"{fmt}{'' if layers in ('uniform', '-') else ' ' + layers}: arms "
+                        f"{', '.join(g.arm for g in found)} are all arm {wanted}; the report compares one of each")
+    return found[0] if found else None
+
+
+#: The controls of a geometry arm, by where its weights live: an FP32-master geometry arm against
+#: arm A (same storage); a format-stored one against stochastic (C) and nearest (B) rounding.
+CONTROLS = {"master": ("A",), "sr": ("C", "B"), "rtn": ("B",), "mixed": ()}
 
 
 def _limits(groups: list[Group]) -> str:
@@ -251,32 +267,40 @@ def _limits(groups: list[Group]) -> str:
             "training may rank the formats differently.")
 
 
+def _where(b: Benefit) -> str:
+    return b.format + ("" if b.layers in ("uniform", "-") else f" ({b.layers})")
+
+
 def _answer(benefits: list[Benefit], noise_floor: float) -> str:
     against_c = [b for b in benefits if b.control == "C" and math.isfinite(b.paired.mean)]
     if not against_c:
-        return ("No answer yet: the matrix has no format with both a geometry arm (ManifoldAdamW or GridOptim) "
-                "and the stochastic-rounding control (arm C) completed on at least two seeds.")
+        return ("No answer yet: the matrix has no format with both a format-stored geometry arm (ManifoldAdamW or "
+                "GridOptim) and the stochastic-rounding control (arm C) completed on a common seed.")
+    if not math.isfinite(noise_floor) or all(b.paired.n < 2 for b in against_c):
+        return ("Cannot tell yet: a difference beyond noise needs at least two paired seeds per comparison and two "
+                "BF16 seeds for the noise floor; run more seeds.")
     real = [b for b in against_c if b.real(noise_floor) and b.paired.mean < 0]
-    floor = f"{noise_floor:.4f}" if math.isfinite(noise_floor) else "unmeasured (fewer than two BF16 seeds)"
+    floor = f"{noise_floor:.4f}"
     worse = [b for b in against_c if b.real(noise_floor) and b.paired.mean > 0]
     hurt = (" Geometry is worse than arm C beyond noise in: " + "; ".join(
-        f"{b.format} {b.arm} {b.paired.mean:+.4f} [{b.paired.low:+.4f}, {b.paired.high:+.4f}]" for b in worse) + ".") \
+        f"{_where(b)} {b.arm} {b.paired.mean:+.4f} [{b.paired.low:+.4f}, {b.paired.high:+.4f}]" for b in worse) + ".") \
         if worse else ""
     if not real:
         best = against_c[0]
         return (f"No format benefits from geometry-aware updates beyond noise: no geometry arm's paired difference "
                 f"against stochastic-rounding AdamW (arm C) is below zero with an interval that excludes zero and a "
-                f"size beyond the BF16 seed-to-seed spread of {floor}. The lowest difference is {best.format} "
+                f"size beyond the BF16 seed-to-seed spread of {floor}. The lowest difference is {_where(best)} "
                 f"{best.arm} vs C: {best.paired.mean:+.4f} [{best.paired.low:+.4f}, {best.paired.high:+.4f}] "
                 f"(n={best.paired.n}).{hurt}")
     top = real[0]
-    others = [b for b in real[1:] if b.format != top.format]
-    tail = (" Also beyond noise: " + "; ".join(f"{b.format} {b.arm} {b.paired.mean:+.4f}" for b in others) + ".") \
-        if others else ""
-    return (f"{top.format} benefits most from geometry-aware updates: {top.arm} lowers the final validation loss "
-            f"by {-top.paired.mean:.4f} against stochastic-rounding AdamW (arm C), {CONFIDENCE:.0%} interval "
-            f"[{top.paired.low:+.4f}, {top.paired.high:+.4f}] over n={top.paired.n} seeds, beyond the BF16 "
-            f"seed-to-seed spread of {floor}.{tail}{hurt}")
+    others = [b for b in real[1:] if (b.format, b.layers) != (top.format, top.layers)]
+    tail = (" Also beyond noise: " + "; ".join(f"{_where(b)} {b.arm} {b.paired.mean:+.4f} [{b.paired.low:+.4f}, "
+                                                f"{b.paired.high:+.4f}]" for b in others)
+            + " (whether the largest benefit exceeds the next is a question for their intervals).") if others else ""
+    return (f"{_where(top)} benefits most from geometry-aware updates (the largest benefit beyond noise): {top.arm} "
+            f"lowers the final validation loss by {-top.paired.mean:.4f} against stochastic-rounding AdamW (arm C), "
+            f"{CONFIDENCE:.0%} interval [{top.paired.low:+.4f}, {top.paired.high:+.4f}] over n={top.paired.n} "
+            f"seeds, beyond the BF16 seed-to-seed spread of {floor}.{tail}{hurt}")
 
 
 def same_grid(a: str, b: str) -> bool:
@@ -292,8 +316,30 @@ def same_grid(a: str, b: str) -> bool:
     return bool(np.all(y == x * ratio)) and math.log2(ratio).is_integer()
 
 
-def _notes(groups: list[Group], sweeps: dict[str, Any]) -> list[str]:
+def _unpaired(a: Group, b: Group | None) -> str | None:
+    """The first setting (beyond precision policy and arm) in which two groups' runs differ."""
+    from .compare import pairing_difference
+
+    first = next((c.run for c in a.cells if c.run is not None), None)
+    second = next((c.run for c in b.cells if c.run is not None), None) if b is not None else None
+    if first is None or second is None:
+        return None
+    return pairing_difference(first.config, second.config)
+
+
+def _notes(groups: list[Group], sweeps: dict[str, Any], benefits: list[Benefit]) -> list[str]:
     notes = []
+    baseline = next((g for g in groups if g.baseline and g.role == "A"), None)
+    for g in groups:
+        if g is not baseline and (difference := _unpaired(g, baseline)):
+            notes.append(f"{g.format} {g.arm} and the BF16 baseline differ in more than the precision policy and "
+                         f"the arm: {difference}.")
+    for b in benefits:
+        geometry = next(g for g in groups if (g.format, g.layers, g.arm) == (b.format, b.layers, b.arm))
+        control = _find(groups, b.format, b.layers, b.control)
+        if difference := _unpaired(geometry, control):
+            notes.append(f"{_where(b)} {b.arm} and its control {control.arm} differ in more than the arm: "
+                         f"{difference} (e.g. the learning rate of the parameters without a format).")
     seen = set()
     for g in groups:
         for h in groups:
@@ -306,7 +352,10 @@ def _notes(groups: list[Group], sweeps: dict[str, Any]) -> list[str]:
                 notes.append(f"{g.format} and {h.format} ({g.arm}{'' if g.layers in ('uniform', '-') else ', ' + g.layers})"
                              f" give bit-identical final losses on every seed: {why}.")
     for group, sweep in sweeps.items():
-        values = [float(v) for v in sweep.get("losses", {})]
+        try:
+            values = [float(v) for v in sweep.get("losses", {})]
+        except ValueError:  # a sweep of a setting that is not a number: no edges
+            continue
         if sweep.get("best") is not None and values and sweep["best"] in (min(values), max(values)):
             notes.append(f"The sweep of {group} chose {sweep['key']} = {sweep['best']}, the edge of the values tried "
                          f"({', '.join(map(str, sweep['losses']))}): a wider sweep may find a better value.")
@@ -327,14 +376,14 @@ def analyse(groups: list[Group], sweeps: dict[str, Any] | None = None) -> Analys
         if a is not None and a is not g:
             vs_arm_a[g.key] = paired_difference(g.losses(), a.losses())
         if g.role == "geometry":
-            for control in ("C", "B"):
+            for control in CONTROLS.get(g.arm_tag.rsplit("-", 1)[-1], ()):
                 other = _find(groups, g.format, g.layers, control)
                 if other is not None:
                     benefits.append(Benefit(g.format, g.layers, g.arm, control,
                                             paired_difference(g.losses(), other.losses())))
     benefits.sort(key=lambda b: (b.control, b.paired.mean if math.isfinite(b.paired.mean) else math.inf))
     return Analysis(groups, baseline, noise_floor, vs_baseline, vs_arm_a, benefits,
-                    _answer(benefits, noise_floor), _limits(groups), _notes(groups, sweeps or {}))
+                    _answer(benefits, noise_floor), _limits(groups), _notes(groups, sweeps or {}, benefits))
 
 
 # ---- report.json -------------------------------------------------------------------------------
@@ -346,7 +395,7 @@ def to_json(analysis: Analysis, runs_dir: Path, manifest: dict[str, Any]) -> dic
                 "runs": [{"folder": c.folder, "seed": c.seed, "status": c.status,
                           "final_val_loss": c.final_val_loss} for c in g.cells],
                 "mean_final_val_loss": g.mean_loss(), "n_usable": len(g.losses()),
-                "diverged": g.diverged, "failed": g.failed, "divergence_rate": g.diverged / len(g.cells),
+                "diverged": g.diverged, "failed": g.failed, "divergence_rate": g.divergence_rate,
                 "vs_bf16": analysis.vs_baseline[g.key].to_dict() if g.key in analysis.vs_baseline else None,
                 "vs_arm_a": analysis.vs_arm_a[g.key].to_dict() if g.key in analysis.vs_arm_a else None}
 

@@ -16,7 +16,8 @@ def _f(value: float, spec: str = ".4f") -> str:
     return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
 
 
-def _interval(p: Paired | None) -> str:
+def interval(p: Paired | None) -> str:
+    """``+0.0123 [-0.0040, +0.0286] n=3``; a single pair has no interval."""
     if p is None or p.n == 0:
         return "-"
     if p.n < 2:
@@ -45,7 +46,7 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
               f"round-to-nearest (B), same format and seed; {CONFIDENCE:.0%} interval.", "",
               "| format | geometry arm | vs | difference [interval] | beyond noise |", "|---|---|---|---|---|"]
     for b in analysis.benefits:
-        lines.append(f"| {b.format}{_layers(b.layers)} | {b.arm} | {b.control} | {_interval(b.paired)} | "
+        lines.append(f"| {b.format}{_layers(b.layers)} | {b.arm} | {b.control} | {interval(b.paired)} | "
                      f"{'yes' if b.real(analysis.noise_floor) else 'no'} |")
     if not analysis.benefits:
         lines.append("| - | - | - | no format has a geometry arm and a control | - |")
@@ -59,8 +60,8 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
         if g.failed:
             note = (note + "; " if note else "") + f"{g.failed} run(s) failed or incomplete"
         lines.append(f"| {g.format}{_layers(g.layers)} | {g.arm} | {g.arm_tag} | {_f(g.mean_loss())} "
-                     f"(n={len(g.losses())}) | {_interval(analysis.vs_baseline.get(g.key))} | "
-                     f"{_interval(analysis.vs_arm_a.get(g.key))} | {_f(run_stall_ratio(g), '.3f')} | "
+                     f"(n={len(g.losses())}) | {interval(analysis.vs_baseline.get(g.key))} | "
+                     f"{interval(analysis.vs_arm_a.get(g.key))} | {_f(run_stall_ratio(g), '.3f')} | "
                      f"{g.diverged}/{len(g.cells)} | {note} |")
     sweeps = data.get("sweeps") or {}
     if sweeps:

@@ -17,9 +17,13 @@ clipped to the range F can represent under P's scale:
 
 and every gradient of P is multiplied by c_P. The bound is on the max-norm, so in words: a
 partition is clipped exactly when one of its gradients lies beyond what its format could
-represent under the scale its own recent history gives it, and then it is scaled as a whole,
-so its direction is kept (the cast of an out-of-range value would saturate that element alone
-and bend the direction). ``grad_clip`` is the bound in units of R_P (1: the top of the range).
+represent, were it cast with the scale its own recent history gives it, and then it is scaled
+as a whole, so its direction is kept (the cast of an out-of-range value would saturate that
+element alone and bend the direction). ``grad_clip`` is the bound in units of R_P (1: the top of
+the range). Read plainly, this is a spike clip against the partition's recent gradient amax: with
+power-of-two scales R_P lies between 1x and 2x that amax (times 2^margin), so the format enters
+only through where its power-of-two grid puts the scale. The weight gradients clipped here are
+the ones the optimizer reads; the gradient format's own cast is of the layer's output gradient.
 
 Why this bound and not an L2 norm in the format's units: under per-tensor amax scaling a
 constant factor on a gradient only moves its scale (by exactly that factor for a power of
@@ -138,6 +142,20 @@ class GradientClipper:
         self.totals: dict[str, dict[str, Any]] = {
             name: {"clipped_steps": 0, "min_factor": 1.0} for name in self._names()}
 
+    def regroup(self, model: nn.Module) -> None:
+        """Partitions anew after a layer's gradient format changed (an emergency shift): a partition
+        that keeps its name keeps its history; totals are kept by name."""
+        if self.mode != "partition":
+            return
+        history = {p.name: p.history for p in self.partitions}
+        self.partitions = _partitions(model)
+        for partition in self.partitions:
+            partition.history = list(history.get(partition.name, []))
+        owned = {id(p) for partition in self.partitions for p in partition.params}
+        self.plain = [p for p in model.parameters() if p.requires_grad and id(p) not in owned]
+        for name in self._names():
+            self.totals.setdefault(name, {"clipped_steps": 0, "min_factor": 1.0})
+
     def _names(self) -> Iterable[str]:
         return [p.name for p in self.partitions] + ([HIGH_PRECISION] if self.partitions and self.plain else [])
 
@@ -169,6 +187,5 @@ class GradientClipper:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for partition in self.partitions:
             partition.history = list(state["history"].get(partition.name, []))
-        for name, totals in state["totals"].items():
-            if name in self.totals:
-                self.totals[name] = dict(totals)
+        for name, totals in state["totals"].items():  # partitions of earlier formats too (a shift moved them)
+            self.totals[name] = dict(totals)

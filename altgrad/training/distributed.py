@@ -92,9 +92,9 @@ class Context:
 
 def peer_lost(error: BaseException) -> bool:
     """Whether a collective failed because another process of the job went away."""
-    text = str(error)
-    return any(marker in text for marker in ("Connection closed", "Connection reset", "Broken pipe", "NCCL",
-                                             "connection", "peer"))
+    text = str(error).lower()
+    return any(marker in text for marker in ("connection closed", "connection reset", "broken pipe",
+                                             "closed by peer", "remote process exited", "watchdog"))
 
 
 def context() -> Context:

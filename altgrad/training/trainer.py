@@ -270,6 +270,7 @@ class Trainer:
         state = load_checkpoint(list_checkpoints(self.run_dir)[-1], map_location=self.device)
         if self.shifter and state.get("shifter"):  # the layers' formats first: the weights are on their grids
             self.shifter.load_state_dict(state["shifter"])
+            self.clipper.regroup(self.model)
         self.model.load_state_dict(state["model"])
         peaks = [group["base_lr"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
@@ -321,6 +322,7 @@ class Trainer:
                               "layers": self.layers, "label": cfg.label})
         status, message, step = "completed", "", start
         began = time.perf_counter() - self.counters["wall_s"]
+        forced = False
         with StopRequest() as stop:  # SIGINT/SIGTERM: stop at the next step boundary
             try:
                 if start == 0 and main:
@@ -340,6 +342,8 @@ class Trainer:
                     shifts = self._shifts(step, monitored, applied)
                     for event in shifts:
                         self.notify("format_shift", event)
+                    if any(e["shifted"] and "gradient" in e["to"] for e in shifts):
+                        self.clipper.regroup(self.model)
                     self.optimizer.zero_grad(set_to_none=True)
                     self.counters["tokens"] += cfg.tokens_per_step
                     window_tokens += cfg.tokens_per_step
@@ -367,10 +371,11 @@ class Trainer:
                     if self.dist.any(stop.reason is not None, self.device) and step < cfg.max_steps:
                         status, message = "interrupted", f"stopped by {stop.reason or 'another process'} at step {step}"
                         break
-            except KeyboardInterrupt:
-                status, message = "interrupted", f"interrupted at step {step}"
+            except KeyboardInterrupt:  # forced (a second Ctrl-C): maybe mid-step, so no checkpoint of it
+                status, message = "interrupted", f"interrupted at step {step}; resumes from the last checkpoint"
+                forced = True
         self.counters["wall_s"] = time.perf_counter() - began
-        if status != "completed":  # a completed run saved its last step in the loop
+        if status != "completed" and not forced:  # a completed run saved its last step in the loop
             self._save(step)
         result = TrainResult(status=status, steps=step, tokens=self.counters["tokens"], wall_s=self.counters["wall_s"],
                              final_val_loss=self.counters["final_val_loss"],
@@ -396,7 +401,9 @@ class Trainer:
         if not tokens or wall_s <= 0 or not self.dist.main:
             return None
         rate = tokens / wall_s
-        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float32
+        # the GEMMs' dtype: quantized layers run theirs in gemm_dtype (bf16 by default) even under fp32
+        low = self.layers and any(a.config is not None for a in self.layers) and self.config.gemm_dtype == "bf16"
+        dtype = torch.bfloat16 if self.config.precision == "bf16" or low else torch.float32
         return {"tokens_per_s": rate, **utilisation(self.model.config, self.model.num_parameters(), rate,
                                                    self.device, dtype, self.dist.world)}
 
