@@ -327,19 +327,30 @@ def _unpaired(a: Group, b: Group | None) -> str | None:
     return pairing_difference(first.config, second.config)
 
 
+def _grouped(found: dict[str, list[str]], sentence: str) -> list[str]:
+    """One note per difference: ``sentence`` with {difference} and {who} filled in."""
+    return [sentence.format(difference=difference, who=", ".join(who)) for difference, who in found.items()]
+
+
 def _notes(groups: list[Group], sweeps: dict[str, Any], benefits: list[Benefit]) -> list[str]:
     notes = []
     baseline = next((g for g in groups if g.baseline and g.role == "A"), None)
+    unpaired: dict[str, list[str]] = {}
     for g in groups:
         if g is not baseline and (difference := _unpaired(g, baseline)):
-            notes.append(f"{g.format} {g.arm} and the BF16 baseline differ in more than the precision policy and "
-                         f"the arm: {difference}.")
+            unpaired.setdefault(difference, []).append(f"{g.format} {g.arm}")
+    notes += _grouped(unpaired, "Against the BF16 baseline, {who} differ in more than the precision policy and the "
+                                "arm ({difference}): their 'vs BF16' mixes the format with that setting.")
+    controls: dict[str, list[str]] = {}
     for b in benefits:
         geometry = next(g for g in groups if (g.format, g.layers, g.arm) == (b.format, b.layers, b.arm))
         control = _find(groups, b.format, b.layers, b.control)
         if difference := _unpaired(geometry, control):
-            notes.append(f"{_where(b)} {b.arm} and its control {control.arm} differ in more than the arm: "
-                         f"{difference} (e.g. the learning rate of the parameters without a format).")
+            controls.setdefault(difference, []).append(f"{_where(b)} {b.arm} vs {control.arm}")
+    notes += _grouped(controls, "Geometry arm and control differ in more than the update rule ({difference}) in: "
+                                "{who}. Typically the learning rate of the parameters without a format (norms, "
+                                "biases, position embedding), which the control's lr sweep set for all of its "
+                                "parameters.")
     seen = set()
     for g in groups:
         for h in groups:
@@ -351,14 +362,17 @@ def _notes(groups: list[Group], sweeps: dict[str, Any], benefits: list[Benefit])
                        if same_grid(g.format, h.format) else "an unexpected coincidence: look into it")
                 notes.append(f"{g.format} and {h.format} ({g.arm}{'' if g.layers in ('uniform', '-') else ', ' + g.layers})"
                              f" give bit-identical final losses on every seed: {why}.")
+    edges = []
     for group, sweep in sweeps.items():
         try:
             values = [float(v) for v in sweep.get("losses", {})]
         except ValueError:  # a sweep of a setting that is not a number: no edges
             continue
         if sweep.get("best") is not None and values and sweep["best"] in (min(values), max(values)):
-            notes.append(f"The sweep of {group} chose {sweep['key']} = {sweep['best']}, the edge of the values tried "
-                         f"({', '.join(map(str, sweep['losses']))}): a wider sweep may find a better value.")
+            edges.append(f"{group} {sweep['key']} = {sweep['best']}")
+    if edges:
+        notes.append("These sweeps chose the edge of the values they tried, so a wider sweep may find better values: "
+                     + "; ".join(edges) + ".")
     return notes
 
 
@@ -381,7 +395,8 @@ def analyse(groups: list[Group], sweeps: dict[str, Any] | None = None) -> Analys
                 if other is not None:
                     benefits.append(Benefit(g.format, g.layers, g.arm, control,
                                             paired_difference(g.losses(), other.losses())))
-    benefits.sort(key=lambda b: (b.control, b.paired.mean if math.isfinite(b.paired.mean) else math.inf))
+    order = {"C": 0, "B": 1, "A": 2}  # the answer's control first
+    benefits.sort(key=lambda b: (order[b.control], b.paired.mean if math.isfinite(b.paired.mean) else math.inf))
     return Analysis(groups, baseline, noise_floor, vs_baseline, vs_arm_a, benefits,
                     _answer(benefits, noise_floor), _limits(groups), _notes(groups, sweeps or {}, benefits))
 
