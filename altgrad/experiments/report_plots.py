@@ -60,6 +60,7 @@ def loss_curves(analysis: Analysis, path: Path) -> Path | None:
             steps, table = _curve(analysis.baseline, "val_loss")
             if len(steps):
                 axis.plot(steps, np.nanmean(table, 0), "k--", linewidth=1, label=f"{analysis.baseline.format} (mean)")
+                late += [v for s, v in zip(steps, np.nanmean(table, 0)) if s >= steps[-1] / 4 and math.isfinite(v)]
         for g in analysis.groups:
             if (g.format, g.layers) != (fmt, layers):
                 continue
@@ -110,9 +111,14 @@ def _heatmap(axis, rows: list[str], columns: list[str], values: np.ndarray, titl
     axis.set_yticks(range(len(rows)), rows)
     for i in range(len(rows)):
         for j in range(len(columns)):
-            text = "n/a" if not math.isfinite(values[i, j]) else format(values[i, j], fmt)
-            axis.text(j, i, text, ha="center", va="center", fontsize="small",
-                      color="grey" if not math.isfinite(values[i, j]) else "black")
+            value = values[i, j]
+            if not math.isfinite(value):
+                axis.text(j, i, "n/a", ha="center", va="center", fontsize="small", color="grey")
+                continue
+            red, green, blue, _ = image.cmap(image.norm(value))
+            dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # white text on dark cells
+            axis.text(j, i, format(value, fmt), ha="center", va="center", fontsize="small",
+                      color="white" if dark else "black")
     axis.set_title(title, fontsize="small")
     plt.colorbar(image, ax=axis, fraction=0.046)
 
