@@ -201,6 +201,7 @@ def collect(source: Path) -> tuple[Path, list[Group], dict[str, Any]]:
         raise UserError(f"no runs in {runs_dir}")
     for group in groups:
         group.cells.sort(key=lambda c: c.seed)
+    groups.sort(key=lambda g: not g.baseline)  # the baseline first, then the matrix's order
     return runs_dir, groups, manifest
 
 
