@@ -1,15 +1,15 @@
-"""Threads that behave on a shared machine, set before PyTorch loads (from ``altgrad/__init__``).
+"""Threads that fit the CPUs a process may really use, set before PyTorch loads (``altgrad/__init__``).
 
-Measured on a 2-core machine (issue 8): beside one competing CPU-bound process, training ran
-10-18x slower, because the OpenMP threads of torch and of the native kernel spin-wait for a
-thread the scheduler has taken away. So, unless the user set them:
+OpenMP (torch's and the native kernel's) starts one thread per visible core. Under SLURM, in a
+container or with a CPU affinity mask the visible count can exceed what the process may use, and
+the surplus threads spin-wait for cores that never come. So, unless the user set it,
+``OMP_NUM_THREADS`` = the process's affinity mask, capped by a cgroup CPU quota.
+``ALTGRAD_OMP=off`` leaves the environment alone.
 
-- ``OMP_NUM_THREADS`` = the CPUs this process may really use: its affinity mask, capped by a
-  cgroup CPU quota (SLURM, containers), where the visible core count can be larger;
-- ``OMP_WAIT_POLICY=PASSIVE``: a waiting OpenMP thread sleeps instead of spinning.
-
-``ALTGRAD_OMP=off`` leaves the environment alone. `benchmarks/bench_contention.py` measures
-both settings, quiet and beside a competing process.
+The wait policy is left to OpenMP (spinning). Measured on this 2-core machine with
+`benchmarks/bench_contention.py` (small preset, 150 steps, one run each), ``OMP_WAIT_POLICY=PASSIVE``
+keeps BF16 at 10,729 tokens/s beside one busy process (spinning: 6,037), but costs the quiet run
+about 30% (12,499 against 17,670): on a machine you share, ``export OMP_WAIT_POLICY=PASSIVE``.
 """
 
 from __future__ import annotations
@@ -46,8 +46,7 @@ def usable_cpus() -> int:
 
 
 def configure_threads() -> None:
-    """Set the OpenMP environment (see the module doc) unless the user did or ``ALTGRAD_OMP=off``."""
+    """Set ``OMP_NUM_THREADS`` (see the module doc) unless the user did or ``ALTGRAD_OMP=off``."""
     if os.environ.get("ALTGRAD_OMP", "").lower() == "off":
         return
     os.environ.setdefault("OMP_NUM_THREADS", str(usable_cpus()))
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
