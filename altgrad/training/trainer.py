@@ -182,7 +182,7 @@ class Trainer:
         self.ddp = None
         if self.dist.active:  # after the optimizer: format weights are on their grid, identical on every rank
             self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device] if self.device.type == "cuda" else None, broadcast_buffers=False)
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.forward = self.evaluation if self.ddp is None else (torch.compile(self.ddp) if cfg.compile else self.ddp)
 
     def _autocast(self):
