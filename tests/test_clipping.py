@@ -104,7 +104,6 @@ def test_a_spike_is_cut_to_its_formats_range_under_the_scale_of_its_history_and_
     attn_before, mlp_before = grads(attn), grads(mlp)
     _, factors = clipper()
     expected = range_top("E5M2", first_amax) / spike
-    assert 1 / 8 <= expected < 1 / 4  # the power-of-two scale gives up to 2x headroom
     assert factors["E5M2"] == pytest.approx(expected, rel=1e-12)
     assert all(torch.equal(p.grad, g * factors["E5M2"]) for p, g in zip(attn, attn_before))
     assert factors["E4M3"] == 1.0 and all(torch.equal(p.grad, g) for p, g in zip(mlp, mlp_before))

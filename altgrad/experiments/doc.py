@@ -364,7 +364,7 @@ def metric_registry() -> dict[str, tuple[str, str]]:
 
 
 def metric_regex(pattern: str) -> re.Pattern[str]:
-    """A documented pattern as a regex: each ``<placeholder>`` stands for any name without spaces."""
+    """A documented pattern as a regex: each ``<name>`` part matches any name without spaces."""
     parts = re.split(r"<[^>]+>", pattern)
     return re.compile("[^ ]+".join(re.escape(part) for part in parts))
 

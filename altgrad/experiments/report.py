@@ -1,8 +1,6 @@
 """The report: what a matrix found, with paired intervals and a plain answer (DESIGN §5).
 
-Cells come from the matrix manifest (``runs_dir/manifest.json``): format, arm, layer policy,
-seed and run folder of every main cell (sweep runs are reported as the sweep's choice only).
-Without a manifest, the run folders of a directory are grouped by what their configs say.
+The runs come grouped from `report_runs` (a matrix's manifest, or a directory's run folders).
 
 - Per (format, arm, layers) group: the final validation loss per seed, its mean over the seeds
   that completed with a finite loss, and the divergence rate (a diverged run is counted, never
@@ -13,9 +11,6 @@ Without a manifest, the run folders of a directory are grouped by what their con
   (ManifoldAdamW, GridOptim) against the stochastic-rounding control (arm C) and against
   round-to-nearest (arm B); negative is better. A benefit counts only when its interval
   excludes zero and its size exceeds the noise floor, the BF16 seed-to-seed standard deviation.
-
-Arm roles are read from each run's own config (``summary.arm``): ``adamw`` (FP32 masters) is
-A, ``adamw-rtn`` B, ``adamw-sr`` C, ``manifold-*`` and ``grid-*`` geometry.
 """
 
 from __future__ import annotations
@@ -30,180 +25,10 @@ import numpy as np
 
 from ..errors import UserError
 from ..quantization.formats import FormatError, get_format
-from ..training.config import CONFIG_FILE_NAME, TrainConfig
-from .compare import PLACE_AND_MONITORING_KEYS
-from .launch import MANIFEST, finished, read_manifest
-from .matrix import BASELINES
-from .runs import RunRecord, available_runs, load_run
+from .report_runs import Cell, Group, collect, role
 from .stats import CONFIDENCE, Paired, paired_difference, sample_sd
 
-GEOMETRY = ("manifold", "grid")
-
-
-def role(arm_tag: str) -> str:
-    """A | B | C | geometry | other, from a run's arm tag (TrainConfig.arm)."""
-    if arm_tag == "adamw":
-        return "A"
-    if arm_tag == "adamw-rtn":
-        return "B"
-    if arm_tag == "adamw-sr":
-        return "C"
-    if arm_tag.split("-")[0] in GEOMETRY:
-        return "geometry"
-    return "other"
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return math.nan
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-
-
-@dataclass
-class Cell:
-    """One finished (or failed) run of a group."""
-
-    folder: str
-    seed: int
-    status: str
-    final_val_loss: float
-    run: RunRecord | None
-    expected_failure: str | None = None
-
-    @property
-    def usable(self) -> bool:
-        """Completed with a finite final loss: the runs a loss mean is over."""
-        return self.status == "completed" and math.isfinite(self.final_val_loss)
-
-
-@dataclass
-class Group:
-    format: str
-    arm: str  # the matrix's name (A..E), or the run's arm tag without a manifest
-    layers: str
-    arm_tag: str
-    cells: list[Cell] = field(default_factory=list)
-    expected_failure: str | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.format}/{self.arm}/{self.layers}"
-
-    @property
-    def baseline(self) -> bool:
-        return self.format.lower() in BASELINES
-
-    @property
-    def role(self) -> str:
-        return role(self.arm_tag)
-
-    def losses(self) -> dict[int, float]:
-        """Seed -> final validation loss, for the usable runs."""
-        return {c.seed: c.final_val_loss for c in self.cells if c.usable}
-
-    @property
-    def diverged(self) -> int:
-        return sum(c.status == "diverged" or (c.status == "completed" and not math.isfinite(c.final_val_loss))
-                   for c in self.cells)
-
-    @property
-    def failed(self) -> int:
-        return sum(c.status not in ("completed", "diverged") for c in self.cells)
-
-    @property
-    def divergence_rate(self) -> float:
-        """Diverged over the runs that ended (completed or diverged); NaN when none did."""
-        ended = len(self.cells) - self.failed
-        return self.diverged / ended if ended else math.nan
-
-    def mean_loss(self) -> float:
-        values = list(self.losses().values())
-        return sum(values) / len(values) if values else math.nan
-
-
-# ---- collecting ------------------------------------------------------------------------------
-def _from_manifest(runs_dir: Path, manifest: dict[str, Any]) -> list[Group]:
-    groups: dict[tuple, Group] = {}
-    for entry in manifest.get("cells", {}).values():
-        if entry.get("sweep"):
-            continue
-        folder = entry["folder"]
-        run = load_run(runs_dir, folder) if (runs_dir / folder / CONFIG_FILE_NAME).exists() else None
-        summary = run.summary if run else {}
-        status = summary.get("status", entry.get("status", "missing"))
-        if status == "completed" and not finished(summary, run.config.get("max_steps")):
-            status = "incomplete"
-        tag = summary.get("arm") or entry.get("arm")
-        key = (entry["format"], entry["arm"], entry["layers"])
-        group = groups.setdefault(key, Group(entry["format"], entry["arm"], entry["layers"], tag,
-                                             expected_failure=entry.get("expected_failure")))
-        if summary.get("arm"):
-            group.arm_tag = summary["arm"]
-        group.cells.append(Cell(folder, int(entry["seed"]), status, _number(summary.get("final_val_loss")), run,
-                                entry.get("expected_failure")))
-    return list(groups.values())
-
-
-#: Config keys that do not make two runs different experiments (seeds repeat a group).
-_NOT_THE_EXPERIMENT = PLACE_AND_MONITORING_KEYS | {"seed"}
-
-
-def _from_folders(runs_dir: Path) -> list[Group]:
-    """Runs without a manifest: a group is every setting but the seed; groups that share a format
-    and arm are told apart by the settings in which they differ."""
-    by_setting: dict[str, list[RunRecord]] = {}
-    for name in available_runs(runs_dir):
-        run = load_run(runs_dir, name)
-        setting = json.dumps({k: v for k, v in run.config.items() if k not in _NOT_THE_EXPERIMENT},
-                             sort_keys=True, default=str)
-        by_setting.setdefault(setting, []).append(run)
-    groups = []
-    for runs in by_setting.values():
-        config, summary = runs[0].config, runs[0].summary
-        fmt = config.get("format") or ("mixed" if config.get("policy") else config.get("precision", "?"))
-        layers = "mixed" if config.get("policy") else ("-" if not config.get("format") else "uniform")
-        tag = summary.get("arm", "adamw")
-        groups.append(Group(str(fmt), tag, layers, tag, [
-            Cell(run.name, int(run.config.get("seed", 0)), run.summary.get("status", "incomplete"),
-                 _number(run.summary.get("final_val_loss")), run) for run in runs]))
-    shown = [(g.format, g.arm, g.layers) for g in groups]
-    for group, key in zip(groups, shown):
-        twins = [g for g, other in zip(groups, shown) if other == key]
-        if len(twins) > 1:
-            defaults = TrainConfig().to_dict()  # a run from before a setting existed had its default
-            configs = [{**defaults, **g.cells[0].run.config} for g in twins]
-            differing = sorted(k for k in set().union(*configs) if k not in _NOT_THE_EXPERIMENT
-                               and len({json.dumps(c.get(k), default=str) for c in configs}) > 1)
-            own = {**defaults, **group.cells[0].run.config}
-            group.layers = ",".join(f"{k}={own.get(k)}" for k in differing)
-    return groups
-
-
-def collect(source: Path) -> tuple[Path, list[Group], dict[str, Any]]:
-    """(runs directory, groups, manifest) from a matrix file, a runs directory or a manifest."""
-    source = Path(source)
-    if source.suffix in (".yaml", ".yml"):
-        from .matrix import load_matrix
-
-        runs_dir = load_matrix(source).runs_dir
-    elif source.name == MANIFEST:
-        runs_dir = source.parent
-    else:
-        runs_dir = source
-    if not runs_dir.is_dir():
-        raise UserError(f"no runs in {runs_dir}: run the matrix first (altgrad matrix run FILE)")
-    manifest = read_manifest(runs_dir)
-    groups = _from_manifest(runs_dir, manifest) if manifest.get("cells") else _from_folders(runs_dir)
-    if not groups:
-        raise UserError(f"no runs in {runs_dir}")
-    for group in groups:
-        group.cells.sort(key=lambda c: c.seed)
-    groups.sort(key=lambda g: not g.baseline)  # the baseline first, then the matrix's order
-    return runs_dir, groups, manifest
-
+__all__ = ["Analysis", "Benefit", "Cell", "Group", "analyse", "collect", "role", "same_grid", "to_json"]
 
 # ---- analysing -------------------------------------------------------------------------------
 @dataclass

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,26 +18,24 @@ from typing import Any
 import torch
 
 from ..data.loader import TokenBatches
-from ..data.prepare import DEFAULT_DATA_ROOT, ensure_builtin_data, load_meta
 from ..errors import UserError
 from ..io import write_yaml
 from ..model import GPT, GPTConfig
-from ..model.surgery import LayerAssignment, quantize_model, quantized_layers
-from ..quantization.linear import LinearQuantConfig
+from ..model.surgery import LayerAssignment, quantize_model
 from ..optim import build_optimizer, set_learning_rates
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
-from .config import CONFIG_FILE_NAME, TrainConfig, config_from_dict, read_yaml
+from .config import CONFIG_FILE_NAME, TrainConfig
 from .monitors import Monitor, QuantStatsMonitor, RankMonitor, ShadowMonitor, StepContext, Thresholds, UpdateMonitor
 from . import distributed
 from .clipping import GradientClipper
 from .collapse import collapse_analysis
 from .flops import utilisation
 from .shift import FormatShifter
+from .layer_summary import layer_summary
 from .signals import StopRequest
+from .setup import Event, find_data, learning_rate, resolve_device, run_directory
 from .tracking import RunTracker, read_metrics
 
-DEFAULT_DATA = DEFAULT_DATA_ROOT / "eurlex"
-Event = Callable[[str, dict[str, Any]], None]
 
 #: Every name the trainer itself logs in metrics.jsonl (the monitors' are in their own METRICS).
 METRICS: dict[str, str] = {
@@ -72,66 +69,6 @@ class TrainResult:
     format_shifts: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # emergency shifts (shift.py)
     clipping: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per partition: clipped steps
     throughput: dict[str, float] | None = None  # tokens/s over the run, MFU against the measured matmul peak
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but PyTorch sees no CUDA device; use --device cpu")
-    return torch.device(name)
-
-
-def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warmup to ``lr``, cosine decay to ``min_lr`` at ``decay_steps``, then flat."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / (config.warmup_steps + 1)
-    if step >= config.decay_steps:
-        return config.min_lr
-    progress = (step - config.warmup_steps) / max(1, config.decay_steps - config.warmup_steps)
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
-
-
-def find_data(config: TrainConfig, notify: Event) -> tuple[Path, dict[str, Any]]:
-    """The prepared data to train on: ``config.data``, else data/eurlex, else the built-in corpus."""
-    if config.data:
-        return Path(config.data), load_meta(Path(config.data))
-    if (DEFAULT_DATA / "meta.json").exists():
-        return DEFAULT_DATA, load_meta(DEFAULT_DATA)
-    notify("warning", {"message": f"no prepared data in {DEFAULT_DATA}; training on the built-in corpus "
-                                  "(run `altgrad prepare-data eurlex` for EurLex)"})
-    folder = ensure_builtin_data(DEFAULT_DATA.parent)
-    return folder, load_meta(folder)
-
-
-def run_directory(config: TrainConfig) -> Path:
-    return Path(config.runs_dir) / config.name
-
-
-#: What a resumed run may change: where it is, how long it runs, where it reports.
-RESUME_MAY_CHANGE = ("max_steps", "wandb", "run_name", "runs_dir")
-
-
-def resume_config(run_dir: Path, max_steps: int | None = None, wandb: str | None = None,
-                  requested: TrainConfig | None = None, given: tuple[str, ...] = ()) -> TrainConfig:
-    """A run's saved config, optionally with more steps or another W&B mode.
-
-    ``given`` names the settings the user gave explicitly (flags, a config file) and
-    ``requested`` their resolved values; one that would change the saved run is an error that
-    names it: a resumed run continues exactly the run that was saved, or it is another run.
-    """
-    path = Path(run_dir) / CONFIG_FILE_NAME
-    if not path.exists():
-        raise UserError(f"nothing to resume: {path} not found")
-    config = config_from_dict(read_yaml(path), str(path))
-    if requested is not None:
-        changed = [f"{key} {getattr(requested, key)!r} (saved: {getattr(config, key)!r})" for key in given
-                   if key not in RESUME_MAY_CHANGE and getattr(requested, key) != getattr(config, key)]
-        if changed:
-            raise UserError(f"--resume continues {run_dir} as it was saved, but these settings would change it: "
-                            f"{', '.join(changed)}; drop them, or start another run with --run-name")
-    changes = {k: v for k, v in (("max_steps", max_steps), ("wandb", wandb)) if v is not None}
-    return dataclasses.replace(config, **changes)
 
 
 class Trainer:
@@ -456,29 +393,5 @@ class Trainer:
         # An alert clears once its metric is measured again and is back within bounds.
         self.counters["alerting"] = [n for n in alerting if n in crossed or n not in judged]
 
-
     def _layer_summary(self) -> dict[str, dict[str, Any]]:
-        """Per Linear layer: formats now (after any shift), storage, optimizer, and what the monitors totalled."""
-        totals: dict[str, dict[str, Any]] = {}
-        for monitor in self.monitors:
-            for name, values in monitor.summary().items():
-                totals.setdefault(name, {}).update(values)
-        live = quantized_layers(self.model)
-        shifted = self.shifter.current_formats() if self.shifter else {}
-        summary = {}
-        for assignment in self.layers:
-            config = live[assignment.name].config if assignment.name in live else None
-            summary[assignment.name] = _describe(config, self.config.optimizer) | totals.get(assignment.name, {})
-            if assignment.name in shifted:
-                summary[assignment.name]["formats_at_start"] = {
-                    op: assignment.config.format_name(op) for op in shifted[assignment.name]}
-        return summary
-
-
-def _describe(config: LinearQuantConfig | None, optimizer: str) -> dict[str, str]:
-    if config is None:
-        return {"weight": "high precision", "activation": "high precision", "gradient": "high precision",
-                "storage": "master", "optimizer": "adamw"}
-    described = {operand: config.format_name(operand) for operand in ("weight", "activation", "gradient")}
-    storage = config.weight_storage if config.weight_storage == "master" else f"format ({config.update_rounding})"
-    return described | {"storage": storage, "optimizer": optimizer if config.weight is not None else "adamw"}
+        return layer_summary(self.layers, self.model, self.monitors, self.shifter, self.config.optimizer)

@@ -1,0 +1,78 @@
+"""What a run needs before its loop: its device, data, folder, schedule and (on resume) config."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.prepare import DEFAULT_DATA_ROOT, ensure_builtin_data, load_meta
+from ..errors import UserError
+from .config import CONFIG_FILE_NAME, TrainConfig, config_from_dict, read_yaml
+
+DEFAULT_DATA = DEFAULT_DATA_ROOT / "eurlex"
+Event = Callable[[str, dict[str, Any]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but PyTorch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warmup to ``lr``, cosine decay to ``min_lr`` at ``decay_steps``, then flat."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / (config.warmup_steps + 1)
+    if step >= config.decay_steps:
+        return config.min_lr
+    progress = (step - config.warmup_steps) / max(1, config.decay_steps - config.warmup_steps)
+    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+
+
+def find_data(config: TrainConfig, notify: Event) -> tuple[Path, dict[str, Any]]:
+    """The prepared data to train on: ``config.data``, else data/eurlex, else the built-in corpus."""
+    if config.data:
+        return Path(config.data), load_meta(Path(config.data))
+    if (DEFAULT_DATA / "meta.json").exists():
+        return DEFAULT_DATA, load_meta(DEFAULT_DATA)
+    notify("warning", {"message": f"no prepared data in {DEFAULT_DATA}; training on the built-in corpus "
+                                  "(run `altgrad prepare-data eurlex` for EurLex)"})
+    folder = ensure_builtin_data(DEFAULT_DATA.parent)
+    return folder, load_meta(folder)
+
+
+def run_directory(config: TrainConfig) -> Path:
+    return Path(config.runs_dir) / config.name
+
+
+#: What a resumed run may change: where it is, how long it runs, where it reports.
+RESUME_MAY_CHANGE = ("max_steps", "wandb", "run_name", "runs_dir")
+
+
+def resume_config(run_dir: Path, max_steps: int | None = None, wandb: str | None = None,
+                  requested: TrainConfig | None = None, given: tuple[str, ...] = ()) -> TrainConfig:
+    """A run's saved config, optionally with more steps or another W&B mode.
+
+    ``given`` names the settings the user gave explicitly (flags, a config file) and
+    ``requested`` their resolved values; one that would change the saved run is an error that
+    names it: a resumed run continues exactly the run that was saved, or it is another run.
+    """
+    path = Path(run_dir) / CONFIG_FILE_NAME
+    if not path.exists():
+        raise UserError(f"nothing to resume: {path} not found")
+    config = config_from_dict(read_yaml(path), str(path))
+    if requested is not None:
+        changed = [f"{key} {getattr(requested, key)!r} (saved: {getattr(config, key)!r})" for key in given
+                   if key not in RESUME_MAY_CHANGE and getattr(requested, key) != getattr(config, key)]
+        if changed:
+            raise UserError(f"--resume continues {run_dir} as it was saved, but these settings would change it: "
+                            f"{', '.join(changed)}; drop them, or start another run with --run-name")
+    changes = {k: v for k, v in (("max_steps", max_steps), ("wandb", wandb)) if v is not None}
+    return dataclasses.replace(config, **changes)
