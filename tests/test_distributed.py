@@ -85,8 +85,7 @@ def test_replicas_never_drift_under_any_arm(tmp_path, tiny_data):
     runs = {arm: {**settings, "format": "E5M2", "rounding": "stochastic", "max_steps": 8, "dropout": 0.1,
                   "grad_accum": 2, "stats_interval": 4} for arm, settings in ARMS.items()}
     worker = Path(__file__).parent / "ddp_worker.py"
-    subprocess.run(torchrun(str(worker), str(tmp_path), str(tiny_data), json.dumps(runs)), env=ENV, check=True,
-                   capture_output=True)
+    run(torchrun(str(worker), str(tmp_path), str(tiny_data), json.dumps(runs)))
     for arm in ARMS:
         zero = torch.load(tmp_path / f"{arm}-rank0.pt", weights_only=True)
         one = torch.load(tmp_path / f"{arm}-rank1.pt", weights_only=True)
@@ -104,8 +103,7 @@ def test_a_killed_process_ends_the_run_resumably_and_the_resume_is_exact(tmp_pat
     # statistics and the FP32 shadow on every step: slow enough steps to kill the job mid-run
     options = ["--format", "E5M2", "--max-steps", "60", "--checkpoint-interval", "10", "--optimizer", "grid",
                "--stats-interval", "1", "--shadow", "--shadow-interval", "1"]
-    subprocess.run(train_command(tiny_data, tmp_path / "full", "run", *options), env=ENV, check=True,
-                   capture_output=True)
+    run(train_command(tiny_data, tmp_path / "full", "run", *options))
     runs = tmp_path / "killed"
     job = subprocess.Popen(train_command(tiny_data, runs, "run", *options), env=ENV, start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -120,6 +118,5 @@ def test_a_killed_process_ends_the_run_resumably_and_the_resume_is_exact(tmp_pat
     assert job.returncode != 0 and "FAILED" in output and "exitcode" in output
     last = list_checkpoints(runs / "run")
     assert last and int(last[-1].stem.removeprefix("step_")) < 60
-    subprocess.run(train_command(tiny_data, runs, "run", *options, "--resume"), env=ENV, check=True,
-                   capture_output=True)
+    run(train_command(tiny_data, runs, "run", *options, "--resume"))
     assert without_rates(read_metrics(runs / "run")) == without_rates(read_metrics(tmp_path / "full" / "run"))

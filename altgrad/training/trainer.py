@@ -235,6 +235,7 @@ class Trainer:
             where = f"its last checkpoint ({last[-1].name})" if last else "the start (no checkpoint yet)"
             raise UserError(f"rank {self.dist.rank}: another process of this run stopped ({str(error)[:160]}); "
                             f"run the same torchrun command with --resume to continue from {where}") from None
+        self.dist.barrier()  # no process leaves the group while another still uses it (gloo aborts then)
         distributed.stop(joined)
         return result
 
