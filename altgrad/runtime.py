@@ -6,10 +6,9 @@ the surplus threads spin-wait for cores that never come. So, unless the user set
 ``OMP_NUM_THREADS`` = the process's affinity mask, capped by a cgroup CPU quota.
 ``ALTGRAD_OMP=off`` leaves the environment alone.
 
-The wait policy is left to OpenMP (spinning). Measured on this 2-core machine with
-`benchmarks/bench_contention.py` (small preset, 150 steps, one run each), ``OMP_WAIT_POLICY=PASSIVE``
-keeps BF16 at 10,729 tokens/s beside one busy process (spinning: 6,037), but costs the quiet run
-about 30% (12,499 against 17,670): on a machine you share, ``export OMP_WAIT_POLICY=PASSIVE``.
+The wait policy is left to OpenMP (spinning): ``OMP_WAIT_POLICY=PASSIVE`` costs a quiet run about
+30% (`benchmarks/bench_contention.py`). While training, `training/threads.py` lowers the thread
+count instead when other processes take cores.
 """
 
 from __future__ import annotations

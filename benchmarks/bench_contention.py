@@ -1,5 +1,6 @@
-"""Training speed on a shared CPU: quiet, and beside one competing CPU-bound process, with the
-OpenMP wait policy PASSIVE and with OpenMP's own default (spinning).
+"""Training speed on a shared CPU: quiet, and beside one competing CPU-bound process, with AltGrad's
+default (spinning threads whose number follows the CPUs the run gets, `training/threads.py`), a
+fixed thread count, and a fixed count with the OpenMP wait policy PASSIVE.
 
     python benchmarks/bench_contention.py [--steps 300] [--data DIR] [--format E4M3]
 
@@ -27,8 +28,10 @@ from rich.table import Table
 
 from altgrad.training.tracking import read_metrics
 
-POLICIES = {"OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
-            "OpenMP's default (spin)": {}}
+#: name -> (environment changes, train flags)
+POLICIES = {"adaptive threads (default)": ({}, []),
+            "fixed threads, spinning": ({}, ["--fixed-threads"]),
+            "fixed threads, OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, ["--fixed-threads"])}
 
 
 @contextlib.contextmanager
@@ -42,9 +45,10 @@ def competitor(on: bool):
             process.wait()
 
 
-def tokens_per_s(runs: Path, name: str, fmt: str | None, steps: int, data: str | None, env: dict) -> float:
+def tokens_per_s(runs: Path, name: str, fmt: str | None, steps: int, data: str | None, env: dict,
+                 flags: list[str]) -> float:
     command = [sys.executable, "-m", "altgrad", "train", "--preset", "small", "--max-steps", str(steps),
-               "--runs-dir", str(runs), "--run-name", name, "--eval-interval", str(steps)]
+               "--runs-dir", str(runs), "--run-name", name, "--eval-interval", str(steps), *flags]
     command += ["--format", fmt] if fmt else []
     command += ["--data", data] if data else []
     subprocess.run(command, env=env, check=True, capture_output=True)
@@ -59,17 +63,17 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     args = parser.parse_args()
     table = Table(title=f"small preset, {args.steps} steps, tokens/s (median of training windows)")
-    for column in ("wait policy", "machine", "BF16", args.format, f"{args.format}/BF16 step time"):
-        table.add_column(column, justify="right" if column not in ("wait policy", "machine") else "left")
+    for column in ("threads", "machine", "BF16", args.format, f"{args.format}/BF16 step time"):
+        table.add_column(column, justify="right" if column not in ("threads", "machine") else "left")
     with tempfile.TemporaryDirectory() as folder:
-        for policy, changes in POLICIES.items():
+        for policy, (changes, flags) in POLICIES.items():
             env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
             env |= {k: v for k, v in changes.items() if v}
             for busy in (False, True):
                 tag = f"{'busy' if busy else 'quiet'}-{len(table.rows)}"
                 with competitor(busy):
-                    bf16 = tokens_per_s(Path(folder), f"bf16-{tag}", None, args.steps, args.data, env)
-                    fp8 = tokens_per_s(Path(folder), f"fp8-{tag}", args.format, args.steps, args.data, env)
+                    bf16 = tokens_per_s(Path(folder), f"bf16-{tag}", None, args.steps, args.data, env, flags)
+                    fp8 = tokens_per_s(Path(folder), f"fp8-{tag}", args.format, args.steps, args.data, env, flags)
                 table.add_row(policy, "beside one busy process" if busy else "quiet", f"{bf16:,.0f}", f"{fp8:,.0f}",
                               f"{bf16 / fp8:.3f}")
     Console().print(table)

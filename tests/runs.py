@@ -11,5 +11,6 @@ def tiny_config(tmp_path, data, **overrides):
 
 
 def without_rates(records):
-    """Everything in the metrics but wall-clock rates: what must repeat exactly."""
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+    """Everything in the metrics but what follows the machine's load (rates, the thread count):
+    what must repeat exactly."""
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "threads")} for r in records]

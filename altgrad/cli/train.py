@@ -159,6 +159,10 @@ def _summary_table(result: TrainResult) -> Table:
         t = result.throughput
         rows.insert(4, ("throughput", f"{t['tokens_per_s']:,.0f} tokens/s, MFU {t['mfu']:.1%} of the measured "
                                       f"matmul peak ({t['peak_flops'] / 1e9:,.1f} GFLOP/s)"))
+        if t.get("thread_changes"):
+            rows.insert(5, ("CPU threads", f"{t['threads_at_start']} at the start, {t['fewest_threads']} at the "
+                                           f"fewest, {t['threads']} at the end ({t['thread_changes']} changes: "
+                                           "the machine was shared)"))
     rows += [(f"alert: {name}", f"{seen['count']}x from step {seen['first_step']} ({seen['message']})")
              for name, seen in result.alerts.items() if not name.startswith("rank_drop/")]
     ranks = {name.removeprefix("rank_drop/"): seen for name, seen in result.alerts.items()
@@ -232,6 +236,9 @@ def train(
     eval_interval: Optional[int] = typer.Option(None, "--eval-interval"),
     checkpoint_interval: Optional[int] = typer.Option(None, "--checkpoint-interval"),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    adapt_threads: Optional[bool] = typer.Option(
+        None, "--adapt-threads/--fixed-threads",
+        help="On CPU, use fewer threads while another process takes cores (default), or keep the count."),
     wandb: Optional[str] = typer.Option(None, "--wandb", help="online | offline | disabled"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its last checkpoint."),
 ) -> None:
@@ -241,6 +248,7 @@ def train(
                          runs_dir=runs_dir, data=data, seed=seed, device=device, batch_size=batch_size,
                          grad_accum=grad_accum, lr=lr, eval_interval=eval_interval,
                          checkpoint_interval=checkpoint_interval, compile=compile_model, wandb=wandb,
+                         adapt_threads=adapt_threads,
                          format=fmt, grad_format=grad_format, rounding=rounding, grad_rounding=grad_rounding,
                          scaling=scaling, use_shadow=shadow, shadow_interval=shadow_interval,
                          stats_interval=stats_interval, optimizer=optimizer, weight_storage=weight_storage,
@@ -250,7 +258,8 @@ def train(
         if resume:
             given = {key for key, value in overrides.items() if value is not None}
             given |= set(read_yaml(config)) if config else set()
-            resolved = resume_config(run_directory(resolved), max_steps=max_steps, wandb=wandb, requested=resolved,
+            resolved = resume_config(run_directory(resolved), max_steps=max_steps, wandb=wandb,
+                                     adapt_threads=adapt_threads, requested=resolved,
                                      given=tuple(sorted(given)))
         if not distributed.context().main:  # another process of a torchrun job: rank 0 reports
             Trainer(resolved, resume=resume).run()

@@ -40,6 +40,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     compile: bool = False
+    adapt_threads: bool = True  # fewer CPU threads while the process gets fewer CPUs (training/threads.py)
     # data
     data: str | None = None  # prepared data directory; default data/eurlex, else the built-in corpus
     # model

@@ -53,12 +53,13 @@ def run_directory(config: TrainConfig) -> Path:
 
 
 #: What a resumed run may change: where it is, how long it runs, where it reports.
-RESUME_MAY_CHANGE = ("max_steps", "wandb", "run_name", "runs_dir")
+RESUME_MAY_CHANGE = ("max_steps", "wandb", "run_name", "runs_dir", "adapt_threads")
 
 
 def resume_config(run_dir: Path, max_steps: int | None = None, wandb: str | None = None,
-                  requested: TrainConfig | None = None, given: tuple[str, ...] = ()) -> TrainConfig:
-    """A run's saved config, optionally with more steps or another W&B mode.
+                  requested: TrainConfig | None = None, given: tuple[str, ...] = (),
+                  adapt_threads: bool | None = None) -> TrainConfig:
+    """A run's saved config, optionally with more steps, another W&B mode or thread policy.
 
     ``given`` names the settings the user gave explicitly (flags, a config file) and
     ``requested`` their resolved values; one that would change the saved run is an error that
@@ -74,5 +75,6 @@ def resume_config(run_dir: Path, max_steps: int | None = None, wandb: str | None
         if changed:
             raise UserError(f"--resume continues {run_dir} as it was saved, but these settings would change it: "
                             f"{', '.join(changed)}; drop them, or start another run with --run-name")
-    changes = {k: v for k, v in (("max_steps", max_steps), ("wandb", wandb)) if v is not None}
+    changes = {k: v for k, v in (("max_steps", max_steps), ("wandb", wandb), ("adapt_threads", adapt_threads))
+               if v is not None}
     return dataclasses.replace(config, **changes)

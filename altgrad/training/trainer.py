@@ -33,6 +33,7 @@ from .flops import utilisation
 from .shift import FormatShifter
 from .layer_summary import layer_summary
 from .signals import StopRequest
+from .threads import ThreadGovernor
 from .setup import Event, find_data, learning_rate, resolve_device, run_directory
 from .tracking import RunTracker, read_metrics
 
@@ -46,6 +47,7 @@ METRICS: dict[str, str] = {
     "grad/norm": "L2 norm of all gradients before clipping",
     "tokens_per_s": "training throughput since the previous record",
     "tokens": "training tokens so far",
+    "threads": "CPU threads of the training process (fewer while it gets fewer CPUs: training/threads.py)",
     "grad/clip_factor/<partition>": "smallest clip factor of a gradient partition since the previous record "
                                     "(1: not clipped)",
     "format_shifts": "emergency format shifts of the step: step, layer, side, old and new format, reason",
@@ -114,6 +116,8 @@ class Trainer:
                                      cfg.bit_stall_threshold) if cfg.format_shift and self.layers else None
         self.thresholds = Thresholds(cfg.overflow_threshold, cfg.underflow_threshold, cfg.bit_stall_threshold,
                                      cfg.grad_cos_threshold)
+        # Training on CPU: as many threads as the process really gets CPUs (a shared machine).
+        self.threads = ThreadGovernor() if cfg.adapt_threads and self.device.type == "cpu" else None
         self.batches = TokenBatches(self.data_dir, cfg.block_size, cfg.batch_size, cfg.seed, self.device)
         self.evaluation = torch.compile(self.model) if cfg.compile else self.model
         self.ddp = None
@@ -269,8 +273,12 @@ class Trainer:
                 while step < cfg.max_steps:
                     lr = learning_rate(step, cfg)
                     set_learning_rates(self.optimizer, lr / cfg.lr)  # the schedule, peak 1
-                    loss, grad_norm, applied, monitored = self._step(step)
+                    with self.threads.timing() if self.threads else contextlib.nullcontext():
+                        loss, grad_norm, applied, monitored = self._step(step)
                     step += 1
+                    for event in self.threads.take_events() if self.threads else ():
+                        self.notify("warning", {"message": f"step {step}: {event['from']} -> {event['to']} CPU "
+                                                           f"threads ({event['reason']})"})
                     if applied:
                         self.counters["consecutive_nonfinite"] = 0
                     else:
@@ -294,7 +302,7 @@ class Trainer:
                         elapsed = time.perf_counter() - window_start
                         record = {"loss": loss, "lr": lr, "grad/norm": grad_norm,
                                   "tokens_per_s": window_tokens / elapsed if elapsed > 0 else 0.0,
-                                  "tokens": self.counters["tokens"], **monitored,
+                                  "tokens": self.counters["tokens"], "threads": torch.get_num_threads(), **monitored,
                                   **{f"grad/clip_factor/{name}": f for name, f in self.clip_window.items()}}
                         self.clip_window = {}
                         if shifts:
@@ -343,7 +351,8 @@ class Trainer:
         low = self.layers and any(a.config is not None for a in self.layers) and self.config.gemm_dtype == "bf16"
         dtype = torch.bfloat16 if self.config.precision == "bf16" or low else torch.float32
         return {"tokens_per_s": rate, **utilisation(self.model.config, self.model.num_parameters(), rate,
-                                                   self.device, dtype, self.dist.world)}
+                                                   self.device, dtype, self.dist.world),
+                **(self.threads.summary() if self.threads else {})}
 
     def _shifts(self, step: int, monitored: dict[str, float], applied: bool) -> list[dict[str, Any]]:
         """The emergency shifts of this step: decided on rank 0 (its statistics) and applied on every

@@ -1,0 +1,134 @@
+"""The thread governor (training/threads.py) on a simulated machine, and a run whose thread count
+changes mid-run against one whose count stays fixed."""
+
+import pytest
+import torch
+
+from altgrad.training import Trainer
+from altgrad.training import trainer as trainer_module
+from altgrad.training.threads import ThreadGovernor
+from altgrad.training.tracking import read_metrics
+from runs import tiny_config, without_rates
+
+
+class Machine:
+    """A process on a simulated machine: for each thread count, the steps per second it runs and
+    the CPUs it gets (``busy`` tables apply while another process runs)."""
+
+    def __init__(self, quiet: dict[int, tuple[float, float]], busy: dict[int, tuple[float, float]] | None = None):
+        self.quiet, self.busy_table, self.busy = quiet, busy, busy is not None
+        self.wall = self.cpu = 0.0
+        self.set_calls: list[int] = []
+
+    def governor(self, threads: int, **options) -> ThreadGovernor:
+        self.threads = threads
+        return ThreadGovernor(threads, clock=lambda: self.wall, cpu_clock=lambda: self.cpu,
+                              set_threads=self._set, **options)
+
+    def _set(self, threads: int) -> None:
+        self.set_calls.append(threads)
+        self.threads = threads
+
+    def run(self, governor: ThreadGovernor, seconds: float) -> None:
+        end = self.wall + seconds
+        while self.wall < end:
+            rate, cpus = (self.busy_table if self.busy else self.quiet)[self.threads]
+            with governor.timing():
+                self.wall += 1 / rate
+                self.cpu += cpus / rate
+            assert governor.threads == self.threads
+
+
+TWO_CORES_QUIET = {2: (24.0, 1.99), 1: (14.5, 1.0)}  # measured on the 2-core machine (small preset, BF16)
+TWO_CORES_BUSY = {2: (6.5, 1.28), 1: (14.4, 0.99)}  # beside `python3 -c "while True: pass"`
+
+
+def test_a_quiet_machine_never_changes_the_count():
+    machine = Machine(TWO_CORES_QUIET)
+    governor = machine.governor(2)
+    machine.run(governor, 600)
+    assert machine.set_calls == [] and governor.take_events() == [] and governor.summary()["thread_changes"] == 0
+
+
+def test_a_busy_machine_gets_fewer_threads_and_the_full_count_returns_when_it_is_quiet():
+    machine = Machine(TWO_CORES_QUIET, TWO_CORES_BUSY)
+    governor = machine.governor(2)
+    machine.run(governor, 5)  # one window short of CPUs, one trial window at 1 thread
+    events = governor.take_events()
+    assert machine.threads == 1 and [(e["from"], e["to"]) for e in events] == [(2, 1)]
+    assert "1.28 CPUs for 2 threads" in events[0]["reason"]
+    machine.run(governor, 200)  # probes of 2 threads fail while busy: after 30 s, then after 60 s more
+    assert machine.threads == 1 and governor.take_events() == []
+    assert machine.set_calls == [1, 2, 1, 2, 1] and governor.probe_s == 120
+    machine.busy = False
+    machine.run(governor, 300)  # the next probe finds the machine quiet and keeps 2 threads
+    assert machine.threads == 2 and [(e["from"], e["to"]) for e in governor.take_events()] == [(1, 2)]
+    assert governor.probe_s == 30 and governor.summary() == {"threads": 2, "threads_at_start": 2,
+                                                             "thread_changes": 2, "fewest_threads": 1}
+
+
+def test_a_slower_trial_is_undone_and_retried_ever_later():
+    # short of CPUs (Python-bound stretches where the threads sleep), yet fewer threads run slower
+    machine = Machine({2: (24.0, 1.4), 1: (14.5, 1.0)})
+    governor = machine.governor(2)
+    machine.run(governor, 100)
+    assert machine.threads == 2 and governor.take_events() == []
+    # trials at once, then after 30 s and 60 s of waiting (each wait counted from the failed trial)
+    assert machine.set_calls == [1, 2, 1, 2, 1, 2] and governor.retry_s == 120
+
+
+def test_many_cores_step_down_to_the_cpus_received():
+    machine = Machine({16: (10.0, 16.0), 13: (9.0, 13.0)}, busy={16: (6.0, 12.8), 13: (8.5, 12.9)})
+    governor = machine.governor(16)
+    machine.run(governor, 5)
+    assert machine.threads == 13 and [(e["from"], e["to"]) for e in governor.take_events()] == [(16, 13)]
+
+
+def test_windows_need_time_and_steps():
+    machine = Machine(TWO_CORES_QUIET, TWO_CORES_BUSY)
+    governor = machine.governor(2, window_s=2.0, min_steps=50)
+    machine.run(governor, 6)  # 39 steps in 6 s: no window closed
+    assert machine.set_calls == []
+    machine.run(governor, 2)
+    assert machine.set_calls == [1]
+
+
+def test_one_thread_has_nothing_to_give_up():
+    machine = Machine({1: (14.5, 1.0)}, busy={1: (7.0, 0.5)})
+    governor = machine.governor(1)
+    machine.run(governor, 100)
+    assert machine.set_calls == []
+
+
+def test_a_run_whose_threads_change_mid_run_equals_a_fixed_one(tmp_path, tiny_data, monkeypatch):
+    """The thread count changes the speed, not the run: every step alternates 1 and 2 threads
+    (tensors large enough for the GEMMs and the native casts to split their work)."""
+    settings = dict(format="E4M3", rounding="stochastic", optimizer="manifold", batch_size=32, n_embd=64,
+                    max_steps=12, eval_interval=6, stats_interval=3)
+    threads = torch.get_num_threads()
+    fixed = Trainer(tiny_config(tmp_path, tiny_data, run_name="fixed", adapt_threads=False, **settings)).run()
+
+    class Alternating(ThreadGovernor):
+        def _decide(self, window):
+            self._apply(1 if self.threads > 1 else 2)
+            self._event(3 - self.threads, self.threads, "test", 0.0, 0.0)
+
+    monkeypatch.setattr(trainer_module, "ThreadGovernor", lambda: Alternating(2, window_s=0.0, min_steps=1))
+    try:
+        changing = Trainer(tiny_config(tmp_path, tiny_data, run_name="changing", **settings)).run()
+    finally:
+        torch.set_num_threads(threads)
+    records = read_metrics(changing.run_dir)
+    assert {r["threads"] for r in records if "threads" in r} == {1, 2}
+    assert changing.throughput["thread_changes"] == 12
+    reference = without_rates(read_metrics(fixed.run_dir))
+    # signal-to-noise ratios sum in parallel (in another order with other threads): equal to
+    # float precision; everything the run computes is equal bit for bit
+    for record, expected in zip(without_rates(records), reference, strict=True):
+        assert record.keys() == expected.keys()
+        for key, value in record.items():
+            if "snr_db" in key:
+                assert value == pytest.approx(expected[key], rel=1e-6), (record["step"], key)
+            else:
+                assert value == expected[key], (record["step"], key)
+    assert any("snr_db" in key for key in reference[1])
