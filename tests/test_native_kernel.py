@@ -96,6 +96,19 @@ def test_the_native_cast_equals_the_eager_cast(fmt, xs, reference_amax, margin, 
 
 
 @needs_native
+@pytest.mark.parametrize("spec", ["E4M3", "E0M7", "E7M0", "E5M10", "E4M10", "E3M12"])
+def test_bfloat16_outputs_of_whole_vectors_round_only_grids_finer_than_bfloat16(spec):
+    """In range, a grid that fits bfloat16 is stored by truncation; a finer one (E5M10: 10 bits)
+    is rounded to bfloat16 as the torch kernel's ``.to(bfloat16)`` does."""
+    fmt = get_format(spec)
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(4099, generator=generator) * torch.exp2(torch.randint(-40, 10, (4099,), generator=generator))
+    q, _, _ = cast_to_grid(x, fmt, None, out_dtype=torch.bfloat16, kernel="native")
+    q_ref, _, _ = cast_to_grid(x, fmt, None, out_dtype=torch.bfloat16, kernel="eager")
+    assert _bits_equal(q, q_ref).all()
+
+
+@needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 31, 33, 1000, 70_001, 300_007])  # the last: threaded
 def test_amax_and_scale_on_every_tail_length(dtype, n):

@@ -79,6 +79,17 @@ static inline void store(void *out, int type, int64_t i, int64_t count, vi bits)
     }
 }
 
+/* A bfloat16 store of values known to be exact in bfloat16 (grid values of a format whose grid
+ * fits it, no NaN): the top halves, no rounding. */
+static inline void store_exact(void *out, int type, int64_t i, int64_t count, vi bits) {
+    if (type != BFLOAT16 || count != LANES) {
+        store(out, type, i, count, bits);
+        return;
+    }
+    vh h = __builtin_convertvector((vi)((vu)bits >> 16), vh);
+    memcpy((uint16_t *)out + i, &h, sizeof h);
+}
+
 /* y = x * scale as float32 bits; without a scale (quantize), x itself: no multiplication, so
  * that signalling NaNs and subnormals under flush-to-zero pass exactly as in the torch kernel. */
 static inline vi scaled_bits(vi bits, vf scale, int scaled) {
@@ -193,30 +204,36 @@ static inline vi round_stochastic(vi bits, vf scale, int scaled, const int32_t *
     return out | (y_bits & (int32_t)0x80000000);
 }
 
-#define ROUND_LOOP(ROUND, IN, OUT)                                                            \
+#define ROUND_LOOP(ROUND, STORE, IN, OUT)                                                     \
     _Pragma("omp parallel for num_threads(threads) if(blocks >= 4096)")                      \
     for (int64_t b = 0; b < blocks; b++)                                                      \
-        store(out, OUT, b * LANES, LANES, ROUND(load_full(x, IN, b * LANES), s, scaled, params, b * LANES, seed));
+        STORE(out, OUT, b * LANES, LANES, ROUND(load_full(x, IN, b * LANES), s, scaled, params, b * LANES, seed));
 
 /* One loop per type pair, so that the loads and stores inside are branch-free. */
-#define ROUND_ALL(ROUND)                                                                      \
+#define ROUND_ALL_STORE(ROUND, STORE)                                                         \
     do {                                                                                      \
-        if (in_type == BFLOAT16 && out_type == BFLOAT16) { ROUND_LOOP(ROUND, BFLOAT16, BFLOAT16) } \
-        else if (in_type == BFLOAT16) { ROUND_LOOP(ROUND, BFLOAT16, FLOAT32) }                \
-        else if (out_type == BFLOAT16) { ROUND_LOOP(ROUND, FLOAT32, BFLOAT16) }               \
-        else { ROUND_LOOP(ROUND, FLOAT32, FLOAT32) }                                          \
+        if (in_type == BFLOAT16 && out_type == BFLOAT16) { ROUND_LOOP(ROUND, STORE, BFLOAT16, BFLOAT16) } \
+        else if (in_type == BFLOAT16) { ROUND_LOOP(ROUND, STORE, BFLOAT16, FLOAT32) }         \
+        else if (out_type == BFLOAT16) { ROUND_LOOP(ROUND, STORE, FLOAT32, BFLOAT16) }        \
+        else { ROUND_LOOP(ROUND, STORE, FLOAT32, FLOAT32) }                                   \
         int64_t done = blocks * LANES;                                                        \
         if (done < n)                                                                         \
             store(out, out_type, done, n - done, ROUND(load_part(x, in_type, done, n - done), s, scaled, params, done, seed)); \
     } while (0)
+#define ROUND_ALL(ROUND) ROUND_ALL_STORE(ROUND, store)
 
 enum { NEAREST, NEAREST_IN_RANGE, STOCHASTIC };
+
+/* Whether every value of the format's grid is exact in bfloat16: at most 7 mantissa bits (every
+ * value of a simulated format is a float32 normal number, so its exponent fits as well). */
+static inline int grid_fits_bfloat16(const int32_t *p) { return p[P_MANTISSA] <= 7; }
 
 static void round_map(const void *x, int in_type, int64_t n, float scale, int scaled, const int32_t *params,
                       void *out, int out_type, int threads, int mode, const uint32_t *seed) {
     vf s = (vf){0} + scale;
     int64_t blocks = n / LANES;
     if (mode == STOCHASTIC) ROUND_ALL(round_stochastic);
+    else if (mode == NEAREST_IN_RANGE && grid_fits_bfloat16(params)) ROUND_ALL_STORE(round_nearest_in_range, store_exact);
     else if (mode == NEAREST_IN_RANGE) ROUND_ALL(round_nearest_in_range);
     else ROUND_ALL(round_nearest);
 }
