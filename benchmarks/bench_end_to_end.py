@@ -1,7 +1,7 @@
 """Simulated FP8 against BF16 end to end, as the user experiences `altgrad train`, in one process.
 
     python benchmarks/bench_end_to_end.py [--preset small] [--format E4M3] [--steps 300] [--rounds 3]
-                                          [--data DIR] [--threads N]
+                                          [--data DIR] [--threads N] [--compile]
 
 Variants, each `Trainer` run of the preset with ``--steps`` steps and the same seed and batches:
 BF16; the FP8 format with AltGrad's default monitoring (quantization and update statistics every
@@ -10,7 +10,9 @@ monitor off (intervals past the end), which splits the FP8 cost into the casts a
 The variants take turns, round after round, so that a drifting machine hits them alike. Figures:
 the median over rounds of each run's median ``tokens_per_s`` record (training windows of 10
 steps, statistics steps included, evaluation excluded), and the FP8 / BF16 step-time ratio
-within each round, median over rounds. Run it on a quiet machine.
+within each round, median over rounds. ``--compile`` adds each variant under ``compile: true``
+(the first window, which holds the compilation, is left out of every run's median). Run it on a
+quiet machine.
 """
 
 from __future__ import annotations
@@ -42,10 +44,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--data", default=None)
     parser.add_argument("--threads", type=int, default=None, help="fixed CPU threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="also run every variant with compile: true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = variants(args.format, args.steps)
+    if args.compile:
+        runs |= {f"{name}, compiled": changes | {"compile": True} for name, changes in runs.items()}
     rates: dict[str, list[float]] = {name: [] for name in runs}
     ratios: dict[str, list[float]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,8 +61,8 @@ def main() -> None:
                               checkpoint_interval=args.steps, runs_dir=tmp, data=args.data, adapt_threads=False,
                               run_name=f"{round_}-{index}") | changes
                 result = Trainer(resolve_config(None, values)).run()
-                rate = statistics.median(r["tokens_per_s"] for r in read_metrics(result.run_dir)
-                                         if r.get("tokens_per_s"))
+                rate = statistics.median([r["tokens_per_s"] for r in read_metrics(result.run_dir)
+                                          if r.get("tokens_per_s")][1:])
                 reference = rate if reference is None else reference
                 rates[name].append(rate)
                 ratios[name].append(reference / rate)

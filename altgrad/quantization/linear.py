@@ -232,6 +232,12 @@ class QuantizedLinear(nn.Linear):
         layer.bias = linear.bias
         return layer
 
+    # Under torch.compile the quantized GEMMs run eagerly, as a graph break: the casts keep their
+    # native kernel and exactly the eager arithmetic, their statistics and random streams are
+    # Python state dynamo need not guard, and the layers' many shapes and dtypes do not exhaust
+    # dynamo's recompile limit. Everything between them (attention, LayerNorm, GELU, the loss)
+    # is compiled.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _QuantizedLinearFunction.apply(x, self.weight, self.bias, self)
 
