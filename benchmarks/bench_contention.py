@@ -9,7 +9,8 @@ process, so that the OpenMP runtime reads its environment at start, exactly as a
 The competitor is `python3 -c "while True: pass"`, started before the run and stopped after it.
 Figures: the median of the trainer's ``tokens_per_s`` records (training windows, default
 monitoring included, the first 20% of records left out as warm-up), and the FP8 / BF16 step-time
-ratio of the same setting. Run it on an otherwise quiet machine.
+ratio of the same setting, and the thread counts each run used. Run it on an otherwise quiet
+machine.
 """
 
 from __future__ import annotations
@@ -46,14 +47,15 @@ def competitor(on: bool):
 
 
 def tokens_per_s(runs: Path, name: str, fmt: str | None, steps: int, data: str | None, env: dict,
-                 flags: list[str]) -> float:
+                 flags: list[str]) -> tuple[float, list[int]]:
     command = [sys.executable, "-m", "altgrad", "train", "--preset", "small", "--max-steps", str(steps),
                "--runs-dir", str(runs), "--run-name", name, "--eval-interval", str(steps), *flags]
     command += ["--format", fmt] if fmt else []
     command += ["--data", data] if data else []
     subprocess.run(command, env=env, check=True, capture_output=True)
     rates = [r["tokens_per_s"] for r in read_metrics(runs / name) if r.get("tokens_per_s")]
-    return statistics.median(rates[len(rates) // 5:])
+    threads = sorted({r["threads"] for r in read_metrics(runs / name) if "threads" in r})
+    return statistics.median(rates[len(rates) // 5:]), threads
 
 
 def main() -> None:
@@ -63,7 +65,8 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     args = parser.parse_args()
     table = Table(title=f"small preset, {args.steps} steps, tokens/s (median of training windows)")
-    for column in ("threads", "machine", "BF16", args.format, f"{args.format}/BF16 step time"):
+    for column in ("threads", "machine", "BF16", args.format, f"{args.format}/BF16 step time",
+                   "thread counts used (BF16 / FP8)"):
         table.add_column(column, justify="right" if column not in ("threads", "machine") else "left")
     with tempfile.TemporaryDirectory() as folder:
         for policy, (changes, flags) in POLICIES.items():
@@ -72,10 +75,12 @@ def main() -> None:
             for busy in (False, True):
                 tag = f"{'busy' if busy else 'quiet'}-{len(table.rows)}"
                 with competitor(busy):
-                    bf16 = tokens_per_s(Path(folder), f"bf16-{tag}", None, args.steps, args.data, env, flags)
-                    fp8 = tokens_per_s(Path(folder), f"fp8-{tag}", args.format, args.steps, args.data, env, flags)
+                    bf16, bf16_threads = tokens_per_s(Path(folder), f"bf16-{tag}", None, args.steps, args.data, env,
+                                                      flags)
+                    fp8, fp8_threads = tokens_per_s(Path(folder), f"fp8-{tag}", args.format, args.steps, args.data,
+                                                    env, flags)
                 table.add_row(policy, "beside one busy process" if busy else "quiet", f"{bf16:,.0f}", f"{fp8:,.0f}",
-                              f"{bf16 / fp8:.3f}")
+                              f"{bf16 / fp8:.3f}", f"{bf16_threads} / {fp8_threads}")
     Console().print(table)
 
 

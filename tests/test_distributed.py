@@ -15,7 +15,9 @@ import torch
 
 from altgrad.errors import UserError
 from altgrad.training.checkpoint import list_checkpoints
+from altgrad.training import distributed
 from altgrad.training.distributed import Context
+from altgrad.training.setup import resolve_device
 from altgrad.training.tracking import read_metrics
 from runs import without_rates
 
@@ -45,6 +47,28 @@ def test_each_rank_reads_an_equal_disjoint_share_of_the_global_batch():
     assert Context(0, 1).share(3, 5) == ([0, 1, 2], slice(None))
     with pytest.raises(UserError, match="multiple of the number of processes"):
         Context(0, 3).share(2, 8)
+
+
+def test_each_rank_takes_its_local_gpu_and_nccl_there(monkeypatch):
+    """The CUDA-only branches, on a CPU machine: the device each rank uses, and the backend."""
+    assert Context(3, 4, local_rank=1).device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert Context(3, 4, local_rank=1).device(torch.device("cpu")) == torch.device("cpu")
+    assert Context().device(torch.device("cuda")) == torch.device("cuda")  # one process: as asked
+    calls = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(str(device)))
+    assert distributed.start(Context(1, 2, local_rank=1), torch.device("cuda", 1))
+    assert distributed.start(Context(1, 2), torch.device("cpu"))
+    assert not distributed.start(Context(), torch.device("cuda"))  # nothing to join alone
+    assert calls == ["cuda:1", "nccl", "gloo"]
+
+
+def test_resolve_device_refuses_cuda_where_there_is_none(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="sees no CUDA device"):
+        resolve_device("cuda")
 
 
 @pytest.mark.parametrize("accumulation, fmt", [(2, "E5M2"), (1, None)], ids=["micro-batches-fp8", "rows-fp32"])

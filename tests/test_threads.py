@@ -53,7 +53,7 @@ def test_a_quiet_machine_never_changes_the_count():
 def test_a_busy_machine_gets_fewer_threads_and_the_full_count_returns_when_it_is_quiet():
     machine = Machine(TWO_CORES_QUIET, TWO_CORES_BUSY)
     governor = machine.governor(2)
-    machine.run(governor, 5)  # one window short of CPUs, one trial window at 1 thread
+    machine.run(governor, 7)  # warm-up, a window short of CPUs, a trial window at 1 thread
     events = governor.take_events()
     assert machine.threads == 1 and [(e["from"], e["to"]) for e in events] == [(2, 1)]
     assert "1.28 CPUs for 2 threads" in events[0]["reason"]
@@ -71,26 +71,38 @@ def test_a_slower_trial_is_undone_and_retried_ever_later():
     # short of CPUs (Python-bound stretches where the threads sleep), yet fewer threads run slower
     machine = Machine({2: (24.0, 1.4), 1: (14.5, 1.0)})
     governor = machine.governor(2)
-    machine.run(governor, 100)
+    machine.run(governor, 110)
     assert machine.threads == 2 and governor.take_events() == []
-    # trials at once, then after 30 s and 60 s of waiting (each wait counted from the failed trial)
+    # trials after the warm-up, then after 30 s and 60 s of waiting (each from the failed trial)
     assert machine.set_calls == [1, 2, 1, 2, 1, 2] and governor.retry_s == 120
 
 
 def test_many_cores_step_down_to_the_cpus_received():
     machine = Machine({16: (10.0, 16.0), 13: (9.0, 13.0)}, busy={16: (6.0, 12.8), 13: (8.5, 12.9)})
     governor = machine.governor(16)
-    machine.run(governor, 5)
+    machine.run(governor, 7)
     assert machine.threads == 13 and [(e["from"], e["to"]) for e in governor.take_events()] == [(16, 13)]
 
 
 def test_windows_need_time_and_steps():
     machine = Machine(TWO_CORES_QUIET, TWO_CORES_BUSY)
     governor = machine.governor(2, window_s=2.0, min_steps=50)
-    machine.run(governor, 6)  # 39 steps in 6 s: no window closed
+    machine.run(governor, 14)  # the warm-up window closes after 50 steps (7.7 s), the next not yet
     assert machine.set_calls == []
     machine.run(governor, 2)
     assert machine.set_calls == [1]
+
+
+def test_a_slow_warm_up_is_not_a_reference():
+    """First steps (lazy set-up) run slowly and on one core: no trial is judged against them."""
+    machine = Machine(TWO_CORES_QUIET)
+    governor = machine.governor(2)
+    for _ in range(3):  # three slow single-core steps: the warm-up window
+        with governor.timing():
+            machine.wall += 0.7
+            machine.cpu += 0.7
+    machine.run(governor, 100)
+    assert machine.set_calls == [] and governor.take_events() == []
 
 
 def test_one_thread_has_nothing_to_give_up():
@@ -120,7 +132,7 @@ def test_a_run_whose_threads_change_mid_run_equals_a_fixed_one(tmp_path, tiny_da
         torch.set_num_threads(threads)
     records = read_metrics(changing.run_dir)
     assert {r["threads"] for r in records if "threads" in r} == {1, 2}
-    assert changing.throughput["thread_changes"] == 12
+    assert changing.throughput["thread_changes"] == 11  # every step but the first (the warm-up)
     reference = without_rates(read_metrics(fixed.run_dir))
     # signal-to-noise ratios sum in parallel (in another order with other threads): equal to
     # float precision; everything the run computes is equal bit for bit

@@ -8,7 +8,8 @@ the collapse but costs the quiet run about 30%, so the threads keep spinning and
 follows the machine instead:
 
 - the governor times training steps only (evaluation and checkpoints are left out) in windows of
-  at least ``window_s`` seconds, and measures the CPUs the process got in the window (its CPU time
+  at least ``window_s`` seconds (the first window, which holds the warm-up, is not judged), and
+  measures the CPUs the process got in the window (its CPU time
   over the wall time: spinning threads count, so a quiet machine gives about the thread count);
 - when the process got at least half a CPU less than it has threads, it tries that many threads
   (rounded, at least one) for one window and keeps them unless the step rate fell by more than
@@ -65,6 +66,7 @@ class ThreadGovernor:
         self.retry_s = 0.0  # the wait before a trial down: none until one has failed
         self.clock, self.cpu_clock, self._set = clock, cpu_clock, set_threads
         self.window = Window()
+        self.warm = False  # the first window (lazy set-up, first-touch memory) is not judged
         self.trial: tuple[int, float, str] | None = None  # (threads before, their step rate, why)
         self.since = clock()  # the last change of the thread count or failed trial
         self.events: list[dict] = []  # changes not yet taken by the trainer
@@ -80,7 +82,9 @@ class ThreadGovernor:
         self.window.wall += self.clock() - wall
         self.window.cpu += self.cpu_clock() - cpu
         if self.window.wall >= self.window_s and self.window.steps >= self.min_steps:
-            self._decide(self.window)
+            if self.warm:
+                self._decide(self.window)
+            self.warm = True
             self.window = Window()
 
     def take_events(self) -> list[dict]:
