@@ -29,8 +29,8 @@ PRECISION_KEYS = frozenset({
 ARM_KEYS = frozenset({"optimizer", "weight_storage", "update_rounding", "grid_lr", "max_stiffness", "rung_clip",
                       "grid_direction"})
 PLACE_AND_MONITORING_KEYS = frozenset({
-    "run_name", "runs_dir", "preset", "device", "compile", "adapt_threads", "wandb", "wandb_project", "tags", "log_interval",
-    "eval_interval", "checkpoint_interval", "keep_checkpoints", "stats_interval", "dead_window", "use_shadow",
+    "run_name", "runs_dir", "preset", "device", "compile", "adapt_threads", "wandb", "wandb_project", "tags",
+    "log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints", "stats_interval", "dead_window", "use_shadow",
     "shadow_interval", "overflow_threshold", "underflow_threshold", "bit_stall_threshold",
     "grad_cos_threshold", "rank_interval", "rank_threshold", "critical_layers", "critical_threshold_multiplier",
 })

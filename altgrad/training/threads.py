@@ -2,15 +2,15 @@
 
 OpenMP threads wait for each other at the end of every parallel region by spinning. When another
 process takes one of the cores, the thread that lost its core holds up the others, which spin for
-it: on a 2-core machine beside one busy process, a small-preset run fell to 34% of its quiet speed
-with 2 threads, and ran at 59% with 1 (``benchmarks/bench_contention.py``). Passive waiting avoids
+it: on a 2-core machine beside one busy process, a small-preset step ran at 27% of its quiet speed
+with 2 threads, and at 59% with 1 (measured; ``benchmarks/bench_contention.py`` for whole runs). Passive waiting avoids
 the collapse but costs the quiet run about 30%, so the threads keep spinning and their number
 follows the machine instead:
 
 - the governor times training steps only (evaluation and checkpoints are left out) in windows of
   at least ``window_s`` seconds (the first window, which holds the warm-up, is not judged), and
-  measures the CPUs the process got in the window (its CPU time
-  over the wall time: spinning threads count, so a quiet machine gives about the thread count);
+  measures the CPUs the process got in each: its CPU time over the wall time (spinning threads
+  count, so a quiet machine gives about the thread count);
 - when the process got at least half a CPU less than it has threads, it tries that many threads
   (rounded, at least one) for one window and keeps them unless the step rate fell by more than
   3%; otherwise it returns to the former count and waits longer before trying again;
