@@ -371,6 +371,41 @@ def test_checkpoint_round_trip_restores_scales_and_random_stream():
 
 
 # ---- the update monitor on hand-built steps ---------------------------------------------------------
+@pytest.mark.parametrize("spec", ["E0M7", "E1M6", "E3M4", "E4M3", "E5M2", "E7M0"])
+@pytest.mark.parametrize("n", [5, 70_001])  # the second: threaded
+def test_step_counts_are_the_definitions_in_both_kernels(monkeypatch, spec, n):
+    """updates = grad != 0, flips = before != after (weight units, -0 == +0), stalled = updated and
+    not flipped, and the exact integer sums of the codes after the step: native and torch alike."""
+    from altgrad.training.monitors.updates import code_moments, step_counts
+
+    fmt = get_format(spec)
+    generator = torch.Generator().manual_seed(3)
+    scale = 2.0 ** 5
+    after_scaled = quantize(torch.randn(n, generator=generator) * fmt.max / 4, fmt)
+    after_scaled[:3] = torch.tensor([0.0, -0.0, fmt.max])  # zeros and the top code
+    before = after_scaled / scale
+    moved = torch.rand(n, generator=generator) < 0.3
+    before[moved] = before[moved] * 2 + 1  # somewhere else
+    before[1] = 0.0  # +0 before, -0 after: not a flip
+    grad = torch.where(torch.rand(n, generator=generator) < 0.6, torch.randn(n, generator=generator), 0.0)
+    updated, changed = grad != 0, before != after_scaled / scale
+    codes = magnitude_codes(after_scaled, fmt).long()
+    expected = (int(updated.sum()), int(changed.sum()), int((updated & ~changed).sum()), int(codes.sum()),
+                int((codes * codes).sum()))
+    assert step_counts(before, after_scaled, scale, grad, fmt) == expected
+    monkeypatch.setenv("ALTGRAD_KERNEL", "eager")
+    assert step_counts(before, after_scaled, scale, grad, fmt) == expected
+    mean, std = code_moments(expected[3], expected[4], n)
+    assert mean == pytest.approx(float(codes.double().mean()), rel=1e-12)
+    assert std == pytest.approx(float(codes.double().std()), rel=1e-9)
+
+
+def test_code_moments_of_one_element_have_no_spread():
+    from altgrad.training.monitors.updates import code_moments
+
+    mean, std = code_moments(7, 49, 1)
+    assert mean == 7 and math.isnan(std)
+    assert code_moments(6, 18, 2) == (3.0, 0.0)  # codes 3 and 3
 @pytest.mark.parametrize("storage", ["format", "master"])
 def test_update_monitor_counts_exactly_on_a_hand_built_step(storage):
     from altgrad.training.monitors import StepContext, UpdateMonitor

@@ -590,3 +590,38 @@ float altgrad_project(float *w, int64_t n, const int32_t *params, int32_t margin
 float altgrad_amax_scale(const float *x, int64_t n, int32_t max_bits, int32_t margin, int threads) {
     return pow2_scale(altgrad_amax_bits(x, FLOAT32, n, threads), max_bits, margin);
 }
+
+/* ---- What an optimizer step did to a weight on its grid (training/monitors/updates.py) ------
+ * One pass over float32 tensors: out[0] updates (grad != 0), out[1] flips (before != after in
+ * weight units, after = after_scaled * after_inverse, a power of two: exact), out[2] stalled
+ * (updated and not flipped), out[3] and out[4] the sum and the sum of squares of the magnitude
+ * codes of after_scaled (codes.magnitude_codes: (b - emin) 2^M + |v| 2^(M - b), b the binade of
+ * |v| floored at emin; every grid value is a float32 normal number or zero). Integer sums: exact
+ * in any order. */
+void altgrad_update_stats(const float *restrict before, const float *restrict after_scaled, float after_inverse,
+                          const float *restrict grad, int64_t n, int32_t emin, int32_t mantissa, int64_t *out,
+                          int threads) {
+    int64_t updates = 0, flips = 0, stalled = 0, code_sum = 0, code_squares = 0;
+    #pragma omp parallel for num_threads(threads) if(n >= 65536) \
+        reduction(+ : updates, flips, stalled, code_sum, code_squares)
+    for (int64_t i = 0; i < n; i++) {
+        float v = after_scaled[i];
+        int updated = grad[i] != 0.0f, flipped = before[i] != v * after_inverse;
+        updates += updated;
+        flips += flipped;
+        stalled += updated & !flipped;
+        int32_t bits;
+        memcpy(&bits, &v, sizeof bits);
+        bits &= ABS_MASK;
+        int32_t binade = (bits >> 23) - 127;
+        binade = binade < emin ? emin : binade;
+        int32_t step_bits = (mantissa - binade + 127) << 23; /* 2^(M - b): M - b <= M - emin <= 126 */
+        float magnitude, step;
+        memcpy(&magnitude, &bits, sizeof magnitude);
+        memcpy(&step, &step_bits, sizeof step);
+        int64_t code = ((int64_t)(binade - emin) << mantissa) + (int64_t)(magnitude * step);
+        code_sum += code;
+        code_squares += code * code;
+    }
+    out[0] = updates, out[1] = flips, out[2] = stalled, out[3] = code_sum, out[4] = code_squares;
+}

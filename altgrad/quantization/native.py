@@ -133,6 +133,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.altgrad_project.restype = ctypes.c_float
     lib.altgrad_amax_scale.argtypes = [p, i64, i32, i32, ctypes.c_int]
     lib.altgrad_amax_scale.restype = ctypes.c_float
+    lib.altgrad_update_stats.argtypes = [p, p, ctypes.c_float, p, i64, i32, i32, p, ctypes.c_int]
+    lib.altgrad_update_stats.restype = None
     return lib
 
 
@@ -270,6 +272,16 @@ def amax_scale(x: torch.Tensor, max_bits: int, margin: int) -> float:
     float32 bits), as `cast` would choose it."""
     return library().altgrad_amax_scale(x.data_ptr(), x.numel(), max_bits, max(-1024, min(1024, margin)),
                                         torch.get_num_threads())
+
+
+def update_stats(before: torch.Tensor, after_scaled: torch.Tensor, after_inverse: float, grad: torch.Tensor,
+                 emin: int, mantissa_bits: int) -> tuple[int, int, int, int, int]:
+    """(updates, flips, stalled, code sum, code sum of squares) of one weight's step on its grid,
+    in one pass (float32 CPU tensors; `monitors.updates.step_counts` defines them)."""
+    out = (ctypes.c_int64 * 5)()
+    library().altgrad_update_stats(before.data_ptr(), after_scaled.data_ptr(), after_inverse, grad.data_ptr(),
+                                   before.numel(), emin, mantissa_bits, out, torch.get_num_threads())
+    return out[0], out[1], out[2], out[3], out[4]
 
 
 def fits_step(*tensors: torch.Tensor) -> bool:

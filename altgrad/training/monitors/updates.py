@@ -38,7 +38,10 @@ import torch
 from torch import nn
 
 from ...model.surgery import quantized_layers
+from ...quantization import native
 from ...quantization.codes import magnitude_codes
+from ...quantization.formats import FloatFormat
+from ...quantization.kernel import use_native
 from ...quantization.linear import QuantizedLinear
 from ...quantization.quantize import quantize
 from .base import BaseMonitor, StepContext, layer_mean, ratio
@@ -64,6 +67,29 @@ METRICS: dict[str, str] = {
     "optim/rescales/<layer>": "storage scale changes so far (format storage only)",
     "optim/rescales": "storage scale changes so far, summed over layers (format storage only)",
 }
+
+
+def step_counts(before: torch.Tensor, after_scaled: torch.Tensor, scale, grad: torch.Tensor,
+                fmt: FloatFormat) -> tuple[int, int, int, int, int]:
+    """What one step did to a weight on its grid: (updates, flips, stalled, sum of the magnitude
+    codes after the step, sum of their squares). ``before`` is the on-grid weight before the step
+    in weight units, ``after_scaled`` the grid values after it under ``scale`` (a power of two).
+    One native pass on CPU; the same integers from torch elsewhere."""
+    inverse = 1.0 / float(scale)
+    if use_native("auto", native.fits_step(before, after_scaled, grad)):
+        return native.update_stats(before, after_scaled, inverse, grad, fmt.emin, fmt.mantissa_bits)
+    updated, changed = grad != 0, before != after_scaled * inverse  # -0 and +0 are the same weight
+    codes = magnitude_codes(after_scaled, fmt).long()
+    return (int(updated.sum()), int(changed.sum()), int((updated & ~changed).sum()), int(codes.sum()),
+            int((codes * codes).sum()))
+
+
+def code_moments(code_sum: int, code_squares: int, n: int) -> tuple[float, float]:
+    """Mean and standard deviation (n - 1 in the denominator; NaN for one element) of n codes
+    from their exact integer sums."""
+    if n < 2:
+        return code_sum / n, float("nan")
+    return code_sum / n, math.sqrt(max(0, n * code_squares - code_sum * code_sum) / (n * (n - 1)))
 
 
 def _on_grid(layer: QuantizedLinear, scale, generator_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +127,7 @@ class UpdateMonitor(BaseMonitor):
                 continue
             seed = (ctx.step * 1_000_003 + zlib.crc32(name.encode())) % 2**62
             before, _ = _on_grid(layer, scale, seed)
-            self._before[name] = (before, layer.weight.grad != 0, scale, seed)
+            self._before[name] = (before, scale, seed)
 
     def after_update(self, ctx: StepContext) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -109,16 +135,15 @@ class UpdateMonitor(BaseMonitor):
                                               "optim/stall_ratio": {}, "quant/bit_stall_rate": {}}
         updates_all = flips_all = stalled_all = numel_all = 0
         rescales = 0
-        for name, (before, updated, scale, seed) in self._before.items():
+        for name, (before, scale, seed) in self._before.items():
             layer = self.layers[name]
             stored = layer.quantizers["weight"].stored
-            after, scaled = _on_grid(layer, layer.weight_scale if stored is not None else scale, seed)
-            changed = after != before  # -0 and +0 are the same weight
-            updates, flips = int(updated.sum()), int(changed.sum())
-            stalled = int((updated & ~changed).sum())
-            numel = after.numel()
-            codes = magnitude_codes(scaled, layer.weight_format).float()
-            position = float(codes.mean())
+            scale = layer.weight_scale if stored is not None else scale  # a stored weight may rescale
+            scaled = _on_grid(layer, scale, seed)[1]
+            updates, flips, stalled, code_sum, code_squares = step_counts(
+                before, scaled, scale, layer.weight.grad.detach(), layer.weight_format)
+            numel = scaled.numel()
+            position, spread = code_moments(code_sum, code_squares, numel)
             layer_rates = {"optim/update_rate": updates / numel, "optim/flip_rate": flips / numel,
                            "optim/stall_ratio": 1.0 - ratio(flips, updates),
                            "quant/bit_stall_rate": ratio(stalled, updates)}
@@ -126,7 +151,7 @@ class UpdateMonitor(BaseMonitor):
                 metrics[f"{key}/{name}"] = value
                 rates[key][name] = value
             metrics |= {f"optim/updates/{name}": updates, f"optim/flips/{name}": flips,
-                        f"bit_position/mean/{name}": position, f"bit_position/std/{name}": float(codes.std())}
+                        f"bit_position/mean/{name}": position, f"bit_position/std/{name}": spread}
             if stored is not None:
                 metrics[f"optim/rescales/{name}"] = int(stored.rescales)
                 rescales += int(stored.rescales)
