@@ -10,9 +10,9 @@ monitor off (intervals past the end), which splits the FP8 cost into the casts a
 The variants take turns, round after round, so that a drifting machine hits them alike. Figures:
 the median over rounds of each run's median ``tokens_per_s`` record (training windows of 10
 steps, statistics steps included, evaluation excluded), and the FP8 / BF16 step-time ratio
-within each round, median over rounds. ``--compile`` adds each variant under ``compile: true``
-(the first window, which holds the compilation, is left out of every run's median). Run it on a
-quiet machine.
+within each round, median over rounds (and its range over rounds). ``--compile`` adds each
+variant under ``compile: true`` (the first window, which holds the compilation, is left out of
+every run's median). Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -68,10 +68,11 @@ def main() -> None:
                 ratios[name].append(reference / rate)
     table = Table(title=f"end to end, {args.preset} preset, {args.steps} steps x {args.rounds} rounds, "
                         f"{torch.get_num_threads()} threads", title_justify="left")
-    for column in ("variant", "tokens/s (median of rounds)", "step time vs BF16"):
+    for column in ("variant", "tokens/s (median of rounds)", "step time vs BF16", "rounds' range"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for name in runs:
-        table.add_row(name, f"{statistics.median(rates[name]):,.0f}", f"{statistics.median(ratios[name]):.3f}x")
+        table.add_row(name, f"{statistics.median(rates[name]):,.0f}", f"{statistics.median(ratios[name]):.3f}x",
+                      f"{min(ratios[name]):.3f}-{max(ratios[name]):.3f}x")
     Console().print(table)
 
 
