@@ -2,6 +2,7 @@
 before anything runs, skip-completed and resume-interrupted, failure isolation, the submitit
 path with its debug executor, and the CLI."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -84,6 +85,8 @@ def test_a_folder_is_named_by_the_cell_and_a_hash_of_what_it_computes(tmp_path, 
     assert cell.folder == f"e5m2-A-s1-{config_hash(cell.config)}" and len(cell.folder.rsplit("-", 1)[1]) == 8
     elsewhere = with_settings(matrix, runs_dir=tmp_path / "elsewhere").cells()[2]
     assert elsewhere.folder == cell.folder  # places are not part of the hash
+    fixed = dataclasses.replace(cell.config, adapt_threads=False)
+    assert config_hash(fixed) == config_hash(cell.config)  # nor the CPU thread policy: it changes no result
     other_data = with_settings(matrix, data=str(tmp_path / "other")).cells()[2]
     assert other_data.folder != cell.folder  # the data is
     assert load_matrix(write_matrix(tmp_path, tiny_data, seeds=[1, 2])).cells()[2].folder == cell.folder

@@ -57,7 +57,7 @@ TOP_KEYS = ("preset", "config", "settings", "runs_dir", "seeds", "formats", "arm
 CELL_KEYS = ("formats", "arms", "layers", "seeds", "expected_failure", "sweep")
 SWEEP_KEYS = ("seed", "max_steps")
 #: Config keys that do not change what a run computes: left out of the hash.
-UNHASHED = ("run_name", "runs_dir", "wandb", "wandb_project", "tags")
+UNHASHED = ("run_name", "runs_dir", "wandb", "wandb_project", "tags", "adapt_threads")  # nothing a run computes
 PLACEHOLDER = "{format}"
 
 
