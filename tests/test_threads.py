@@ -125,7 +125,8 @@ def test_a_run_whose_threads_change_mid_run_equals_a_fixed_one(tmp_path, tiny_da
             self._apply(1 if self.threads > 1 else 2)
             self._event(3 - self.threads, self.threads, "test", 0.0, 0.0)
 
-    monkeypatch.setattr(trainer_module, "ThreadGovernor", lambda: Alternating(2, window_s=0.0, min_steps=1))
+    monkeypatch.setattr(trainer_module, "ThreadGovernor",
+                        lambda active: Alternating(2, active=active, window_s=0.0, min_steps=1))
     try:
         changing = Trainer(tiny_config(tmp_path, tiny_data, run_name="changing", **settings)).run()
     finally:
@@ -144,3 +145,10 @@ def test_a_run_whose_threads_change_mid_run_equals_a_fixed_one(tmp_path, tiny_da
             else:
                 assert value == expected[key], (record["step"], key)
     assert any("snr_db" in key for key in reference[1])
+
+
+def test_an_inactive_governor_leaves_the_count_alone():  # --fixed-threads, CUDA
+    machine = Machine(TWO_CORES_QUIET, TWO_CORES_BUSY)
+    governor = machine.governor(2, active=False)
+    machine.run(governor, 100)
+    assert machine.set_calls == [] and governor.summary() == {}

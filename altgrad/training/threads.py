@@ -19,7 +19,8 @@ follows the machine instead:
   ``max_probe_s``).
 
 On a quiet machine nothing changes (no window is short of CPUs, so no trial ever runs). Every
-change is an event the trainer shows and logs. The thread count does not change the training
+change is an event the trainer shows and logs. An inactive governor (``active=False``) times
+nothing and never changes the count. The thread count does not change the training
 arithmetic of the shipped presets (tested: a run whose threads change mid-run equals a fixed one);
 monitoring statistics that sum in parallel may differ in their last bits. On CUDA, and with
 ``adapt_threads: false``, the count stays as set.
@@ -54,10 +55,11 @@ class Window:
 
 
 class ThreadGovernor:
-    def __init__(self, threads: int | None = None, window_s: float = 2.0, min_steps: int = 3,
+    def __init__(self, threads: int | None = None, active: bool = True, window_s: float = 2.0, min_steps: int = 3,
                  probe_s: float = 30.0, max_probe_s: float = 480.0,
                  clock: Callable[[], float] = time.perf_counter, cpu_clock: Callable[[], float] = time.process_time,
                  set_threads: Callable[[int], None] = torch.set_num_threads):
+        self.active = active
         self.full = threads or torch.get_num_threads()
         self.threads = self.full
         self.window_s, self.min_steps = window_s, min_steps
@@ -76,6 +78,9 @@ class ThreadGovernor:
     @contextlib.contextmanager
     def timing(self) -> Iterator[None]:
         """Time one training step."""
+        if not self.active:
+            yield
+            return
         wall, cpu = self.clock(), self.cpu_clock()
         yield
         self.window.steps += 1
@@ -131,5 +136,7 @@ class ThreadGovernor:
                             "steps_per_s": [round(rate_before, 3), round(rate_after, 3)]})
 
     def summary(self) -> dict[str, int]:
+        if not self.active:
+            return {}
         return {"threads": self.threads, "threads_at_start": self.full, "thread_changes": self.changes,
                 "fewest_threads": self.fewest}

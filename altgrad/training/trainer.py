@@ -117,7 +117,7 @@ class Trainer:
         self.thresholds = Thresholds(cfg.overflow_threshold, cfg.underflow_threshold, cfg.bit_stall_threshold,
                                      cfg.grad_cos_threshold)
         # Training on CPU: as many threads as the process really gets CPUs (a shared machine).
-        self.threads = ThreadGovernor() if cfg.adapt_threads and self.device.type == "cpu" else None
+        self.threads = ThreadGovernor(active=cfg.adapt_threads and self.device.type == "cpu")
         self.batches = TokenBatches(self.data_dir, cfg.block_size, cfg.batch_size, cfg.seed, self.device)
         self.evaluation = torch.compile(self.model) if cfg.compile else self.model
         self.ddp = None
@@ -273,10 +273,10 @@ class Trainer:
                 while step < cfg.max_steps:
                     lr = learning_rate(step, cfg)
                     set_learning_rates(self.optimizer, lr / cfg.lr)  # the schedule, peak 1
-                    with self.threads.timing() if self.threads else contextlib.nullcontext():
+                    with self.threads.timing():
                         loss, grad_norm, applied, monitored = self._step(step)
                     step += 1
-                    for event in self.threads.take_events() if self.threads else ():
+                    for event in self.threads.take_events():
                         self.notify("warning", {"message": f"step {step}: {event['from']} -> {event['to']} CPU "
                                                            f"threads ({event['reason']})"})
                     if applied:
@@ -352,7 +352,7 @@ class Trainer:
         dtype = torch.bfloat16 if self.config.precision == "bf16" or low else torch.float32
         return {"tokens_per_s": rate, **utilisation(self.model.config, self.model.num_parameters(), rate,
                                                    self.device, dtype, self.dist.world),
-                **(self.threads.summary() if self.threads else {})}
+                **self.threads.summary()}
 
     def _shifts(self, step: int, monitored: dict[str, float], applied: bool) -> list[dict[str, Any]]:
         """The emergency shifts of this step: decided on rank 0 (its statistics) and applied on every

@@ -89,7 +89,7 @@ def code_moments(code_sum: int, code_squares: int, n: int) -> tuple[float, float
     from their exact integer sums."""
     if n < 2:
         return code_sum / n, float("nan")
-    return code_sum / n, math.sqrt(max(0, n * code_squares - code_sum * code_sum) / (n * (n - 1)))
+    return code_sum / n, math.sqrt((n * code_squares - code_sum * code_sum) / (n * (n - 1)))  # exact integers
 
 
 def _on_grid(layer: QuantizedLinear, scale, generator_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
