@@ -226,9 +226,6 @@ class MatrixRunner:
             out.append(cell)
         return out
 
-    def _swept(self) -> dict[str, dict[str, Any]]:
-        return swept_values(self.manifest)
-
     def _choose(self, sweep_cells: list[Cell]) -> None:
         """Record each sweep's outcomes and its best value: the lowest final validation loss among
         the runs that completed all their steps. A diverged value loses (its last finite loss
@@ -238,8 +235,9 @@ class MatrixRunner:
             groups.setdefault(cell.group, []).append(cell)
         for group, cells in groups.items():
             losses, statuses, candidates = {}, {}, []
+            summaries = {cell.folder: read_summary(self.runs_dir / cell.folder) for cell in cells}
             for cell in cells:
-                summary = read_summary(self.runs_dir / cell.folder)
+                summary = summaries[cell.folder]
                 value = summary.get("final_val_loss")
                 loss = float(value) if isinstance(value, (int, float)) else None
                 losses[str(cell.sweep[1])] = loss
@@ -247,7 +245,7 @@ class MatrixRunner:
                 if finished(summary, cell.config.max_steps) and summary["status"] == "completed" \
                         and loss is not None and math.isfinite(loss):
                     candidates.append((loss, cell.sweep[1]))
-            settled = all(finished(read_summary(self.runs_dir / c.folder), c.config.max_steps) for c in cells)
+            settled = all(finished(summaries[c.folder], c.config.max_steps) for c in cells)
             best = min(candidates, key=lambda item: item[0])[1] if settled and candidates else None
             self.manifest["sweeps"][group] = {"key": cells[0].sweep[0], "losses": losses, "statuses": statuses,
                                               "best": best, "seed": cells[0].seed,
@@ -284,7 +282,7 @@ class MatrixRunner:
             if missing:
                 notify("message", None, {"text": f"sweep without a usable result for {', '.join(missing)}: "
                                                  "those groups keep their arm's own value"}, progress)
-        cells = self.matrix.cells(self._swept())
+        cells = self.matrix.cells(swept_values(self.manifest))
         self._retire({c.folder for c in [*sweep_cells, *cells]})
         self._phase("main", cells, progress, notify)
         return self.manifest
@@ -303,8 +301,9 @@ class MatrixRunner:
         todo = self.todo(cells)
         skipped = len(cells) - len(todo)
         progress.done += skipped
+        waiting = {cell.folder for cell in todo}
         for cell in cells:
-            if cell not in todo:
+            if cell.folder not in waiting:
                 self._record(cell, {"status": "skipped"})
         self._save()
         notify("phase", None, {"phase": phase, "cells": len(cells), "todo": len(todo)}, progress)

@@ -43,6 +43,7 @@ import copy
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ class Cell:
         """The (format, arm, layers) group: what seeds repeat and a sweep tunes."""
         return group_name(self.format, self.arm, self.layers)
 
-    @property
+    @cached_property
     def folder(self) -> str:
         return f"{self.name}-{config_hash(self.config)}"
 
@@ -152,13 +153,14 @@ class Matrix:
     cells_spec: tuple[dict[str, Any], ...]
     launcher: dict[str, Any]
     description: str = ""
+    base: dict[str, Any] = field(default_factory=dict)  # the settings of the config file, read once
 
     # ---- cells ----------------------------------------------------------------------------
     def _resolve(self, name: str, overrides: dict[str, Any]) -> TrainConfig:
         """preset < config file < settings < overrides; a None in overrides unsets the key."""
         where = f"matrix {self.path}: cell {name}"
         try:
-            values = {**PRESETS[self.preset], **(read_yaml(self.config) if self.config else {}), **self.settings,
+            values = {**PRESETS[self.preset], **self.base, **self.settings,
                       **overrides, "preset": self.preset, "runs_dir": str(self.runs_dir)}
             unset = {k for k, v in values.items() if v is None}
             values = coerce({k: v for k, v in values.items() if v is not None}, where)
@@ -245,9 +247,6 @@ class Matrix:
                                   self._resolve(name, overrides)))
         return cells
 
-    def needs_sweep(self) -> bool:
-        return any(swept and "sweep" in self.arms[arm] for _, arm, _, _, _, swept in self._combinations())
-
 
 def _sweep_values(arm: str, spec: Any, where: str) -> dict[str, list[Any]]:
     spec = _mapping(spec, f"{where}: arm {arm}: sweep")
@@ -306,8 +305,7 @@ def load_matrix(path: Path) -> Matrix:
     if preset not in PRESETS:
         raise UserError(f"{where}: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     config = path.parent / str(data["config"]) if data.get("config") else None
-    if config is not None:
-        read_yaml(config)  # a clear error now for a missing or bad base
+    base = read_yaml(config) if config is not None else {}  # a clear error now for a missing or bad base
     settings = _mapping(data.get("settings"), f"{where}: settings")
     _check_config_keys(settings, f"{where}: settings")
     arms = {str(k): _mapping(v, f"{where}: arm {k}") for k, v in _mapping(data.get("arms"), f"{where}: arms").items()}
@@ -334,7 +332,7 @@ def load_matrix(path: Path) -> Matrix:
                     seeds=tuple(seeds), formats=_formats(data.get("formats"), path, where), arms=arms,
                     layers=layers, sweep=sweep, cells_spec=tuple(data["cells"]),
                     launcher=_mapping(data.get("launcher"), f"{where}: launcher"),
-                    description=str(data.get("description", "")))
+                    description=str(data.get("description", "")), base=base)
     if not isinstance(data["cells"], list) or not all(isinstance(c, dict) for c in data["cells"]):
         raise UserError(f"{where}: cells must be a list of mappings {{formats: [...], arms: [...]}}")
     matrix.cells()  # every cell resolves, or the error names it

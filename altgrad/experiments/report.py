@@ -58,9 +58,6 @@ class Analysis:
     limits: str
     notes: list[str] = field(default_factory=list)  # what a reader must know to read the tables right
 
-    def group(self, key: str) -> Group:
-        return next(g for g in self.groups if g.key == key)
-
 
 def _find(groups: list[Group], fmt: str, layers: str, wanted: str) -> Group | None:
     """The group of one role in a format and layer policy; two are an error (which to compare?)."""

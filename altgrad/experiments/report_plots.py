@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 from ..io import atomic_write  # noqa: E402
 from .compare import rank_ratio  # noqa: E402
 from .report import Analysis, Group  # noqa: E402
+from .stats import mean  # noqa: E402
 
 
 def _save(figure, path: Path) -> Path:
@@ -95,8 +96,8 @@ def run_stall_ratio(group: Group) -> float:
         layers = [v.get("stall_ratio") for v in c.run.summary.get("layers", {}).values()]
         layers = [float(v) for v in layers if isinstance(v, (int, float)) and math.isfinite(v)]
         if layers:
-            values.append(sum(layers) / len(layers))
-    return sum(values) / len(values) if values else math.nan
+            values.append(mean(layers))
+    return mean(values)
 
 
 def _heatmap(axis, rows: list[str], columns: list[str], values: np.ndarray, title: str, fmt: str,
@@ -189,7 +190,7 @@ def rank_vs_bf16(analysis: Analysis, path: Path) -> Path | None:
         ratios = [r for r in ratios if r is not None]
         if ratios:
             labels.append(f"{g.format} {g.arm}" + ("" if g.layers in ("uniform", "-") else f" {g.layers}"))
-            means.append(sum(ratios) / len(ratios))
+            means.append(mean(ratios))
             points.append(ratios)
     if not labels:
         return None

@@ -20,6 +20,7 @@ from .compare import PLACE_AND_MONITORING_KEYS
 from .launch import MANIFEST, finished, read_manifest
 from .matrix import BASELINES
 from .runs import RunRecord, available_runs, load_run
+from .stats import mean
 
 
 GEOMETRY = ("manifold", "grid")
@@ -105,8 +106,7 @@ class Group:
         return self.diverged / ended if ended else math.nan
 
     def mean_loss(self) -> float:
-        values = list(self.losses().values())
-        return sum(values) / len(values) if values else math.nan
+        return mean(list(self.losses().values()))
 
 
 # ---- collecting ------------------------------------------------------------------------------

@@ -10,9 +10,8 @@ from .launch import LOG_FILE, finished, read_manifest, read_summary, swept_value
 from .matrix import Cell, Matrix
 
 
-def _status(cell: Cell, run_dir: Path, entry: dict[str, Any]) -> tuple[str, int | None, str]:
-    """(status, steps done, note) of one cell."""
-    summary = read_summary(run_dir)
+def _status(cell: Cell, run_dir: Path, entry: dict[str, Any], summary: dict[str, Any]) -> tuple[str, int | None, str]:
+    """(status, steps done, note) of one cell, given its summary."""
     checkpoints = list_checkpoints(run_dir)
     step = int(checkpoints[-1].stem.removeprefix("step_")) if checkpoints else None
     if finished(summary, cell.config.max_steps):
@@ -33,13 +32,14 @@ def cell_status(matrix: Matrix) -> list[dict[str, Any]]:
     for cell in [*matrix.sweep_cells(), *matrix.cells(swept_values(manifest))]:
         run_dir = Path(matrix.runs_dir) / cell.folder
         entry = manifest.get("cells", {}).get(cell.folder, {})
-        status, steps, note = _status(cell, run_dir, entry)
+        summary = read_summary(run_dir)
+        status, steps, note = _status(cell, run_dir, entry, summary)
         if cell.expected_failure and status in ("diverged", "completed"):
             note = f"expected failure: {cell.expected_failure}" + (f"; {note}" if note else "")
-        loss = read_summary(run_dir).get("final_val_loss")
+        loss = summary.get("final_val_loss")
         rows.append(cell.describe() | {
             "cell": cell.folder, "status": status, "steps": steps, "max_steps": cell.config.max_steps,
-            "final_val_loss": float(loss) if isinstance(loss, (int, float, str)) and loss is not None else None,
+            "final_val_loss": float(loss) if isinstance(loss, (int, float, str)) else None,
             "note": note, "log": str(run_dir / LOG_FILE), "host": entry.get("host"), "job_id": entry.get("job_id"),
             "started": entry.get("started"), "ended": entry.get("ended")})
     return rows
