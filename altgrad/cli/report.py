@@ -8,6 +8,7 @@ import typer
 from rich import box
 from rich.table import Table
 
+from ..experiments.matrix import layer_suffix
 from ..experiments.report_files import interval as _interval
 from ..experiments.report_files import write_report
 from .common import console, user_errors
@@ -26,7 +27,7 @@ def report(
             table.add_column(column, justify="left" if column in ("format", "arm") else "right")
         for g in analysis.groups:
             loss = g.mean_loss()
-            table.add_row(g.format + ("" if g.layers in ("uniform", "-") else f" {g.layers}"),
+            table.add_row(g.format + layer_suffix(g.layers),
                           g.arm, "n/a" if loss != loss else f"{loss:.4f}",
                           _interval(analysis.vs_baseline.get(g.key)), f"{g.diverged}/{len(g.cells)}")
         console.print(table)
@@ -36,7 +37,7 @@ def report(
             for column in ("format", "arm", "vs", "difference [95%]", "beyond noise"):
                 benefit.add_column(column)
             for b in analysis.benefits:
-                benefit.add_row(b.format + ("" if b.layers in ("uniform", "-") else f" {b.layers}"), b.arm,
+                benefit.add_row(b.format + layer_suffix(b.layers), b.arm,
                                 b.control, _interval(b.paired), "yes" if b.real(analysis.noise_floor) else "no")
             console.print(benefit)
         console.print(f"[bold]answer:[/] {analysis.answer}")

@@ -93,7 +93,13 @@ class Cell:
 
 def group_name(fmt: str, arm: str, layers: str) -> str:
     """``e5m2-D``, ``e1m6-E-post-ln``: a group's name, and the stem of its cells' names."""
-    return f"{fmt.lower()}-{arm}" + ("" if layers in ("-", "uniform") else f"-{layers}")
+    return f"{fmt.lower()}-{arm}" + layer_suffix(layers, "-{}")
+
+
+def layer_suffix(layers: str, template: str = " {}") -> str:
+    """A layer policy as it follows a format in names and text: nothing for uniform layers (or
+    the baseline's "-"), else ``template`` filled with it."""
+    return "" if layers in ("uniform", "-") else template.format(layers)
 
 
 def config_hash(config: TrainConfig) -> str:

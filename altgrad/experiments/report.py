@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..quantization.formats import FormatError, get_format
+from .matrix import layer_suffix
 from .report_runs import Cell, Group, collect, role
 from .stats import CONFIDENCE, Paired, paired_difference, sample_sd
 
@@ -63,7 +64,7 @@ def _find(groups: list[Group], fmt: str, layers: str, wanted: str) -> Group | No
     """The group of one role in a format and layer policy; two are an error (which to compare?)."""
     found = [g for g in groups if g.format == fmt and g.layers == layers and g.role == wanted]
     if len(found) > 1:
-        raise UserError(f"{fmt}{'' if layers in ('uniform', '-') else ' ' + layers}: arms "
+        raise UserError(f"{fmt}{layer_suffix(layers)}: arms "
                         f"{', '.join(g.arm for g in found)} are all arm {wanted}; the report compares one of each")
     return found[0] if found else None
 
@@ -91,7 +92,7 @@ def _limits(groups: list[Group]) -> str:
 
 
 def _where(b: Benefit) -> str:
-    return b.format + ("" if b.layers in ("uniform", "-") else f" ({b.layers})")
+    return b.format + layer_suffix(b.layers, " ({})")
 
 
 def _answer(benefits: list[Benefit], noise_floor: float) -> str:
@@ -183,7 +184,7 @@ def _notes(groups: list[Group], sweeps: dict[str, Any], benefits: list[Benefit])
             if g.losses() and g.losses() == h.losses():
                 why = ("their grids are the same up to a power of two, which power-of-two scaling absorbs"
                        if same_grid(g.format, h.format) else "an unexpected coincidence: look into it")
-                notes.append(f"{g.format} and {h.format} ({g.arm}{'' if g.layers in ('uniform', '-') else ', ' + g.layers})"
+                notes.append(f"{g.format} and {h.format} ({g.arm}{layer_suffix(g.layers, ', {}')})"
                              f" give bit-identical final losses on every seed: {why}.")
     edges = []
     for group, sweep in sweeps.items():

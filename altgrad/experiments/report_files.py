@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import write_json, write_text
+from .matrix import layer_suffix
 from .report import Analysis, analyse, collect, to_json
 from .report_plots import run_stall_ratio, write_figures
 from .stats import CONFIDENCE, Paired
@@ -23,10 +24,6 @@ def interval(p: Paired | None) -> str:
     if p.n < 2:
         return f"{_f(p.mean, '+.4f')} (n=1, no interval)"
     return f"{_f(p.mean, '+.4f')} [{_f(p.low, '+.4f')}, {_f(p.high, '+.4f')}] n={p.n}"
-
-
-def _layers(layers: str) -> str:
-    return "" if layers in ("uniform", "-") else f" ({layers})"
 
 
 def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) -> str:
@@ -50,7 +47,7 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
               f"round-to-nearest (B), same format and seed; {CONFIDENCE:.0%} interval.", "",
               "| format | geometry arm | vs | difference [interval] | beyond noise |", "|---|---|---|---|---|"]
     for b in analysis.benefits:
-        lines.append(f"| {b.format}{_layers(b.layers)} | {b.arm} | {b.control} | {interval(b.paired)} | "
+        lines.append(f"| {b.format}{layer_suffix(b.layers, ' ({})')} | {b.arm} | {b.control} | {interval(b.paired)} | "
                      f"{'yes' if b.real(analysis.noise_floor) else 'no'} |")
     if not analysis.benefits:
         lines.append("| - | - | - | no format has a geometry arm and a control | - |")
@@ -63,7 +60,7 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
         note = f"expected failure: {g.expected_failure}" if g.expected_failure else ""
         if g.failed:
             note = (note + "; " if note else "") + f"{g.failed} run(s) failed or incomplete"
-        lines.append(f"| {g.format}{_layers(g.layers)} | {g.arm} | {g.arm_tag} | {_f(g.mean_loss())} "
+        lines.append(f"| {g.format}{layer_suffix(g.layers, ' ({})')} | {g.arm} | {g.arm_tag} | {_f(g.mean_loss())} "
                      f"(n={len(g.losses())}) | {interval(analysis.vs_baseline.get(g.key))} | "
                      f"{interval(analysis.vs_arm_a.get(g.key))} | {_f(run_stall_ratio(g), '.3f')} | "
                      f"{g.diverged}/{len(g.cells)} | {note} |")

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 
 from ..io import atomic_write  # noqa: E402
 from .compare import rank_ratio  # noqa: E402
+from .matrix import layer_suffix  # noqa: E402
 from .report import Analysis, Group  # noqa: E402
 from .stats import mean  # noqa: E402
 
@@ -55,13 +56,15 @@ def loss_curves(analysis: Analysis, path: Path) -> Path | None:
     figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.8 * rows), squeeze=False)
     arms = list(dict.fromkeys(g.arm for g in analysis.groups if not g.baseline))
     colors = {arm: f"C{i % 10}" for i, arm in enumerate(arms)}
+    base_steps, base_mean = [], []  # the baseline's mean curve, the same in every panel
+    if analysis.baseline is not None:
+        base_steps, table = _curve(analysis.baseline, "val_loss")
+        base_mean = np.nanmean(table, 0) if len(base_steps) else []
     for axis, (fmt, layers) in zip(axes.flat, panels):
         late: list[float] = []  # values after the first quarter of training set the y-range
-        if analysis.baseline is not None:
-            steps, table = _curve(analysis.baseline, "val_loss")
-            if len(steps):
-                axis.plot(steps, np.nanmean(table, 0), "k--", linewidth=1, label=f"{analysis.baseline.format} (mean)")
-                late += [v for s, v in zip(steps, np.nanmean(table, 0)) if s >= steps[-1] / 4 and math.isfinite(v)]
+        if len(base_steps):
+            axis.plot(base_steps, base_mean, "k--", linewidth=1, label=f"{analysis.baseline.format} (mean)")
+            late += [v for s, v in zip(base_steps, base_mean) if s >= base_steps[-1] / 4 and math.isfinite(v)]
         for g in analysis.groups:
             if (g.format, g.layers) != (fmt, layers):
                 continue
@@ -75,7 +78,7 @@ def loss_curves(analysis: Analysis, path: Path) -> Path | None:
         if late:
             low, high = min(late), max(late)
             axis.set_ylim(low - 0.05 * (high - low + 1e-3), high + 0.05 * (high - low + 1e-3))
-        axis.set_title(fmt + ("" if layers in ("uniform", "-") else f" ({layers})"))
+        axis.set_title(fmt + layer_suffix(layers, " ({})"))
         axis.set_xlabel("step")
         axis.set_ylabel("validation loss")
         axis.grid(alpha=0.3)
@@ -129,7 +132,7 @@ def heatmaps(analysis: Analysis, path: Path) -> Path | None:
     arms = list(dict.fromkeys(g.arm for g in analysis.groups if not g.baseline))
     if not panels or not arms:
         return None
-    rows = [fmt + ("" if layers in ("uniform", "-") else f" {layers}") for fmt, layers in panels]
+    rows = [fmt + layer_suffix(layers) for fmt, layers in panels]
     stall = np.full((len(panels), len(arms)), np.nan)
     delta = np.full((len(panels), len(arms)), np.nan)
     for g in analysis.groups:
@@ -148,8 +151,10 @@ def heatmaps(analysis: Analysis, path: Path) -> Path | None:
 
 
 def flips_updates(analysis: Analysis, path: Path) -> Path | None:
+    curves = {(g.key, key): _curve(g, key) for g in analysis.groups for key in ("optim/flip_rate", "optim/update_rate")}
     panels = [(fmt, layers) for fmt, layers in _panels(analysis.groups)
-              if any(_curve(g, "optim/flip_rate")[0] for g in analysis.groups if (g.format, g.layers) == (fmt, layers))]
+              if any(len(curves[g.key, "optim/flip_rate"][0]) for g in analysis.groups
+                     if (g.format, g.layers) == (fmt, layers))]
     if not panels:
         return None
     figure, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels), 6.4), squeeze=False)
@@ -161,14 +166,14 @@ def flips_updates(analysis: Analysis, path: Path) -> Path | None:
             for g in analysis.groups:
                 if (g.format, g.layers) != (fmt, layers):
                     continue
-                steps, table = _curve(g, key)
+                steps, table = curves[g.key, key]
                 if len(steps):
                     axis.plot(steps, np.nanmean(table, 0), color=colors[g.arm], label=g.arm, linewidth=1)
             if key == "optim/flip_rate":
                 axis.set_yscale("log")
             else:
                 axis.set_ylim(0, 1.05)  # a rate: near 1 means almost every weight had a gradient
-            axis.set_title(f"{fmt}{'' if layers in ('uniform', '-') else ' ' + layers}: {label}", fontsize="small")
+            axis.set_title(f"{fmt}{layer_suffix(layers)}: {label}", fontsize="small")
             axis.set_xlabel("step")
             axis.grid(alpha=0.3)
             axis.legend(fontsize="x-small")
@@ -189,7 +194,7 @@ def rank_vs_bf16(analysis: Analysis, path: Path) -> Path | None:
                   if c.usable and c.run is not None and c.seed in reference]
         ratios = [r for r in ratios if r is not None]
         if ratios:
-            labels.append(f"{g.format} {g.arm}" + ("" if g.layers in ("uniform", "-") else f" {g.layers}"))
+            labels.append(f"{g.format} {g.arm}" + layer_suffix(g.layers))
             means.append(mean(ratios))
             points.append(ratios)
     if not labels:
