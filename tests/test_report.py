@@ -3,6 +3,7 @@ hand computation, the answer on constructed results (a clear winner, a null resu
 seeds, diverged runs), and the whole report on a tiny real matrix."""
 
 import json
+import shutil
 import math
 
 import pytest
@@ -174,6 +175,18 @@ def test_the_report_on_a_tiny_real_matrix(tiny_matrix, tmp_path):
     assert "20 steps" in data["limits"] and "byte tokens" in data["limits"]
     same = collect(load_matrix(tiny_matrix).runs_dir)  # the runs directory works as well as the file
     assert len(same[1]) == 5
+
+
+def test_a_completed_cell_whose_folder_is_gone_is_missing_not_a_crash(tiny_matrix, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(load_matrix(tiny_matrix).runs_dir, runs)
+    manifest = json.loads((runs / "manifest.json").read_text())
+    gone = next(e for e in manifest["cells"].values() if e["format"] == "E5M2" and e["arm"] == "E" and e["seed"] == 2)
+    shutil.rmtree(runs / gone["folder"])
+    _, groups, _ = collect(runs)
+    group = next(g for g in groups if (g.format, g.arm) == ("E5M2", "E"))
+    assert [c.status for c in group.cells if c.seed == 2] == ["missing"] and group.failed == 1
+    assert len(group.losses()) == 2  # the other seeds still count
 
 
 def test_a_report_of_nothing_is_a_clear_error(tmp_path):

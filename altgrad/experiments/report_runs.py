@@ -119,7 +119,9 @@ def _from_manifest(runs_dir: Path, manifest: dict[str, Any]) -> list[Group]:
         run = load_run(runs_dir, folder) if (runs_dir / folder / CONFIG_FILE_NAME).exists() else None
         summary = run.summary if run else {}
         status = summary.get("status", entry.get("status", "missing"))
-        if status == "completed" and not finished(summary, run.config.get("max_steps")):
+        if status == "completed" and run is None:  # the manifest says so, but its folder is gone
+            status = "missing"
+        elif status == "completed" and not finished(summary, run.config.get("max_steps")):
             status = "incomplete"
         tag = summary.get("arm") or entry.get("arm")
         key = (entry["format"], entry["arm"], entry["layers"])
