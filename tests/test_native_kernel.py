@@ -115,7 +115,7 @@ def test_amax_and_scale_on_every_tail_length(dtype, n):
     generator = torch.Generator().manual_seed(n)
     x = (torch.randn(n, generator=generator) * 3).to(dtype)
     params = _params(get_format("E4M3"), True, CPU)
-    _, scale, amax = native.cast(x, params, None, 0, torch.bfloat16)
+    _, scale, amax, _ = native.cast(x, params, None, 0, torch.bfloat16)
     expected = x.float().abs().amax()
     assert amax == expected.item()
     assert scale == pow2_scale(expected, params[2], torch.tensor(0, dtype=torch.int32)).item()
@@ -203,6 +203,96 @@ def test_the_native_stochastic_cast_equals_the_eager_cast(fmt, xs, reference_ama
                             out_dtype=torch.bfloat16, kernel=kernel) for kernel in ("native", "eager")]
     assert _bits_equal(results[0][0], results[1][0]).all()
     assert float(results[0][1]) == float(results[1][1])
+
+
+# ---- dequantizing casts (the GEMM operands of QuantizedLinear) -----------------------------
+FINITE_BFLOAT16 = ALL_BFLOAT16[torch.isfinite(ALL_BFLOAT16)]
+
+
+def _dequantized_reference(x, fmt, reference, rounding, seed, out_dtype):
+    """The eager cast's grid values and scale, and those values divided by the scale (float32, exact
+    where dequantize_exact holds)."""
+    generator = torch.Generator().manual_seed(seed) if rounding == "stochastic" else None
+    q, scale, _ = cast_to_grid(x, fmt, reference, rounding=rounding, generator=generator, out_dtype=torch.float32,
+                               kernel="eager")
+    return q, float(scale), (q * (1.0 / float(scale))).to(out_dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("fmt", BF16_FORMATS, ids=lambda f: f.name)
+def test_a_dequantizing_cast_writes_q_over_scale_bit_for_bit(fmt, rounding):
+    """Every finite bfloat16 value, in tensors whose amax gives scales across float32's whole range
+    (current scaling: the in-range direct rounding, or the unscale multiply where its constant would
+    overflow), and under a stale reference amax (overflow: the general path). Where
+    `dequantize_exact` fails (tiny amax: scale 2^127), the values stay scaled and carry the scale."""
+    from altgrad.quantization.scaling import cast_operand, dequantize_exact
+
+    exponents = (FINITE_BFLOAT16.float().view(torch.int32) >> 23) & 0xFF
+    seen_direct = seen_scaled = 0
+    for top in (1, 8, 60, 117, 127, 140, 190, 254):  # the largest biased exponent in the tensor
+        x = FINITE_BFLOAT16[exponents <= top]
+        for reference in (None, torch.tensor(float(x.float().abs().amax()) / 64)):
+            for out_dtype in (torch.float32, torch.bfloat16):
+                generator = torch.Generator().manual_seed(top) if rounding == "stochastic" else None
+                values, scale, _, carried = cast_operand(x, fmt, reference, rounding=rounding, generator=generator,
+                                                         out_dtype=out_dtype, kernel="native")
+                q, scale_ref, dequantized = _dequantized_reference(x, fmt, reference, rounding, top, out_dtype)
+                assert scale == scale_ref
+                if dequantize_exact(fmt, scale):
+                    assert carried == 1.0 and _bits_equal(values, dequantized).all(), (top, reference, out_dtype)
+                    seen_direct += 1
+                else:
+                    assert carried == scale and _bits_equal(values, q.to(out_dtype)).all(), (top, out_dtype)
+                    seen_scaled += 1
+    assert seen_direct and seen_scaled
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", NATIVE_FORMATS + [get_format("E7M0")], ids=lambda f: f.name)
+def test_the_kernel_dequantizes_exactly_where_dequantize_exact_says(fmt):
+    """The C rule and the Python rule agree for every power-of-two scale (picked with a reference
+    amax); the values then equal the eager cast over the scale, and are never subnormal."""
+    from altgrad.quantization.scaling import cast_operand, dequantize_exact
+
+    generator = torch.Generator().manual_seed(0)
+    for k in range(-126, 128):
+        reference = torch.tensor(fmt.max * 2.0**-k, dtype=torch.float32)
+        if not torch.isfinite(reference) or reference == 0:
+            continue
+        x = (torch.rand(257, generator=generator) * 2 - 1) * reference  # in range: the direct rounding
+        x[:3] = torch.tensor([0.0, -0.0, float(reference)])
+        for rounding in ("nearest", "stochastic"):
+            generator_seed = torch.Generator().manual_seed(k) if rounding == "stochastic" else None
+            values, scale, _, carried = cast_operand(x, fmt, reference, rounding=rounding, generator=generator_seed,
+                                                     out_dtype=torch.float32)
+            q, scale_ref, dequantized = _dequantized_reference(x, fmt, reference, rounding, k, torch.float32)
+            assert scale == scale_ref
+            expected = 1.0 if dequantize_exact(fmt, scale) else scale
+            assert carried == expected, (k, scale)
+            assert _bits_equal(values, dequantized if carried == 1.0 else q).all(), (k, rounding)
+            if carried == 1.0:
+                nonzero = values[values != 0].abs()
+                assert (nonzero >= 2.0**-126).all()
+            assert _bits_equal(values[:2], torch.tensor([0.0, -0.0])).all()  # signed zeros kept
+
+
+@needs_native
+def test_statistics_of_a_dequantized_cast_equal_those_of_the_scaled_one():
+    from altgrad.quantization.scaling import cast_operand, measure_cast
+
+    fmt = get_format("E4M3")
+    generator = torch.Generator().manual_seed(3)
+    x = (torch.randn(5000, generator=generator) * torch.exp2(torch.randint(-25, 5, (5000,), generator=generator)))
+    for reference in (None, torch.tensor(0.05)):
+        values, scale, _, carried = cast_operand(x, fmt, reference, out_dtype=torch.bfloat16)
+        assert carried == 1.0
+        q, _, _ = cast_to_grid(x, fmt, reference, out_dtype=torch.bfloat16)
+        for kernel in ("native", "eager"):
+            mine = measure_cast(x, scale, values, fmt, kernel=kernel, carried=carried)
+            scaled = measure_cast(x, scale, q, fmt, kernel=kernel)
+            assert mine == scaled
+        assert mine.underflow > 0 and (reference is None or mine.overflow > 0)
 
 
 # ---- cast statistics ----------------------------------------------------------------------

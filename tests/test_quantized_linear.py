@@ -218,3 +218,36 @@ def test_under_fp32_the_gemms_return_float32_not_bf16_rounded_values():
     y.square().sum().backward()
     assert x.grad.dtype == torch.float32 and (x.grad != x.grad.bfloat16().float()).float().mean() > 0.9
     assert (linear.weight.grad != linear.weight.grad.bfloat16().float()).float().mean() > 0.9
+
+
+def test_on_cpu_the_gemms_take_dequantized_operands_with_no_unscale_pass():
+    """The casts write q(x s) / s, so forward and backward run the GEMMs of nn.Linear and nothing
+    else: no multiplication by an unscale factor over an operand or a product."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for storage in ("master", "format"):
+        config = LinearQuantConfig(weight="E4M3", activation="E4M3", gradient="E5M2", weight_storage=storage)
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(32, 16)
+        layer = QuantizedLinear.from_linear(linear, config)
+        if storage == "format":
+            from altgrad.optim import build_optimizer, OptimizerSpec
+
+            build_optimizer(torch.nn.Sequential(layer), OptimizerSpec("adamw"))  # stores the weight on its grid
+        x = torch.randn(4, 8, 32, requires_grad=True)
+        grad_y = torch.randn(4, 8, 16).to(torch.bfloat16)
+        with Recorder() as recorder:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x)
+            y.backward(grad_y)
+        assert not {"mul", "mul_", "div"} & set(recorder.ops), (storage, recorder.ops)
+        assert recorder.ops.count("mm") + recorder.ops.count("addmm") + recorder.ops.count("bmm") >= 2

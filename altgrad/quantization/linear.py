@@ -7,10 +7,13 @@ delayed amax scaling). Weights are FP32 masters whose quantized copy enters the 
 ``weight_storage: format``, live on their grid at a storage scale that the optimizer owns
 (`optim.FormatWeight`); their cast is then the identity.
 
-The GEMM runs on the scaled grid values. Every value of a format that `fits` bfloat16 is a
-bfloat16 value, so with ``gemm_dtype="bf16"`` the cast loses nothing and the product runs on
-bf16 kernels with fp32 accumulation, as fast as the BF16 baseline. The output is unscaled by
-``1 / (s_a s_w)``: exact for power-of-two scales, the default.
+The GEMM runs on the dequantized values ``q(x s) / s``. Every value of a format that `fits`
+bfloat16, times a power of two, is a bfloat16 value, so with ``gemm_dtype="bf16"`` the cast
+loses nothing and the product runs on bf16 kernels with fp32 accumulation, as fast as the BF16
+baseline. On CPU the native cast writes the dequantized values directly; elsewhere (and for
+scales so extreme that ``q / s`` would leave float32's normal range) the operands are the
+scaled grid values and the product is unscaled by ``1 / (s_a s_w)``, exact for power-of-two
+scales, the default.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import nn
 
 from .formats import FloatFormat, get_format
 from .quantize import ROUNDINGS, quantize
-from .scaling import AmaxTracker, QuantStats, ScalingConfig, cast_to_grid, measure_cast
+from .scaling import AmaxTracker, QuantStats, ScalingConfig, cast_operand, dequantize_exact, measure_cast
 
 GEMM_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 OPERANDS = ("activation", "weight", "gradient")
@@ -93,10 +96,13 @@ class OperandQuantizer:
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype, record: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """(grid values in ``dtype``, the scale they carry): x ≈ values / scale.
+        """(values in ``dtype``, the scale they carry): x ≈ values / carried.
 
-        The scale is a Python float where the native CPU kernel ran, else a 0-d tensor.
-        ``record=False`` (evaluation) leaves the delayed-scaling history untouched.
+        On CPU the values are dequantized, ``q(x * scale) / scale``, wherever that is exact
+        (`scaling.dequantize_exact`; the native kernel writes them in the same pass): they carry
+        1.0 and the GEMM needs no unscale. Elsewhere they are the scaled grid values and carry the
+        scale, a 0-d tensor on an accelerator (no host sync). The scale itself is kept in
+        ``last_scale``. ``record=False`` (evaluation) leaves the delayed-scaling history untouched.
         """
         if self.fmt is None:
             return x.to(dtype), 1.0
@@ -104,23 +110,26 @@ class OperandQuantizer:
         scaling = self.tracker.config
         if self.stored is not None:
             scale = self.stored.forward_scale()
-            q = (x * scale).to(dtype)  # on the grid: exact, nothing to round
+            if isinstance(scale, float) and dequantize_exact(self.fmt, scale):
+                q, carried = x.to(dtype), 1.0  # on the grid: exact, nothing to round or scale
+            else:
+                q, carried = (x * scale).to(dtype), scale
         elif scaling.mode == "none":
-            scale = 1.0
+            scale = carried = 1.0
             q = quantize(x, self.fmt, rounding=self.rounding, generator=self.generator).to(dtype)
         else:
-            q, scale, amax = cast_to_grid(x, self.fmt, self.tracker.reference_amax(), margin=scaling.margin,
-                                          power_of_two=scaling.power_of_two, rounding=self.rounding,
-                                          generator=self.generator, out_dtype=dtype)
+            q, scale, amax, carried = cast_operand(x, self.fmt, self.tracker.reference_amax(), margin=scaling.margin,
+                                                   power_of_two=scaling.power_of_two, rounding=self.rounding,
+                                                   generator=self.generator, out_dtype=dtype)
             if record:
                 self.tracker.record_amax(amax)
         if self.collecting:
-            self.stats.append(measure_cast(x, scale, q, self.fmt))
+            self.stats.append(measure_cast(x, scale, q, self.fmt, carried=carried))
             if self.track_alive:
                 alive = (q != 0).reshape(-1, q.shape[-1]).any(0)
                 self.alive = alive if self.alive is None else self.alive | alive
         self.last_scale = scale
-        return q, scale
+        return q, carried
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {}
@@ -137,12 +146,18 @@ class OperandQuantizer:
             self.generator.set_state(state["generator"])
 
 
-class _QuantizedLinearFunction(torch.autograd.Function):
-    """The GEMMs of a quantized Linear. Operands are scaled grid values; each product is unscaled.
+def _unscale(t: torch.Tensor, inverse: torch.Tensor | float) -> torch.Tensor:
+    """t * inverse, no pass at all where inverse is exactly 1.0 (dequantized operands)."""
+    return t if isinstance(inverse, float) and inverse == 1.0 else t * inverse
 
-    With power-of-two scales the unscale is folded into the smaller operand (the weight side),
-    exactly: no extra pass over activations, and the bias enters the GEMM as in nn.Linear.
-    Otherwise the product is unscaled in fp32.
+
+class _QuantizedLinearFunction(torch.autograd.Function):
+    """The GEMMs of a quantized Linear, on operands that carry a scale each (1.0 when dequantized).
+
+    With power-of-two scales a carried scale is undone on the smaller operand (the weight side),
+    exactly: no extra pass over activations, and the bias enters the GEMM as in nn.Linear; on
+    CPU the operands arrive dequantized and no pass is needed at all. Otherwise the product is
+    unscaled in fp32.
     """
 
     @staticmethod
@@ -162,7 +177,7 @@ class _QuantizedLinearFunction(torch.autograd.Function):
             gx, gw = (qx.float(), qw.float()) if wide else (qx, qw)
             b = None if bias is None else bias.detach().to(gw.dtype)
             if layer.exact_scales:
-                y = F.linear(gx, gw * inverse, b)  # a power of two: exact, in the GEMM's dtype
+                y = F.linear(gx, _unscale(gw, inverse), b)  # a power of two: exact, in the GEMM's dtype
             else:
                 y = F.linear(gx, gw).float() * inverse
                 y = (y if b is None else y + b).to(gw.dtype)
@@ -186,7 +201,7 @@ class _QuantizedLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             inverse = (1.0 / sg) * (1.0 / sw)
             if exact:
-                grad_x = torch.matmul(qg, qw * inverse)
+                grad_x = torch.matmul(qg, _unscale(qw, inverse))
             else:
                 grad_x = torch.matmul(qg, qw).float() * inverse
             grad_x = grad_x.to(x_dtype)
@@ -195,7 +210,7 @@ class _QuantizedLinearFunction(torch.autograd.Function):
             if exact:
                 # The activation's unscale (a power of two: exact) goes in before the GEMM: the
                 # product of two scaled operands can pass float32's range (E7M0 x E7M0: 2^128).
-                grad_w = torch.mm(g2, x2 * (1.0 / sx)) * (1.0 / sg)
+                grad_w = _unscale(torch.mm(g2, _unscale(x2, 1.0 / sx)), 1.0 / sg)
             else:
                 grad_w = torch.mm(g2, x2).float() * ((1.0 / sg) * (1.0 / sx))
             grad_w = grad_w.to(w_dtype)

@@ -20,6 +20,9 @@
  */
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define LANES 16
 typedef float vf __attribute__((vector_size(LANES * 4)));
@@ -31,21 +34,47 @@ enum { FLOAT32 = 0, BFLOAT16 = 1 };
 /* params[]: the same int32 layout as kernel.py's params tensor */
 enum { P_MANTISSA, P_EMIN_BIASED, P_MAX_BITS, P_OVERFLOW_BITS };
 
+/* The format's params as values (kept in registers in the loops; a pointer would be re-read at
+ * every store, which may alias it), and the unscale of a dequantizing cast. */
+typedef struct {
+    int32_t mantissa, emin_biased, max_bits, overflow_bits;
+    int unscaled;  /* write q * unscale (a power of two), not q */
+    float unscale;
+} grid_t;
+
+static grid_t grid_of(const int32_t *p) {
+    grid_t g = {p[P_MANTISSA], p[P_EMIN_BIASED], p[P_MAX_BITS], p[P_OVERFLOW_BITS], 0, 1.0f};
+    return g;
+}
+
 #define ABS_MASK 0x7fffffff
 #define RANDOM_BITS 30
 #define INF_BITS 0x7f800000
 
 static inline vi splat(int32_t v) { return (vi){0} + v; }
 static inline vi blend(vi mask, vi a, vi b) { return (a & mask) | (b & ~mask); }
+/* Signed max and min; where the vector width is AVX-512's, the one-instruction forms (GCC's
+ * vector extensions have no max, and the blend costs three). */
+#if defined(__AVX512F__)
+static inline vi vmax(vi a, vi b) { return (vi)_mm512_max_epi32((__m512i)a, (__m512i)b); }
+static inline vi vmin(vi a, vi b) { return (vi)_mm512_min_epi32((__m512i)a, (__m512i)b); }
+#else
 static inline vi vmax(vi a, vi b) { return blend(a > b, a, b); }
 static inline vi vmin(vi a, vi b) { return blend(a < b, a, b); }
+#endif
 
 /* LANES elements from x + i as float32 bit patterns (a bfloat16 is the top half of one). */
 static inline vi load_full(const void *x, int type, int64_t i) {
     if (type == BFLOAT16) {
+#if defined(__AVX512F__)
+        /* one widening load (GCC splits the generic conversion into halves) */
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
+        return (vi)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+#else
         vh h;
         memcpy(&h, (const uint16_t *)x + i, sizeof h);
         return __builtin_convertvector(h, vi) << 16;
+#endif
     }
     vi v;
     memcpy(&v, (const int32_t *)x + i, sizeof v);
@@ -115,28 +144,35 @@ static inline vi round_magnitude(vi magnitude, vi binade, int32_t mantissa_bits)
 }
 
 /* q(y * scale) as float32 bits: the rules of kernel.round_nearest_by_scaling. */
-static inline vi round_nearest(vi bits, vf scale, int scaled, const int32_t *p, int64_t index,
-                              const uint32_t *seed) {
+static inline vi round_nearest(vi bits, vf scale, int scaled, grid_t g, int64_t index, const uint32_t *seed) {
     (void)index, (void)seed;
     vi y_bits = scaled_bits(bits, scale, scaled);
     vi magnitude = y_bits & ABS_MASK;
     /* capped so that C stays finite; only values beyond 2^(232+M) are capped, far past any max */
-    vi binade = vmin(vmax(magnitude >> 23, splat(p[P_EMIN_BIASED])), splat(231 + p[P_MANTISSA]));
-    vi out = round_magnitude(magnitude, binade, p[P_MANTISSA]);
-    out = blend(out > p[P_MAX_BITS], splat(p[P_OVERFLOW_BITS]), out); /* overflow, and inf in */
+    vi binade = vmin(vmax(magnitude >> 23, splat(g.emin_biased)), splat(231 + g.mantissa));
+    vi out = round_magnitude(magnitude, binade, g.mantissa);
+    out = blend(out > g.max_bits, splat(g.overflow_bits), out); /* overflow, and inf in */
     out |= y_bits & (int32_t)0x80000000;
     return blend(magnitude > INF_BITS, y_bits, out); /* NaN in, NaN out */
 }
 
 /* The same for inputs known to be finite with |y| <= max (no overflow, no inf, no NaN): the
- * operand cast's usual case, where the scale comes from the tensor's own finite amax. */
-static inline vi round_nearest_in_range(vi bits, vf scale, int scaled, const int32_t *p, int64_t index,
+ * operand cast's usual case, where the scale comes from the tensor's own finite amax. The magic
+ * constant carries y's sign (round to nearest even is symmetric), and the sign is put back at
+ * the end for the values that round to zero (x - x is +0). */
+static inline vi round_nearest_in_range(vi bits, vf scale, int scaled, grid_t g, int64_t index,
                                        const uint32_t *seed) {
     (void)index, (void)seed;
     vi y_bits = scaled_bits(bits, scale, scaled);
-    vi magnitude = y_bits & ABS_MASK;
-    vi out = round_magnitude(magnitude, vmax(magnitude >> 23, splat(p[P_EMIN_BIASED])), p[P_MANTISSA]);
-    return out | (y_bits & (int32_t)0x80000000);
+    vi sign = y_bits & (int32_t)0x80000000;
+    vi c_bits = (vmax(y_bits & INF_BITS, splat(g.emin_biased << 23)) + ((23 - g.mantissa) << 23)) | sign;
+    vf c, y;
+    memcpy(&c, &c_bits, sizeof c);
+    memcpy(&y, &y_bits, sizeof y);
+    vf r = (y + c) - c;
+    vi out;
+    memcpy(&out, &r, sizeof out);
+    return out | sign;
 }
 
 /* kernel._mix32 in 32-bit lanes: the int64 products masked to 32 bits are uint32 products. */
@@ -179,15 +215,14 @@ void altgrad_random_bits(int64_t start, int64_t n, const int64_t *seed, int32_t 
 }
 
 /* Stochastic rounding of y = x * scale: the integer rules of kernel.round_float32_bits. */
-static inline vi round_stochastic(vi bits, vf scale, int scaled, const int32_t *p, int64_t index,
-                                 const uint32_t *seed) {
+static inline vi round_stochastic(vi bits, vf scale, int scaled, grid_t g, int64_t index, const uint32_t *seed) {
     vi y_bits = scaled_bits(bits, scale, scaled);
     vi magnitude = y_bits & ABS_MASK;
     vi exponent = magnitude >> 23;
     vi exponent_eff = vmax(exponent, splat(1));
     vi significand = (magnitude & 0x7fffff) | ((exponent > 0) & (1 << 23));
-    vi exponent_target = vmax(exponent_eff, splat(p[P_EMIN_BIASED]));
-    vi exact_shift = 23 - p[P_MANTISSA] + exponent_target - exponent_eff;
+    vi exponent_target = vmax(exponent_eff, splat(g.emin_biased));
+    vi exact_shift = 23 - g.mantissa + exponent_target - exponent_eff;
     vi kept = vmin(exact_shift, splat(RANDOM_BITS));
     vi truncated = significand >> vmin(exact_shift - kept, splat(31));
     vi noise = random_bits(index, seed) & ((splat(1) << kept) - 1);
@@ -196,18 +231,30 @@ static inline vi round_stochastic(vi bits, vf scale, int scaled, const int32_t *
     vi out;
     memcpy(&out, &steps_f, sizeof out);
     /* times 2^(target - 127 - M): added to the exponent field, in wrapping unsigned arithmetic */
-    out = (vi)((vu)out + ((vu)(exponent_target - 127 - p[P_MANTISSA]) << 23));
+    out = (vi)((vu)out + ((vu)(exponent_target - 127 - g.mantissa) << 23));
     out = blend(steps == 0, splat(0), out);
-    out = blend(out > p[P_MAX_BITS], splat(p[P_OVERFLOW_BITS]), out);
-    out = blend(magnitude == INF_BITS, splat(p[P_OVERFLOW_BITS]), out); /* inf in: as overflow */
+    out = blend(out > g.max_bits, splat(g.overflow_bits), out);
+    out = blend(magnitude == INF_BITS, splat(g.overflow_bits), out); /* inf in: as overflow */
     out = blend(magnitude > INF_BITS, magnitude, out); /* NaN in, NaN out */
     return out | (y_bits & (int32_t)0x80000000);
 }
 
+/* q (float32 bits) as written: times the unscale of a dequantizing cast (a power of two that
+ * keeps every grid value a float32 normal, so exact; zero, inf and NaN pass), else q itself. */
+static inline vi unscaled_bits(vi bits, grid_t g) {
+    if (!g.unscaled) return bits;
+    vf q;
+    memcpy(&q, &bits, sizeof q);
+    q = q * g.unscale;
+    memcpy(&bits, &q, sizeof bits);
+    return bits;
+}
+
 #define ROUND_LOOP(ROUND, STORE, IN, OUT)                                                     \
-    _Pragma("omp parallel for num_threads(threads) if(blocks >= 4096)")                      \
+    _Pragma("omp parallel for num_threads(threads) firstprivate(g, s) if(blocks >= 4096)")   \
     for (int64_t b = 0; b < blocks; b++)                                                      \
-        STORE(out, OUT, b * LANES, LANES, ROUND(load_full(x, IN, b * LANES), s, scaled, params, b * LANES, seed));
+        STORE(out, OUT, b * LANES, LANES,                                                     \
+              unscaled_bits(ROUND(load_full(x, IN, b * LANES), s, scaled, g, b * LANES, seed), g));
 
 /* One loop per type pair, so that the loads and stores inside are branch-free. */
 #define ROUND_ALL_STORE(ROUND, STORE)                                                         \
@@ -218,7 +265,8 @@ static inline vi round_stochastic(vi bits, vf scale, int scaled, const int32_t *
         else { ROUND_LOOP(ROUND, STORE, FLOAT32, FLOAT32) }                                   \
         int64_t done = blocks * LANES;                                                        \
         if (done < n)                                                                         \
-            store(out, out_type, done, n - done, ROUND(load_part(x, in_type, done, n - done), s, scaled, params, done, seed)); \
+            store(out, out_type, done, n - done,                                              \
+                  unscaled_bits(ROUND(load_part(x, in_type, done, n - done), s, scaled, g, done, seed), g)); \
     } while (0)
 #define ROUND_ALL(ROUND) ROUND_ALL_STORE(ROUND, store)
 
@@ -226,14 +274,14 @@ enum { NEAREST, NEAREST_IN_RANGE, STOCHASTIC };
 
 /* Whether every value of the format's grid is exact in bfloat16: at most 7 mantissa bits (every
  * value of a simulated format is a float32 normal number, so its exponent fits as well). */
-static inline int grid_fits_bfloat16(const int32_t *p) { return p[P_MANTISSA] <= 7; }
+static inline int grid_fits_bfloat16(grid_t g) { return g.mantissa <= 7; }
 
-static void round_map(const void *x, int in_type, int64_t n, float scale, int scaled, const int32_t *params,
+static void round_map(const void *x, int in_type, int64_t n, float scale, int scaled, grid_t g,
                       void *out, int out_type, int threads, int mode, const uint32_t *seed) {
     vf s = (vf){0} + scale;
     int64_t blocks = n / LANES;
     if (mode == STOCHASTIC) ROUND_ALL(round_stochastic);
-    else if (mode == NEAREST_IN_RANGE && grid_fits_bfloat16(params)) ROUND_ALL_STORE(round_nearest_in_range, store_exact);
+    else if (mode == NEAREST_IN_RANGE && grid_fits_bfloat16(g)) ROUND_ALL_STORE(round_nearest_in_range, store_exact);
     else if (mode == NEAREST_IN_RANGE) ROUND_ALL(round_nearest_in_range);
     else ROUND_ALL(round_nearest);
 }
@@ -251,8 +299,8 @@ void altgrad_round(const void *x, int in_type, int64_t n, float scale, const int
                    const int64_t *seed, void *out, int out_type, int threads) {
     uint32_t words[2] = {0, 0};
     if (seed) seed_words(seed, words);
-    round_map(x, in_type, n, scale, scale != 1.0f, params, out, out_type, threads, seed ? STOCHASTIC : NEAREST,
-              words);
+    round_map(x, in_type, n, scale, scale != 1.0f, grid_of(params), out, out_type, threads,
+              seed ? STOCHASTIC : NEAREST, words);
 }
 
 /* max |x| as float32 bits. Integer max of the magnitudes orders finite values and inf as floats
@@ -312,15 +360,41 @@ static float pow2_scale(int32_t amax_bits, int32_t max_bits, int32_t margin) {
     return scale;
 }
 
+/* Whether q / scale is exact for every value q of the grid: the smallest non-zero value,
+ * 2^(emin - M), and the largest stay float32 (and bfloat16) normal numbers after the division by
+ * the power of two scale = 2^k. scaling.dequantize_exact states the same rule. */
+static int32_t exponent_of(float power_of_two) {
+    int32_t bits;
+    memcpy(&bits, &power_of_two, sizeof bits);
+    return (bits >> 23) - 127;
+}
+
+static int dequantize_exact(grid_t g, float scale) {
+    int32_t k = exponent_of(scale);
+    return (g.emin_biased - 127) - g.mantissa - k >= -126 && (g.max_bits >> 23) - 127 - k <= 127;
+}
+
+/* Whether an in-range cast that dequantize_exact allows may round x directly on the grid / s:
+ * the magic constant of x's largest binade (max's, or the floor binade where that is higher: a
+ * grid without exponent bits) stays finite, and where x * s would be a float32 subnormal
+ * (inexact) it is below half the smallest grid value, so both round it to zero. */
+static int direct_fits(grid_t g, float scale) {
+    int32_t top = (g.max_bits >> 23) > g.emin_biased ? g.max_bits >> 23 : g.emin_biased;
+    return top - exponent_of(scale) + 23 - g.mantissa <= 254 && (g.emin_biased - 127) - g.mantissa >= -125;
+}
+
 /* The operand cast: amax of x, the scale from reference_amax (delayed scaling) or from that amax
  * (reference_amax NULL), and out = q(x * scale), stochastic where seed is given. Returns the
- * scale; writes the amax to amax_out. */
+ * scale; writes the amax to amax_out. With dequantize set, out = q(x * scale) / scale where that
+ * is exact for the whole grid (dequantize_exact): *dequantized_out says which was written. */
 float altgrad_cast(const void *x, int in_type, int64_t n, const float *reference_amax, const int32_t *params,
-                   int32_t margin, const int64_t *seed, void *out, int out_type, int threads, float *amax_out) {
+                   int32_t margin, const int64_t *seed, void *out, int out_type, int threads, float *amax_out,
+                   int dequantize, int *dequantized_out) {
     int32_t amax_bits = altgrad_amax_bits(x, in_type, n, threads);
     int32_t reference_bits = amax_bits;
     if (reference_amax) memcpy(&reference_bits, reference_amax, sizeof reference_bits);
-    float scale = pow2_scale(reference_bits, params[P_MAX_BITS], margin);
+    grid_t g = grid_of(params);
+    float scale = pow2_scale(reference_bits, g.max_bits, margin);
     memcpy(amax_out, &amax_bits, sizeof amax_bits);
     uint32_t words[2] = {0, 0};
     int mode = NEAREST;
@@ -330,19 +404,31 @@ float altgrad_cast(const void *x, int in_type, int64_t n, const float *reference
     } else {
         float amax, largest;
         memcpy(&amax, &amax_bits, sizeof amax);
-        memcpy(&largest, &params[P_MAX_BITS], sizeof largest);
+        memcpy(&largest, &g.max_bits, sizeof largest);
         /* amax finite and amax * scale <= max: every |x * scale| is in range (the products are
          * exact or round monotonically, so none exceeds amax * scale) */
         if (amax_bits < INF_BITS && amax * scale <= largest) mode = NEAREST_IN_RANGE;
     }
-    round_map(x, in_type, n, scale, 1, params, out, out_type, threads, mode, words); /* x * scale, as torch */
+    int scaled = 1; /* x * scale, as torch */
+    *dequantized_out = dequantize && dequantize_exact(g, scale);
+    if (*dequantized_out && mode == NEAREST_IN_RANGE && direct_fits(g, scale)) {
+        /* q(x s) / s is x rounded on the grid divided by s = 2^k: the same grid with its floor
+         * binade k lower. Rounding x there gives the same bits without the two multiplications. */
+        g.emin_biased -= exponent_of(scale);
+        scaled = 0;
+    } else if (*dequantized_out) {
+        g.unscaled = 1;
+        g.unscale = 1.0f / scale; /* a power of two */
+    }
+    round_map(x, in_type, n, scale, scaled, g, out, out_type, threads, mode, words);
     return scale;
 }
 
 /* What a cast did (scaling.measure_quantization's statistics) in one pass over x and q, with
  * y = x * scale formed on the fly: counts {overflow: finite |y| > max, underflow: y != 0 and
  * q == 0}, sums {signal: sum y^2, noise: sum (y - q)^2 where both are finite} in double, and
- * present[256]: 1 for every float32 exponent field that occurs in q. */
+ * present[256]: 1 for every float32 exponent field that occurs in q. A dequantized cast's q
+ * (q / scale) is passed with q_scale = scale. */
 typedef double vd __attribute__((vector_size(LANES * 4)));
 typedef float vf_half __attribute__((vector_size(LANES * 2)));
 
@@ -354,8 +440,8 @@ static inline vd half_to_double(vf v, int offset) {
     return __builtin_convertvector(half, vd);
 }
 
-void altgrad_measure(const void *x, int x_type, const void *q, int q_type, int64_t n, float scale, float largest,
-                     int64_t *counts, double *sums, uint8_t *present, int threads) {
+void altgrad_measure(const void *x, int x_type, const void *q, int q_type, int64_t n, float scale, float q_scale,
+                     float largest, int64_t *counts, double *sums, uint8_t *present, int threads) {
     int64_t overflow = 0, underflow = 0;
     double signal = 0.0, noise = 0.0;
     int64_t blocks = (n + LANES - 1) / LANES;
@@ -372,6 +458,8 @@ void altgrad_measure(const void *x, int x_type, const void *q, int q_type, int64
             vf y, qf;
             memcpy(&y, &x_bits, sizeof y);
             memcpy(&qf, &q_bits, sizeof qf);
+            qf = qf * q_scale; /* 1, or the scale of a dequantized cast (a power of two: exact) */
+            memcpy(&q_bits, &qf, sizeof q_bits);
             y = y * scale;
             vi y_bits;
             memcpy(&y_bits, &y, sizeof y_bits);
@@ -548,11 +636,10 @@ void altgrad_grid_step(float *restrict w, const float *restrict g, float *restri
 
 /* The weight-storage projection, in place: s = pow2_scale(amax(w)), w <- q(w s) / s, nearest or
  * stochastic (seed given) as the operand cast; returns s. */
-static inline vi project_block(vi bits, vf s, vf inverse, const int32_t *params, int64_t i, const uint32_t *words,
-                               int mode) {
-    vi q = mode == STOCHASTIC ? round_stochastic(bits, s, 1, params, i, words)
-         : mode == NEAREST_IN_RANGE ? round_nearest_in_range(bits, s, 1, params, i, words)
-         : round_nearest(bits, s, 1, params, i, words);
+static inline vi project_block(vi bits, vf s, vf inverse, grid_t g, int64_t i, const uint32_t *words, int mode) {
+    vi q = mode == STOCHASTIC ? round_stochastic(bits, s, 1, g, i, words)
+         : mode == NEAREST_IN_RANGE ? round_nearest_in_range(bits, s, 1, g, i, words)
+         : round_nearest(bits, s, 1, g, i, words);
     vf f;
     memcpy(&f, &q, sizeof f);
     f = f * inverse; /* a power of two: exact */
@@ -574,15 +661,16 @@ float altgrad_project(float *w, int64_t n, const int32_t *params, int32_t margin
         mode = NEAREST_IN_RANGE;
     }
     vf s = (vf){0} + scale, inverse = (vf){0} + 1.0f / scale;
+    grid_t g = grid_of(params);
     int64_t blocks = n / LANES;
-    #pragma omp parallel for num_threads(threads) if(blocks >= 1024)
+    #pragma omp parallel for num_threads(threads) firstprivate(g) if(blocks >= 1024)
     for (int64_t b = 0; b < blocks; b++)
         store(w, FLOAT32, b * LANES, LANES,
-              project_block(load_full(w, FLOAT32, b * LANES), s, inverse, params, b * LANES, words, mode));
+              project_block(load_full(w, FLOAT32, b * LANES), s, inverse, g, b * LANES, words, mode));
     int64_t done = blocks * LANES;
     if (done < n)
         store(w, FLOAT32, done, n - done,
-              project_block(load_part(w, FLOAT32, done, n - done), s, inverse, params, done, words, mode));
+              project_block(load_part(w, FLOAT32, done, n - done), s, inverse, g, done, words, mode));
     return scale;
 }
 

@@ -163,13 +163,48 @@ def cast_to_grid(
     scale and amax are Python floats from the native kernel (no tensor ops for scalars), else
     0-d tensors on x's device (no host sync on an accelerator).
     """
+    q, scale, amax, _ = cast_operand(x, fmt, reference_amax, margin=margin, power_of_two=power_of_two,
+                                     rounding=rounding, generator=generator, out_dtype=out_dtype, kernel=kernel,
+                                     dequantize=False)
+    return q, scale, amax
+
+
+def dequantize_exact(fmt: FloatFormat, scale: float) -> bool:
+    """Whether ``q / scale`` is exact for every value q of fmt's grid, for a power-of-two scale:
+    the smallest non-zero value and the largest stay float32 and bfloat16 normal numbers. Holds
+    for every scale a tensor of ordinary magnitude gets (E4M3: amax from 2.7e-33 up)."""
+    return fmt.min_positive / scale >= 2.0**-126 and math.frexp(fmt.max / scale)[1] - 1 <= 127
+
+
+def cast_operand(
+    x: torch.Tensor,
+    fmt: FloatFormat,
+    reference_amax: torch.Tensor | None = None,
+    *,
+    margin: int = 0,
+    power_of_two: bool = True,
+    rounding: Rounding = "nearest",
+    generator: torch.Generator | None = None,
+    out_dtype: torch.dtype | None = None,
+    kernel: str = "auto",
+    dequantize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor | float, torch.Tensor | float]:
+    """`cast_to_grid` for a GEMM operand: ``(values, scale, amax(x), carried)``, values ≈ x * carried.
+
+    With ``dequantize``, on CPU, the values are ``q(x * scale) / scale`` where `dequantize_exact`
+    holds (a power of two applied to grid values: exact), written by the native kernel in the
+    same pass, and ``carried`` is 1.0: the GEMM needs no unscale. Otherwise (an accelerator,
+    where reading the scale would wait for the device, or a scale beyond that range) the values
+    are the scaled grid values and ``carried`` is ``scale``.
+    """
     params = _params(fmt, True, x.device)
     out_dtype = out_dtype or x.dtype
     seed = draw_seed(generator, x.device) if rounding == "stochastic" else None
     by_scaling = seed is None and scaling_kernel_fits(fmt.mantissa_bits, fmt.emin)
     native_fits = seed is not None or native_nearest_fits(fmt.mantissa_bits, fmt.emin, fmt.max)
     if use_native(kernel, native_fits and power_of_two and native.supports(x, out_dtype)):
-        return native.cast(x, params, reference_amax, margin, out_dtype, seed)
+        values, scale, amax, dequantized = native.cast(x, params, reference_amax, margin, out_dtype, seed, dequantize)
+        return values, scale, amax, 1.0 if dequantized else scale
     use_reference = reference_amax is not None
     reference = reference_amax.float() if use_reference else params  # any tensor: unused
     # float32 out, cast after: inductor's CPU loop for this kernel with a bfloat16 store runs
@@ -178,7 +213,9 @@ def cast_to_grid(
     q, scale, amax = run_compiled(_cast_kernel, kernel, x.numel(), x, reference, params,
                                   _margin(margin, x.device), power_of_two, use_reference, seed, by_scaling,
                                   min_numel=0)
-    return q.to(out_dtype), scale, amax
+    if dequantize and power_of_two and x.device.type == "cpu" and dequantize_exact(fmt, float(scale)):
+        return (q * (1.0 / float(scale))).to(out_dtype), scale, amax, 1.0  # exact: a power of two
+    return q.to(out_dtype), scale, amax, scale
 
 
 @lru_cache(maxsize=None)
@@ -253,16 +290,18 @@ def measure_quantization(scaled: torch.Tensor, q: torch.Tensor, fmt: FloatFormat
 
 
 def measure_cast(x: torch.Tensor, scale: torch.Tensor | float, q: torch.Tensor, fmt: FloatFormat,
-                 kernel: str = "auto") -> QuantStats:
+                 kernel: str = "auto", carried: torch.Tensor | float | None = None) -> QuantStats:
     """`measure_quantization` of a cast ``q = q(x * scale)`` (`cast_to_grid`'s output): on CPU
     one native pass that forms ``x * scale`` on the fly, else the torch version. The counts
-    are identical; the energies agree to float64 rounding (the summation order differs)."""
+    are identical; the energies agree to float64 rounding (the summation order differs).
+    ``carried``: the scale q still carries (`cast_operand`); 1.0 for dequantized values."""
+    rescale = 1.0 if carried is None else float(scale) / float(carried)  # both powers of two: exact
     if use_native(kernel, native.supports(x, q.dtype) and q.shape == x.shape):
-        overflow, underflow, signal, noise, fields = native.measure(x, float(scale), q, fmt.max)
+        overflow, underflow, signal, noise, fields = native.measure(x, float(scale), q, fmt.max, rescale)
         return QuantStats(numel=x.numel(), overflow=overflow, underflow=underflow,
                           binades_used=sum(1 for field in fields if 0 < field < 255),
                           binades_total=len(fmt.exponents), scale=float(scale), signal=signal, noise=noise)
-    return measure_quantization(x.float() * scale, q, fmt, scale, kernel)
+    return measure_quantization(x.float() * scale, q.float() * rescale if rescale != 1.0 else q, fmt, scale, kernel)
 
 
 def scaled_quantize(
