@@ -298,17 +298,20 @@ def test_statistics_of_a_dequantized_cast_equal_those_of_the_scaled_one():
 # ---- cast statistics ----------------------------------------------------------------------
 @needs_native
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n", [1, 17, 5_000, 100_003])
-def test_native_cast_statistics_equal_the_torch_ones(x_dtype, n):
+@pytest.mark.parametrize("n, spec", [(1, "E4M3"), (17, "E4M3"), (5_000, "E4M3"), (100_003, "E4M3"), (5_000, "E5M2"),
+                                     (5_000, "E6M1"), (5_000, "E7M0"), (5_000, "E0M7"), (100_003, "E3M4")])
+def test_native_cast_statistics_equal_the_torch_ones(x_dtype, n, spec):
+    """Counts, energies and the binades in use, for formats whose binades span one float32
+    exponent word (E4M3) up to four (E7M0)."""
     from altgrad.quantization.scaling import measure_cast
 
-    fmt = get_format("E4M3")
+    fmt = get_format(spec)
     generator = torch.Generator().manual_seed(n)
-    x = torch.randn(n, generator=generator) * torch.exp2(torch.randint(-25, 5, (n,), generator=generator))
+    x = torch.randn(n, generator=generator) * torch.exp2(torch.randint(-90, 5, (n,), generator=generator))
     x[: min(n, 5)] = torch.tensor([float("nan"), float("inf"), 1e30, -0.0, 1e-30])[: min(n, 5)]
     x = x.to(x_dtype)
     for reference in (None, torch.tensor(0.05)):  # own amax; a stale one: overflow, saturation
-        q, scale, _ = cast_to_grid(x, fmt, reference, out_dtype=torch.bfloat16, kernel="native")
+        q, scale, _ = cast_to_grid(x, fmt, reference, out_dtype=torch.bfloat16, kernel="auto")
         mine = measure_cast(x, scale, q, fmt, kernel="native")
         torch_stats = measure_cast(x, scale, q, fmt, kernel="eager")
         assert (mine.numel, mine.overflow, mine.underflow, mine.binades_used, mine.scale) == (
@@ -316,6 +319,17 @@ def test_native_cast_statistics_equal_the_torch_ones(x_dtype, n):
         assert mine.signal == pytest.approx(torch_stats.signal, rel=1e-12)
         assert mine.noise == pytest.approx(torch_stats.noise, rel=1e-12)
     assert mine.overflow > 0 or n < 5
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (768, 128), (2, 5, 33)])
+def test_nonzero_columns_equal_the_torch_reduction(dtype, shape):
+    generator = torch.Generator().manual_seed(shape[-1])
+    q = torch.randn(shape, generator=generator) * (torch.rand(shape, generator=generator) < 0.01)
+    q.view(-1)[: q.shape[-1] // 2] = -0.0  # a signed zero is zero
+    q = q.to(dtype)
+    assert torch.equal(native.nonzero_columns(q), (q != 0).reshape(-1, q.shape[-1]).any(0))
 
 
 # ---- edges found in review ----------------------------------------------------------------

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .formats import FloatFormat, get_format
+from .kernel import use_native
 from .quantize import ROUNDINGS, quantize
 from .scaling import AmaxTracker, QuantStats, ScalingConfig, cast_operand, dequantize_exact, measure_cast
 
@@ -74,6 +76,13 @@ class LinearQuantConfig:
     def format_name(self, operand: str) -> str:
         fmt = getattr(self, operand)
         return fmt.name if fmt is not None else "high precision"
+
+
+def _nonzero_columns(q: torch.Tensor) -> torch.Tensor:
+    """Per input feature (q's last dimension): whether any row of q is non-zero there."""
+    if use_native("auto", native.supports(q, q.dtype)):
+        return native.nonzero_columns(q)
+    return (q != 0).reshape(-1, q.shape[-1]).any(0)
 
 
 class OperandQuantizer:
@@ -126,7 +135,7 @@ class OperandQuantizer:
         if self.collecting:
             self.stats.append(measure_cast(x, scale, q, self.fmt, carried=carried))
             if self.track_alive:
-                alive = (q != 0).reshape(-1, q.shape[-1]).any(0)
+                alive = _nonzero_columns(q)
                 self.alive = alive if self.alive is None else self.alive | alive
         self.last_scale = scale
         return q, carried

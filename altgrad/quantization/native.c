@@ -427,8 +427,10 @@ float altgrad_cast(const void *x, int in_type, int64_t n, const float *reference
 /* What a cast did (scaling.measure_quantization's statistics) in one pass over x and q, with
  * y = x * scale formed on the fly: counts {overflow: finite |y| > max, underflow: y != 0 and
  * q == 0}, sums {signal: sum y^2, noise: sum (y - q)^2 where both are finite} in double, and
- * present[256]: 1 for every float32 exponent field that occurs in q. A dequantized cast's q
- * (q / scale) is passed with q_scale = scale. */
+ * present[256]: 1 for every float32 exponent field of the format's values (from smallest, its
+ * least positive value, to largest) that occurs in q. A dequantized cast's q (q / scale) is
+ * passed with q_scale = scale. The fields are gathered as bits of 32-bit words, in vectors, for
+ * the words the format's fields can fall in (one for E4M3 and E5M2). */
 typedef double vd __attribute__((vector_size(LANES * 4)));
 typedef float vf_half __attribute__((vector_size(LANES * 2)));
 
@@ -441,13 +443,17 @@ static inline vd half_to_double(vf v, int offset) {
 }
 
 void altgrad_measure(const void *x, int x_type, const void *q, int q_type, int64_t n, float scale, float q_scale,
-                     float largest, int64_t *counts, double *sums, uint8_t *present, int threads) {
+                     float smallest, float largest, int64_t *counts, double *sums, uint8_t *present, int threads) {
     int64_t overflow = 0, underflow = 0;
     double signal = 0.0, noise = 0.0;
     int64_t blocks = (n + LANES - 1) / LANES;
+    int32_t smallest_bits, largest_bits;
+    memcpy(&smallest_bits, &smallest, sizeof smallest_bits);
+    memcpy(&largest_bits, &largest, sizeof largest_bits);
+    const int first_word = (smallest_bits >> 23) >> 5, last_word = (largest_bits >> 23) >> 5;
     #pragma omp parallel num_threads(threads) reduction(+ : overflow, underflow, signal, noise) if(n >= 65536)
     {
-        uint8_t seen[256] = {0};
+        vu fields[8] = {{0}};
         vd signal_acc = {0}, noise_acc = {0};
         vi overflow_acc = {0}, underflow_acc = {0};
         #pragma omp for nowait
@@ -479,7 +485,8 @@ void altgrad_measure(const void *x, int x_type, const void *q, int q_type, int64
             vd e_lo = half_to_double(error, 0), e_hi = half_to_double(error, LANES / 2);
             signal_acc += c_lo * c_lo + c_hi * c_hi;
             noise_acc += e_lo * e_lo + e_hi * e_hi;
-            for (int k = 0; k < count; k++) seen[((uint32_t)q_bits[k] >> 23) & 0xff] = 1;
+            vu field = ((vu)q_bits >> 23) & 0xffu, bit = (vu){0} + 1u << (field & 31u), word = field >> 5;
+            for (int w = first_word; w <= last_word; w++) fields[w] |= bit & (vu)(word == (uint32_t)w);
         }
         for (int k = 0; k < LANES; k++) {
             overflow += overflow_acc[k];
@@ -490,12 +497,29 @@ void altgrad_measure(const void *x, int x_type, const void *q, int q_type, int64
             noise += noise_acc[k];
         }
         #pragma omp critical
-        for (int e = 0; e < 256; e++) present[e] |= seen[e];
+        for (int w = first_word; w <= last_word; w++)
+            for (int k = 0; k < LANES; k++)
+                for (int b = 0; b < 32; b++) present[32 * w + b] |= (fields[w][k] >> b) & 1u;
     }
+    for (int e = 0; e < 256; e++) /* only the format's fields: not zero, inf or NaN */
+        present[e] &= e >= (smallest_bits >> 23) && e <= (largest_bits >> 23);
     counts[0] = overflow;
     counts[1] = underflow;
     sums[0] = signal;
     sums[1] = noise;
+}
+
+/* alive[c] |= some row r has q[r, c] != 0 (-0 counts as zero), for a rows x cols matrix. */
+void altgrad_nonzero_columns(const void *q, int type, int64_t rows, int64_t cols, uint8_t *alive) {
+    for (int64_t r = 0; r < rows; r++) {
+        if (type == BFLOAT16) {
+            const uint16_t *row = (const uint16_t *)q + r * cols;
+            for (int64_t c = 0; c < cols; c++) alive[c] |= (row[c] & 0x7fff) != 0;
+        } else {
+            const uint32_t *row = (const uint32_t *)q + r * cols;
+            for (int64_t c = 0; c < cols; c++) alive[c] |= (row[c] & 0x7fffffffu) != 0;
+        }
+    }
 }
 
 /* ---- Optimizer steps on a format's grid (altgrad.optim) ------------------------------------

@@ -117,7 +117,9 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.altgrad_round.argtypes = [p, ctypes.c_int, i64, ctypes.c_float, p, p, p, ctypes.c_int, ctypes.c_int]
     lib.altgrad_round.restype = None
     lib.altgrad_measure.argtypes = [p, ctypes.c_int, p, ctypes.c_int, i64, ctypes.c_float, ctypes.c_float,
-                                     ctypes.c_float, p, p, p, ctypes.c_int]
+                                     ctypes.c_float, ctypes.c_float, p, p, p, ctypes.c_int]
+    lib.altgrad_nonzero_columns.argtypes = [p, ctypes.c_int, i64, i64, p]
+    lib.altgrad_nonzero_columns.restype = None
     lib.altgrad_measure.restype = None
     lib.altgrad_random_bits.argtypes = [i64, i64, p, p]
     lib.altgrad_random_bits.restype = None
@@ -208,19 +210,29 @@ def round_to_grid(x: torch.Tensor, params: torch.Tensor, out_dtype: torch.dtype,
     return out
 
 
-def measure(x: torch.Tensor, scale: float, q: torch.Tensor, fmt_max: float, q_scale: float = 1.0
+def measure(x: torch.Tensor, scale: float, q: torch.Tensor, fmt_min: float, fmt_max: float, q_scale: float = 1.0
             ) -> tuple[int, int, float, float, list[int]]:
-    """One pass over a cast: (overflow, underflow, signal energy, noise energy, the exponent
-    fields present in q) with ``x * scale`` formed on the fly; `scaling.measure_quantization`'s
-    quantities (the float sums agree to rounding, their order differs). A dequantized cast's
-    values (``q / scale``) are measured with ``q_scale = scale``."""
+    """One pass over a cast: (overflow, underflow, signal energy, noise energy, the float32
+    exponent fields of the format's binades that occur in q) with ``x * scale`` formed on the fly;
+    `scaling.measure_quantization`'s quantities (the float sums agree to rounding, their order
+    differs). ``fmt_min``, ``fmt_max``: the format's least positive and largest values. A
+    dequantized cast's values (``q / scale``) are measured with ``q_scale = scale``."""
     x, q = x.contiguous(), q.contiguous()
     counts = (ctypes.c_int64 * 2)()
     sums = (ctypes.c_double * 2)()
     present = (ctypes.c_uint8 * 256)()
     library().altgrad_measure(x.data_ptr(), _TYPES[x.dtype], q.data_ptr(), _TYPES[q.dtype], x.numel(), scale, q_scale,
-                              fmt_max, counts, sums, present, torch.get_num_threads())
+                              fmt_min, fmt_max, counts, sums, present, torch.get_num_threads())
     return counts[0], counts[1], sums[0], sums[1], [field for field in range(256) if present[field]]
+
+
+def nonzero_columns(q: torch.Tensor) -> torch.Tensor:
+    """Per column of q (its last dimension): whether any row holds a non-zero value (bool)."""
+    q = q.contiguous()
+    alive = torch.zeros(q.shape[-1], dtype=torch.uint8)
+    library().altgrad_nonzero_columns(q.data_ptr(), _TYPES[q.dtype], q.numel() // max(q.shape[-1], 1), q.shape[-1],
+                                      alive.data_ptr())
+    return alive.bool()
 
 
 def random_bits(start: int, n: int, seed: torch.Tensor) -> torch.Tensor:

@@ -297,9 +297,9 @@ def measure_cast(x: torch.Tensor, scale: torch.Tensor | float, q: torch.Tensor, 
     ``carried``: the scale q still carries (`cast_operand`); 1.0 for dequantized values."""
     rescale = 1.0 if carried is None else float(scale) / float(carried)  # both powers of two: exact
     if use_native(kernel, native.supports(x, q.dtype) and q.shape == x.shape):
-        overflow, underflow, signal, noise, fields = native.measure(x, float(scale), q, fmt.max, rescale)
-        return QuantStats(numel=x.numel(), overflow=overflow, underflow=underflow,
-                          binades_used=sum(1 for field in fields if 0 < field < 255),
+        overflow, underflow, signal, noise, fields = native.measure(x, float(scale), q, fmt.min_positive, fmt.max,
+                                                                     rescale)
+        return QuantStats(numel=x.numel(), overflow=overflow, underflow=underflow, binades_used=len(fields),
                           binades_total=len(fmt.exponents), scale=float(scale), signal=signal, noise=noise)
     return measure_quantization(x.float() * scale, q.float() * rescale if rescale != 1.0 else q, fmt, scale, kernel)
 
