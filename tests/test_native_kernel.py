@@ -277,6 +277,36 @@ def test_the_kernel_dequantizes_exactly_where_dequantize_exact_says(fmt):
             assert _bits_equal(values[:2], torch.tensor([0.0, -0.0])).all()  # signed zeros kept
 
 
+def _cast_results(x, fmt, rounding, guess, dequantize=True):
+    params = _params(fmt, True, CPU)
+    seed = torch.tensor([12345, 678], dtype=torch.int64) if rounding == "stochastic" else None
+    return native.cast(x, params, None, 0, torch.bfloat16, seed, dequantize, guess)
+
+
+@needs_native
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("fmt", [get_format(spec) for spec in ("E4M3", "E5M2", "E0M7", "E3M4")], ids=lambda f: f.name)
+def test_a_guessed_scale_never_changes_the_cast(fmt, rounding):
+    """The one-pass cast with the stream's last scale: right, too large (values out of range while
+    it runs), too small, and for tensors whose own mode differs (inf, NaN, an amax so large that
+    the scale clamps and saturates): every output equals the two-pass cast's, bit for bit."""
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(4099, generator=generator)
+    cases = [base, base * 1e-30, base * 1e30, base.clone().index_fill_(0, torch.tensor([7]), float("inf")),
+             base.clone().index_fill_(0, torch.tensor([9]), float("nan")), torch.full((33,), 3e38), torch.zeros(40),
+             torch.tensor([-0.0, 0.0, 1e-45])]
+    for x in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            x_in = x.to(dtype)
+            expected = _cast_results(x_in, fmt, rounding, 0.0)
+            right = expected[1]
+            for guess in (right, right * 2.0, right * 0.5, right * 2.0**40, 2.0**-126, 1.0):
+                got = _cast_results(x_in, fmt, rounding, guess)
+                assert _bits_equal(got[0], expected[0]).all(), (x[:3], dtype, guess)
+                assert (got[1], got[3]) == (expected[1], expected[3])  # scale, dequantized
+                assert _bits_equal(torch.tensor(got[2]), torch.tensor(expected[2]))  # amax (NaN too)
+
+
 @needs_native
 def test_statistics_of_a_dequantized_cast_equal_those_of_the_scaled_one():
     from altgrad.quantization.scaling import cast_operand, measure_cast

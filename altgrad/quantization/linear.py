@@ -129,7 +129,7 @@ class OperandQuantizer:
         else:
             q, scale, amax, carried = cast_operand(x, self.fmt, self.tracker.reference_amax(), margin=scaling.margin,
                                                    power_of_two=scaling.power_of_two, rounding=self.rounding,
-                                                   generator=self.generator, out_dtype=dtype)
+                                                   generator=self.generator, out_dtype=dtype, guess=self.last_scale)
             if record:
                 self.tracker.record_amax(amax)
         if self.collecting:

@@ -250,11 +250,20 @@ static inline vi unscaled_bits(vi bits, grid_t g) {
     return bits;
 }
 
+/* The map over whole vectors; with track set, also the integer max of the input magnitudes (as
+ * altgrad_amax_bits: a NaN anywhere wins) into best, in the same pass. */
 #define ROUND_LOOP(ROUND, STORE, IN, OUT)                                                     \
-    _Pragma("omp parallel for num_threads(threads) firstprivate(g, s) if(blocks >= 4096)")   \
-    for (int64_t b = 0; b < blocks; b++)                                                      \
-        STORE(out, OUT, b * LANES, LANES,                                                     \
-              unscaled_bits(ROUND(load_full(x, IN, b * LANES), s, scaled, g, b * LANES, seed), g));
+    _Pragma("omp parallel num_threads(threads) firstprivate(g, s) reduction(max : best) if(blocks >= 4096)") \
+    {                                                                                         \
+        vi magnitudes = {0};                                                                  \
+        _Pragma("omp for nowait")                                                             \
+        for (int64_t b = 0; b < blocks; b++) {                                                \
+            vi bits = load_full(x, IN, b * LANES);                                            \
+            if (track) magnitudes = vmax(magnitudes, bits & ABS_MASK);                        \
+            STORE(out, OUT, b * LANES, LANES, unscaled_bits(ROUND(bits, s, scaled, g, b * LANES, seed), g)); \
+        }                                                                                     \
+        for (int k = 0; k < LANES; k++) best = magnitudes[k] > best ? magnitudes[k] : best;   \
+    }
 
 /* One loop per type pair, so that the loads and stores inside are branch-free. */
 #define ROUND_ALL_STORE(ROUND, STORE)                                                         \
@@ -264,9 +273,12 @@ static inline vi unscaled_bits(vi bits, grid_t g) {
         else if (out_type == BFLOAT16) { ROUND_LOOP(ROUND, STORE, FLOAT32, BFLOAT16) }        \
         else { ROUND_LOOP(ROUND, STORE, FLOAT32, FLOAT32) }                                   \
         int64_t done = blocks * LANES;                                                        \
-        if (done < n)                                                                         \
-            store(out, out_type, done, n - done,                                              \
-                  unscaled_bits(ROUND(load_part(x, in_type, done, n - done), s, scaled, g, done, seed), g)); \
+        if (done < n) {                                                                       \
+            vi bits = load_part(x, in_type, done, n - done);                                  \
+            vi magnitudes = bits & ABS_MASK; /* the padding lanes are zero */                \
+            for (int k = 0; k < LANES; k++) best = magnitudes[k] > best ? magnitudes[k] : best; \
+            store(out, out_type, done, n - done, unscaled_bits(ROUND(bits, s, scaled, g, done, seed), g)); \
+        }                                                                                     \
     } while (0)
 #define ROUND_ALL(ROUND) ROUND_ALL_STORE(ROUND, store)
 
@@ -276,14 +288,18 @@ enum { NEAREST, NEAREST_IN_RANGE, STOCHASTIC };
  * value of a simulated format is a float32 normal number, so its exponent fits as well). */
 static inline int grid_fits_bfloat16(grid_t g) { return g.mantissa <= 7; }
 
-static void round_map(const void *x, int in_type, int64_t n, float scale, int scaled, grid_t g,
-                      void *out, int out_type, int threads, int mode, const uint32_t *seed) {
+/* out = q(x * scale) over n elements in the given mode; returns the max of the input magnitudes
+ * as float32 bits (altgrad_amax_bits) where track is set, else 0. */
+static int32_t round_map(const void *x, int in_type, int64_t n, float scale, int scaled, grid_t g,
+                         void *out, int out_type, int threads, int mode, const uint32_t *seed, int track) {
     vf s = (vf){0} + scale;
     int64_t blocks = n / LANES;
+    int32_t best = 0;
     if (mode == STOCHASTIC) ROUND_ALL(round_stochastic);
     else if (mode == NEAREST_IN_RANGE && grid_fits_bfloat16(g)) ROUND_ALL_STORE(round_nearest_in_range, store_exact);
     else if (mode == NEAREST_IN_RANGE) ROUND_ALL(round_nearest_in_range);
     else ROUND_ALL(round_nearest);
+    return track ? best : 0;
 }
 
 /* The seed pair of kernel.random_bits, from the two int64 values (each < 2^32) draw_seed makes. */
@@ -300,7 +316,7 @@ void altgrad_round(const void *x, int in_type, int64_t n, float scale, const int
     uint32_t words[2] = {0, 0};
     if (seed) seed_words(seed, words);
     round_map(x, in_type, n, scale, scale != 1.0f, grid_of(params), out, out_type, threads,
-              seed ? STOCHASTIC : NEAREST, words);
+              seed ? STOCHASTIC : NEAREST, words, 0);
 }
 
 /* max |x| as float32 bits. Integer max of the magnitudes orders finite values and inf as floats
@@ -383,44 +399,74 @@ static int direct_fits(grid_t g, float scale) {
     return top - exponent_of(scale) + 23 - g.mantissa <= 254 && (g.emin_biased - 127) - g.mantissa >= -125;
 }
 
+/* How a cast with a given scale writes its values: the rounding mode, whether x is multiplied by
+ * the scale, and the grid (with the unscale of a dequantizing cast). */
+typedef struct {
+    int mode, scaled, dequantized;
+    grid_t g;
+} plan_t;
+
+static plan_t cast_plan(grid_t g, float scale, int in_range, int stochastic, int dequantize) {
+    plan_t p = {stochastic ? STOCHASTIC : in_range ? NEAREST_IN_RANGE : NEAREST, 1, 0, g}; /* x * scale, as torch */
+    p.dequantized = dequantize && dequantize_exact(g, scale);
+    if (p.dequantized && p.mode == NEAREST_IN_RANGE && direct_fits(g, scale)) {
+        /* q(x s) / s is x rounded on the grid divided by s = 2^k: the same grid with its floor
+         * binade k lower. Rounding x there gives the same bits without the two multiplications. */
+        p.g.emin_biased -= exponent_of(scale);
+        p.scaled = 0;
+    } else if (p.dequantized) {
+        p.g.unscaled = 1;
+        p.g.unscale = 1.0f / scale; /* a power of two */
+    }
+    return p;
+}
+
+/* amax finite and amax * scale <= max: every |x * scale| is in range (the products are exact or
+ * round monotonically, so none exceeds amax * scale) */
+static int in_range(int32_t amax_bits, float scale, grid_t g) {
+    float amax, largest;
+    memcpy(&amax, &amax_bits, sizeof amax);
+    memcpy(&largest, &g.max_bits, sizeof largest);
+    return amax_bits < INF_BITS && amax * scale <= largest;
+}
+
 /* The operand cast: amax of x, the scale from reference_amax (delayed scaling) or from that amax
  * (reference_amax NULL), and out = q(x * scale), stochastic where seed is given. Returns the
  * scale; writes the amax to amax_out. With dequantize set, out = q(x * scale) / scale where that
- * is exact for the whole grid (dequantize_exact): *dequantized_out says which was written. */
+ * is exact for the whole grid (dequantize_exact): *dequantized_out says which was written.
+ *
+ * guess (current scaling; 0 for none): the scale this tensor stream had last time. The cast is
+ * then made with it in one pass that finds the amax as it goes; where the amax gives that very
+ * scale (and mode), the values written are exactly those of the two-pass cast, else it is redone
+ * with the right scale (the amax pass saved either way). Scales change by powers of two only when
+ * the amax crosses one, so the guess is usually right. */
 float altgrad_cast(const void *x, int in_type, int64_t n, const float *reference_amax, const int32_t *params,
                    int32_t margin, const int64_t *seed, void *out, int out_type, int threads, float *amax_out,
-                   int dequantize, int *dequantized_out) {
-    int32_t amax_bits = altgrad_amax_bits(x, in_type, n, threads);
-    int32_t reference_bits = amax_bits;
-    if (reference_amax) memcpy(&reference_bits, reference_amax, sizeof reference_bits);
+                   int dequantize, int *dequantized_out, float guess) {
     grid_t g = grid_of(params);
-    float scale = pow2_scale(reference_bits, g.max_bits, margin);
-    memcpy(amax_out, &amax_bits, sizeof amax_bits);
     uint32_t words[2] = {0, 0};
-    int mode = NEAREST;
-    if (seed) {
-        seed_words(seed, words);
-        mode = STOCHASTIC;
+    if (seed) seed_words(seed, words);
+    int32_t amax_bits;
+    float scale;
+    plan_t plan;
+    if (!reference_amax && guess > 0.0f) {
+        plan_t guessed = cast_plan(g, guess, 1, seed != NULL, dequantize);
+        amax_bits = round_map(x, in_type, n, guess, guessed.scaled, guessed.g, out, out_type, threads, guessed.mode,
+                              words, 1);
+        scale = pow2_scale(amax_bits, g.max_bits, margin);
+        plan = cast_plan(g, scale, in_range(amax_bits, scale, g), seed != NULL, dequantize);
+        if (scale != guess || plan.mode != guessed.mode)
+            round_map(x, in_type, n, scale, plan.scaled, plan.g, out, out_type, threads, plan.mode, words, 0);
     } else {
-        float amax, largest;
-        memcpy(&amax, &amax_bits, sizeof amax);
-        memcpy(&largest, &g.max_bits, sizeof largest);
-        /* amax finite and amax * scale <= max: every |x * scale| is in range (the products are
-         * exact or round monotonically, so none exceeds amax * scale) */
-        if (amax_bits < INF_BITS && amax * scale <= largest) mode = NEAREST_IN_RANGE;
+        amax_bits = altgrad_amax_bits(x, in_type, n, threads);
+        int32_t reference_bits = amax_bits;
+        if (reference_amax) memcpy(&reference_bits, reference_amax, sizeof reference_bits);
+        scale = pow2_scale(reference_bits, g.max_bits, margin);
+        plan = cast_plan(g, scale, in_range(amax_bits, scale, g), seed != NULL, dequantize);
+        round_map(x, in_type, n, scale, plan.scaled, plan.g, out, out_type, threads, plan.mode, words, 0);
     }
-    int scaled = 1; /* x * scale, as torch */
-    *dequantized_out = dequantize && dequantize_exact(g, scale);
-    if (*dequantized_out && mode == NEAREST_IN_RANGE && direct_fits(g, scale)) {
-        /* q(x s) / s is x rounded on the grid divided by s = 2^k: the same grid with its floor
-         * binade k lower. Rounding x there gives the same bits without the two multiplications. */
-        g.emin_biased -= exponent_of(scale);
-        scaled = 0;
-    } else if (*dequantized_out) {
-        g.unscaled = 1;
-        g.unscale = 1.0f / scale; /* a power of two */
-    }
-    round_map(x, in_type, n, scale, scaled, g, out, out_type, threads, mode, words);
+    memcpy(amax_out, &amax_bits, sizeof amax_bits);
+    *dequantized_out = plan.dequantized;
     return scale;
 }
 
@@ -437,9 +483,17 @@ typedef float vf_half __attribute__((vector_size(LANES * 2)));
 /* the lanes [offset, offset + LANES/2) widened to double (memcpy, not __builtin_shufflevector,
  * which GCC only has from version 12) */
 static inline vd half_to_double(vf v, int offset) {
+#if defined(__AVX512F__)
+    /* in registers (the generic form goes through the stack) */
+    __m512 f = (__m512)v;
+    __m256 h = offset == 0 ? _mm512_castps512_ps256(f)
+                           : _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1));
+    return (vd)_mm512_cvtps_pd(h);
+#else
     vf_half half;
     memcpy(&half, (const float *)&v + offset, sizeof half);
     return __builtin_convertvector(half, vd);
+#endif
 }
 
 void altgrad_measure(const void *x, int x_type, const void *q, int q_type, int64_t n, float scale, float q_scale,
@@ -450,10 +504,12 @@ void altgrad_measure(const void *x, int x_type, const void *q, int q_type, int64
     int32_t smallest_bits, largest_bits;
     memcpy(&smallest_bits, &smallest, sizeof smallest_bits);
     memcpy(&largest_bits, &largest, sizeof largest_bits);
-    const int first_word = (smallest_bits >> 23) >> 5, last_word = (largest_bits >> 23) >> 5;
+    /* field - base: the bit of a field in the words; two words in registers cover E4M3 to E6M1 */
+    const uint32_t base = (uint32_t)(smallest_bits >> 23);
+    const int top = largest_bits >> 23, words = (top - (int)base) / 32 + 1;
     #pragma omp parallel num_threads(threads) reduction(+ : overflow, underflow, signal, noise) if(n >= 65536)
     {
-        vu fields[8] = {{0}};
+        vu low = {0}, high = {0}, more[6] = {{0}};
         vd signal_acc = {0}, noise_acc = {0};
         vi overflow_acc = {0}, underflow_acc = {0};
         #pragma omp for nowait
@@ -485,8 +541,11 @@ void altgrad_measure(const void *x, int x_type, const void *q, int q_type, int64
             vd e_lo = half_to_double(error, 0), e_hi = half_to_double(error, LANES / 2);
             signal_acc += c_lo * c_lo + c_hi * c_hi;
             noise_acc += e_lo * e_lo + e_hi * e_hi;
-            vu field = ((vu)q_bits >> 23) & 0xffu, bit = (vu){0} + 1u << (field & 31u), word = field >> 5;
-            for (int w = first_word; w <= last_word; w++) fields[w] |= bit & (vu)(word == (uint32_t)w);
+            vu rel = (((vu)q_bits >> 23) & 0xffu) - base; /* zero (field 0) wraps: no bit */
+            vu bit = ((vu){0} + 1u) << (rel & 31u), word = rel >> 5;
+            low |= bit & (vu)(word == 0u);
+            if (words > 1) high |= bit & (vu)(word == 1u);
+            for (int w = 2; w < words; w++) more[w - 2] |= bit & (vu)(word == (uint32_t)w);
         }
         for (int k = 0; k < LANES; k++) {
             overflow += overflow_acc[k];
@@ -497,12 +556,13 @@ void altgrad_measure(const void *x, int x_type, const void *q, int q_type, int64
             noise += noise_acc[k];
         }
         #pragma omp critical
-        for (int w = first_word; w <= last_word; w++)
-            for (int k = 0; k < LANES; k++)
-                for (int b = 0; b < 32; b++) present[32 * w + b] |= (fields[w][k] >> b) & 1u;
+        for (int w = 0; w < words; w++)
+            for (int k = 0; k < LANES; k++) {
+                uint32_t bits = w == 0 ? low[k] : w == 1 ? high[k] : more[w - 2][k];
+                for (int b = 0; b < 32 && (int)base + 32 * w + b <= top; b++) /* not inf or NaN */
+                    present[base + 32 * w + b] |= (bits >> b) & 1u;
+            }
     }
-    for (int e = 0; e < 256; e++) /* only the format's fields: not zero, inf or NaN */
-        present[e] &= e >= (smallest_bits >> 23) && e <= (largest_bits >> 23);
     counts[0] = overflow;
     counts[1] = underflow;
     sums[0] = signal;

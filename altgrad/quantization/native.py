@@ -112,7 +112,8 @@ def _load(compiler: list[str]) -> ctypes.CDLL:
 def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-    lib.altgrad_cast.argtypes = [p, ctypes.c_int, i64, p, p, i32, p, p, ctypes.c_int, ctypes.c_int, p, ctypes.c_int, p]
+    lib.altgrad_cast.argtypes = [p, ctypes.c_int, i64, p, p, i32, p, p, ctypes.c_int, ctypes.c_int, p, ctypes.c_int, p,
+                                 ctypes.c_float]
     lib.altgrad_cast.restype = ctypes.c_float
     lib.altgrad_round.argtypes = [p, ctypes.c_int, i64, ctypes.c_float, p, p, p, ctypes.c_int, ctypes.c_int]
     lib.altgrad_round.restype = None
@@ -180,14 +181,15 @@ def _seed_words(seed: torch.Tensor | None) -> ctypes.Array | None:
 
 
 def cast(x: torch.Tensor, params: torch.Tensor, reference_amax: torch.Tensor | float | None, margin: int,
-         out_dtype: torch.dtype, seed: torch.Tensor | None = None, dequantize: bool = False
+         out_dtype: torch.dtype, seed: torch.Tensor | None = None, dequantize: bool = False, guess: float = 0.0
          ) -> tuple[torch.Tensor, float, float, bool]:
     """``(values, scale, amax(x), dequantized)`` with a power-of-two scale: `scaling.cast_to_grid`'s
     contract, with the scale and amax as Python floats (no tensor ops for scalars on CPU). The
     values are ``q(x * scale)``, or with ``dequantize`` ``q(x * scale) / scale`` where
     `scaling.dequantize_exact` holds (then ``dequantized`` is True). Nearest rounding where
     ``seed`` is None (formats where `kernel.native_nearest_fits`), else stochastic rounding with
-    the random bits of `kernel.random_bits` (any format)."""
+    the random bits of `kernel.random_bits` (any format). ``guess``: a likely scale (the
+    stream's last one) for a one-pass cast; the result never depends on it (``native.c``)."""
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=out_dtype, device="cpu")
     amax, dequantized = ctypes.c_float(), ctypes.c_int()
@@ -195,7 +197,7 @@ def cast(x: torch.Tensor, params: torch.Tensor, reference_amax: torch.Tensor | f
     reference = None if reference_amax is None else ctypes.byref(ctypes.c_float(float(reference_amax)))
     scale = library().altgrad_cast(x.data_ptr(), _TYPES[x.dtype], x.numel(), reference, params.data_ptr(), margin,
                                    _seed_words(seed), out.data_ptr(), _TYPES[out_dtype], torch.get_num_threads(),
-                                   ctypes.byref(amax), int(dequantize), ctypes.byref(dequantized))
+                                   ctypes.byref(amax), int(dequantize), ctypes.byref(dequantized), guess)
     return out, scale, amax.value, bool(dequantized.value)
 
 
@@ -211,9 +213,9 @@ def round_to_grid(x: torch.Tensor, params: torch.Tensor, out_dtype: torch.dtype,
 
 
 def measure(x: torch.Tensor, scale: float, q: torch.Tensor, fmt_min: float, fmt_max: float, q_scale: float = 1.0
-            ) -> tuple[int, int, float, float, list[int]]:
-    """One pass over a cast: (overflow, underflow, signal energy, noise energy, the float32
-    exponent fields of the format's binades that occur in q) with ``x * scale`` formed on the fly;
+            ) -> tuple[int, int, float, float, int]:
+    """One pass over a cast: (overflow, underflow, signal energy, noise energy, how many of the
+    format's binades (float32 exponent fields) occur in q) with ``x * scale`` formed on the fly;
     `scaling.measure_quantization`'s quantities (the float sums agree to rounding, their order
     differs). ``fmt_min``, ``fmt_max``: the format's least positive and largest values. A
     dequantized cast's values (``q / scale``) are measured with ``q_scale = scale``."""
@@ -223,7 +225,7 @@ def measure(x: torch.Tensor, scale: float, q: torch.Tensor, fmt_min: float, fmt_
     present = (ctypes.c_uint8 * 256)()
     library().altgrad_measure(x.data_ptr(), _TYPES[x.dtype], q.data_ptr(), _TYPES[q.dtype], x.numel(), scale, q_scale,
                               fmt_min, fmt_max, counts, sums, present, torch.get_num_threads())
-    return counts[0], counts[1], sums[0], sums[1], [field for field in range(256) if present[field]]
+    return counts[0], counts[1], sums[0], sums[1], bytes(present).count(1)
 
 
 def nonzero_columns(q: torch.Tensor) -> torch.Tensor:

@@ -188,6 +188,7 @@ def cast_operand(
     out_dtype: torch.dtype | None = None,
     kernel: str = "auto",
     dequantize: bool = True,
+    guess: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor | float, torch.Tensor | float]:
     """`cast_to_grid` for a GEMM operand: ``(values, scale, amax(x), carried)``, values ≈ x * carried.
 
@@ -195,7 +196,9 @@ def cast_operand(
     holds (a power of two applied to grid values: exact), written by the native kernel in the
     same pass, and ``carried`` is 1.0: the GEMM needs no unscale. Otherwise (an accelerator,
     where reading the scale would wait for the device, or a scale beyond that range) the values
-    are the scaled grid values and ``carried`` is ``scale``.
+    are the scaled grid values and ``carried`` is ``scale``. ``guess``: the scale this stream
+    had last time; the native kernel then casts in one pass where it is still right (the result
+    never depends on it).
     """
     params = _params(fmt, True, x.device)
     out_dtype = out_dtype or x.dtype
@@ -203,7 +206,9 @@ def cast_operand(
     by_scaling = seed is None and scaling_kernel_fits(fmt.mantissa_bits, fmt.emin)
     native_fits = seed is not None or native_nearest_fits(fmt.mantissa_bits, fmt.emin, fmt.max)
     if use_native(kernel, native_fits and power_of_two and native.supports(x, out_dtype)):
-        values, scale, amax, dequantized = native.cast(x, params, reference_amax, margin, out_dtype, seed, dequantize)
+        guess = guess if isinstance(guess, float) else 0.0
+        values, scale, amax, dequantized = native.cast(x, params, reference_amax, margin, out_dtype, seed, dequantize,
+                                                       guess)
         return values, scale, amax, 1.0 if dequantized else scale
     use_reference = reference_amax is not None
     reference = reference_amax.float() if use_reference else params  # any tensor: unused
@@ -297,9 +302,9 @@ def measure_cast(x: torch.Tensor, scale: torch.Tensor | float, q: torch.Tensor, 
     ``carried``: the scale q still carries (`cast_operand`); 1.0 for dequantized values."""
     rescale = 1.0 if carried is None else float(scale) / float(carried)  # both powers of two: exact
     if use_native(kernel, native.supports(x, q.dtype) and q.shape == x.shape):
-        overflow, underflow, signal, noise, fields = native.measure(x, float(scale), q, fmt.min_positive, fmt.max,
+        overflow, underflow, signal, noise, binades = native.measure(x, float(scale), q, fmt.min_positive, fmt.max,
                                                                      rescale)
-        return QuantStats(numel=x.numel(), overflow=overflow, underflow=underflow, binades_used=len(fields),
+        return QuantStats(numel=x.numel(), overflow=overflow, underflow=underflow, binades_used=binades,
                           binades_total=len(fmt.exponents), scale=float(scale), signal=signal, noise=noise)
     return measure_quantization(x.float() * scale, q.float() * rescale if rescale != 1.0 else q, fmt, scale, kernel)
 
