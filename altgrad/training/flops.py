@@ -4,9 +4,12 @@ the same device, in the run's GEMM dtype.
 Training FLOPs per token follow the PaLM appendix (as nanoGPT's ``estimate_mfu``): ``6 N`` for
 the weights (N: parameters without the position embedding; forward 2N, backward 4N) plus
 ``12 L T d`` for attention (L layers, T the block size, d the width). The peak is not a data
-sheet number but measured here, once per process: the best of a few timed square matmuls, so
-MFU says how much of what this machine can do in this dtype the run used (on a shared machine
-the peak is measured under the same sharing).
+sheet number but measured here, once per process and thread count: the best of a few timed
+square matmuls, so MFU says how much of what this machine can do in this dtype the run used (on a
+shared machine the peak is measured under the same sharing). On CPU the peak is that of the
+threads the run was given (its CPU allotment), not of however many the thread governor
+(`threads.py`) runs with at the end: a run that had to drop to one thread on a busy machine
+shows that as a lower MFU.
 """
 
 from __future__ import annotations
@@ -26,8 +29,16 @@ def flops_per_token(config: GPTConfig, params: int) -> float:
 
 
 @cache
-def measured_peak(device_type: str, dtype: torch.dtype, index: int = 0) -> float:
-    """FLOP/s of the best of a few square matmuls on the device, in ``dtype``."""
+def measured_peak(device_type: str, dtype: torch.dtype, index: int = 0, threads: int | None = None) -> float:
+    """FLOP/s of the best of a few square matmuls on the device, in ``dtype``; on CPU with
+    ``threads`` intra-op threads (default: the current count), restored afterwards."""
+    if device_type == "cpu" and threads and threads != torch.get_num_threads():
+        current = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return measured_peak(device_type, dtype, index, threads)
+        finally:
+            torch.set_num_threads(current)
     size = PEAK_SIZE.get(device_type, 1024)
     device = torch.device(device_type, index) if device_type == "cuda" else torch.device(device_type)
     generator = torch.Generator().manual_seed(0)  # its own stream: the run's RNG does not move
@@ -45,9 +56,10 @@ def measured_peak(device_type: str, dtype: torch.dtype, index: int = 0) -> float
 
 
 def utilisation(config: GPTConfig, params: int, tokens_per_s: float, device: torch.device, dtype: torch.dtype,
-                processes: int = 1) -> dict[str, float]:
+                processes: int = 1, threads: int | None = None) -> dict[str, float]:
     """``mfu`` (achieved / the peak of all processes' devices), ``achieved_flops`` and
-    ``peak_flops`` (one device's, FLOP/s), for a run's average ``tokens_per_s``."""
+    ``peak_flops`` (one device's, FLOP/s), for a run's average ``tokens_per_s``; ``threads``: the
+    CPU threads the run was given."""
     achieved = flops_per_token(config, params) * tokens_per_s
-    peak = measured_peak(device.type, dtype, device.index or 0)
+    peak = measured_peak(device.type, dtype, device.index or 0, threads if device.type == "cpu" else None)
     return {"mfu": achieved / (peak * processes), "achieved_flops": achieved, "peak_flops": peak}

@@ -351,7 +351,7 @@ class Trainer:
         low = self.layers and any(a.config is not None for a in self.layers) and self.config.gemm_dtype == "bf16"
         dtype = torch.bfloat16 if self.config.precision == "bf16" or low else torch.float32
         return {"tokens_per_s": rate, **utilisation(self.model.config, self.model.num_parameters(), rate,
-                                                   self.device, dtype, self.dist.world),
+                                                   self.device, dtype, self.dist.world, self.threads.full),
                 **self.threads.summary()}
 
     def _shifts(self, step: int, monitored: dict[str, float], applied: bool) -> list[dict[str, Any]]:
