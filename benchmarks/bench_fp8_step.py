@@ -14,6 +14,7 @@ machine hits all variants alike. ``--kernel`` picks the quantize kernel (ALTGRAD
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -24,10 +25,12 @@ from rich.table import Table
 
 from altgrad.model import GPT, GPTConfig
 from altgrad.model.surgery import quantize_model
+from altgrad.quantization import linear
 from altgrad.quantization.kernel import KERNELS
 from altgrad.training.config import PRESETS, TrainConfig
 from bench_train import make_step  # same folder: the optimizer step both benchmarks time
 
+FLOOR = "E4M3 layers, casts replaced by .to(bf16)"
 VARIANTS = {
     "fp32": None,
     "bf16": None,
@@ -35,7 +38,19 @@ VARIANTS = {
     "fp8 E4M3 / E5M2, stochastic": {"format": "E4M3", "grad_format": "E5M2", "rounding": "stochastic",
                                     "grad_rounding": "stochastic"},
     "fp8 E3M4 fwd / E5M2 bwd": {"format": "E3M4", "grad_format": "E5M2"},
+    FLOOR: {"format": "E4M3", "grad_format": "E5M2"},
 }
+
+
+@contextlib.contextmanager
+def no_op_casts():
+    """Every QuantizedLinear cast replaced by ``x.to(dtype)`` (dequantized: nothing to unscale)."""
+    real = linear.cast_operand
+    linear.cast_operand = lambda x, fmt, reference=None, **kwargs: (x.to(kwargs["out_dtype"]), 1.0, 1.0, 1.0)
+    try:
+        yield
+    finally:
+        linear.cast_operand = real
 
 
 def make_fp8_step(preset: dict, vocab: int, rule: dict | None, autocast: bool):
@@ -69,9 +84,10 @@ def main() -> None:
     for _ in range(args.rounds):
         for x, y in batches:
             for name, step in steps.items():
-                start = time.perf_counter()
-                step(x, y)
-                times[name].append(time.perf_counter() - start)
+                with no_op_casts() if name == FLOOR else contextlib.nullcontext():
+                    start = time.perf_counter()
+                    step(x, y)
+                    times[name].append(time.perf_counter() - start)
     bf16 = statistics.median(times["bf16"])
     table = Table(title=f"{args.preset} preset step time, batch {preset['batch_size']} x block "
                         f"{preset['block_size']}, {torch.get_num_threads()} threads, kernel {args.kernel}, "
