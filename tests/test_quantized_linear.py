@@ -251,3 +251,37 @@ def test_on_cpu_the_gemms_take_dequantized_operands_with_no_unscale_pass():
             y.backward(grad_y)
         assert not {"mul", "mul_", "div"} & set(recorder.ops), (storage, recorder.ops)
         assert recorder.ops.count("mm") + recorder.ops.count("addmm") + recorder.ops.count("bmm") >= 2
+
+
+@pytest.mark.parametrize("storage", ["master", "format"])
+@pytest.mark.parametrize("formats", [("E4M3", "E5M2"), ("E7M0", "E7M0"), ("E0M7", "E5M2")])
+def test_operands_that_carry_their_scale_give_the_same_bits_as_dequantized_ones(monkeypatch, storage, formats):
+    """The accelerator path (scaled grid values, the GEMMs unscaled by the carried scales) and the
+    CPU path (dequantized operands, no unscale) compute the same forward and backward, bit for bit."""
+    import altgrad.quantization.linear as linear_module
+
+    fwd, bwd = formats
+    config = LinearQuantConfig(weight=fwd, activation=fwd, gradient=bwd, weight_storage=storage)
+    results = []
+    for dequantize in (True, False):
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(48, 40)
+        layer = QuantizedLinear.from_linear(linear, config, name="test")
+        if storage == "format":
+            from altgrad.optim import OptimizerSpec, build_optimizer
+
+            build_optimizer(torch.nn.Sequential(layer), OptimizerSpec("adamw"))
+        if not dequantize:
+            real = linear_module.cast_operand
+            monkeypatch.setattr(linear_module, "cast_operand", lambda *a, **k: real(*a, **k | {"dequantize": False}))
+            monkeypatch.setattr(linear_module, "dequantize_exact", lambda fmt, scale: False)
+        x = (torch.randn(3, 7, 48) * 5).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        y.backward(torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(1)).to(y.dtype) * 1e-3)
+        carried = {name: q.last_scale for name, q in layer.quantizers.items()}
+        results.append((y.detach(), x.grad, linear.weight.grad, linear.bias.grad, carried))
+        monkeypatch.undo()
+    for mine, other in zip(results[0][:4], results[1][:4]):
+        assert torch.equal(bits(mine), bits(other))
+    assert results[0][4] == results[1][4]  # the same scales either way
