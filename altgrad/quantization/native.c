@@ -376,15 +376,16 @@ static float pow2_scale(int32_t amax_bits, int32_t max_bits, int32_t margin) {
     return scale;
 }
 
-/* Whether q / scale is exact for every value q of the grid: the smallest non-zero value,
- * 2^(emin - M), and the largest stay float32 (and bfloat16) normal numbers after the division by
- * the power of two scale = 2^k. scaling.dequantize_exact states the same rule. */
+/* k of a power of two 2^k (a normal float32) */
 static int32_t exponent_of(float power_of_two) {
     int32_t bits;
     memcpy(&bits, &power_of_two, sizeof bits);
     return (bits >> 23) - 127;
 }
 
+/* Whether q / scale is exact for every value q of the grid: the smallest non-zero value,
+ * 2^(emin - M), and the largest stay float32 (and bfloat16) normal numbers after the division by
+ * the power of two scale = 2^k. scaling.dequantize_exact states the same rule. */
 static int dequantize_exact(grid_t g, float scale) {
     int32_t k = exponent_of(scale);
     return (g.emin_biased - 127) - g.mantissa - k >= -126 && (g.max_bits >> 23) - 127 - k <= 127;

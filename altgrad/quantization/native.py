@@ -119,9 +119,9 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.altgrad_round.restype = None
     lib.altgrad_measure.argtypes = [p, ctypes.c_int, p, ctypes.c_int, i64, ctypes.c_float, ctypes.c_float,
                                      ctypes.c_float, ctypes.c_float, p, p, p, ctypes.c_int]
+    lib.altgrad_measure.restype = None
     lib.altgrad_nonzero_columns.argtypes = [p, ctypes.c_int, i64, i64, p]
     lib.altgrad_nonzero_columns.restype = None
-    lib.altgrad_measure.restype = None
     lib.altgrad_random_bits.argtypes = [i64, i64, p, p]
     lib.altgrad_random_bits.restype = None
     lib.altgrad_amax_bits.argtypes = [p, ctypes.c_int, i64, ctypes.c_int]
