@@ -191,7 +191,7 @@ def cast(x: torch.Tensor, params: torch.Tensor, reference_amax: torch.Tensor | f
     the random bits of `kernel.random_bits` (any format). ``guess``: a likely scale (the
     stream's last one) for a one-pass cast; the result never depends on it (``native.c``)."""
     x = x.contiguous()
-    out = torch.empty(x.shape, dtype=out_dtype, device="cpu")
+    out = torch.empty_like(x, dtype=out_dtype)  # x is a contiguous CPU tensor: so is out (1 us faster)
     amax, dequantized = ctypes.c_float(), ctypes.c_int()
     margin = max(-1024, min(1024, margin))  # beyond +-300 every scale is clamped alike; no int overflow in C
     reference = None if reference_amax is None else ctypes.byref(ctypes.c_float(float(reference_amax)))
@@ -206,7 +206,7 @@ def round_to_grid(x: torch.Tensor, params: torch.Tensor, out_dtype: torch.dtype,
     """``q(x * scale)``: `kernel.round_nearest_by_scaling` (seed None) or the stochastic
     branch of `kernel.round_float32_bits` (seed given), bit for bit."""
     x = x.contiguous()
-    out = torch.empty(x.shape, dtype=out_dtype, device="cpu")
+    out = torch.empty_like(x, dtype=out_dtype)
     library().altgrad_round(x.data_ptr(), _TYPES[x.dtype], x.numel(), scale, params.data_ptr(), _seed_words(seed),
                             out.data_ptr(), _TYPES[out_dtype], torch.get_num_threads())
     return out
