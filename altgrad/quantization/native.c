@@ -130,17 +130,22 @@ static inline vi scaled_bits(vi bits, vf scale, int scaled) {
     return bits;
 }
 
-/* |y| (float32 bits) rounded to nearest even on the grid of its binade (biased exponent, floored
- * at emin): the magic addition (|y| + C) - C with C = 2^(binade + 23 - M) described above. */
-static inline vi round_magnitude(vi magnitude, vi binade, int32_t mantissa_bits) {
-    vi c_bits = (binade + (23 - mantissa_bits)) << 23;
-    vf c, m;
+/* (v + c) - c on float32 bit patterns: v rounded to nearest even at the float32 ulp of c (the
+ * magic addition described above; both operations exact but the one rounding). */
+static inline vi magic_round(vi v_bits, vi c_bits) {
+    vf v, c;
+    memcpy(&v, &v_bits, sizeof v);
     memcpy(&c, &c_bits, sizeof c);
-    memcpy(&m, &magnitude, sizeof m);
-    vf r = (m + c) - c;
+    vf r = (v + c) - c;
     vi out;
     memcpy(&out, &r, sizeof out);
     return out;
+}
+
+/* |y| (float32 bits) rounded to nearest even on the grid of its binade (biased exponent, floored
+ * at emin): (|y| + C) - C with C = 2^(binade + 23 - M). */
+static inline vi round_magnitude(vi magnitude, vi binade, int32_t mantissa_bits) {
+    return magic_round(magnitude, (binade + (23 - mantissa_bits)) << 23);
 }
 
 /* q(y * scale) as float32 bits: the rules of kernel.round_nearest_by_scaling. */
@@ -166,13 +171,7 @@ static inline vi round_nearest_in_range(vi bits, vf scale, int scaled, grid_t g,
     vi y_bits = scaled_bits(bits, scale, scaled);
     vi sign = y_bits & (int32_t)0x80000000;
     vi c_bits = (vmax(y_bits & INF_BITS, splat(g.emin_biased << 23)) + ((23 - g.mantissa) << 23)) | sign;
-    vf c, y;
-    memcpy(&c, &c_bits, sizeof c);
-    memcpy(&y, &y_bits, sizeof y);
-    vf r = (y + c) - c;
-    vi out;
-    memcpy(&out, &r, sizeof out);
-    return out | sign;
+    return magic_round(y_bits, c_bits) | sign;
 }
 
 /* kernel._mix32 in 32-bit lanes: the int64 products masked to 32 bits are uint32 products. */
