@@ -92,16 +92,21 @@ def code_moments(code_sum: int, code_squares: int, n: int) -> tuple[float, float
     return code_sum / n, math.sqrt((n * code_squares - code_sum * code_sum) / (n * (n - 1)))  # exact integers
 
 
-def _on_grid(layer: QuantizedLinear, scale, generator_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(on-grid weight in weight units, the scaled grid values) under ``scale``."""
+def _scaled_grid(layer: QuantizedLinear, scale, generator_seed: int) -> torch.Tensor:
+    """The scaled grid values of the weight the forward pass uses under ``scale``."""
     weight = layer.weight.detach()
-    quantizer = layer.quantizers["weight"]
-    if quantizer.stored is not None:
-        return weight.clone(), weight * scale
+    if layer.quantizers["weight"].stored is not None:
+        return weight * scale
     config = layer.config
     generator = torch.Generator().manual_seed(generator_seed) if config.rounding == "stochastic" else None
-    scaled = quantize(weight.float() * scale, layer.weight_format, rounding=config.rounding, generator=generator)
-    return scaled / scale, scaled
+    return quantize(weight.float() * scale, layer.weight_format, rounding=config.rounding, generator=generator)
+
+
+def _on_grid(layer: QuantizedLinear, scale, generator_seed: int) -> torch.Tensor:
+    """The on-grid weight in weight units under ``scale`` (a stored weight as it is)."""
+    if layer.quantizers["weight"].stored is not None:
+        return layer.weight.detach().clone()
+    return _scaled_grid(layer, scale, generator_seed) / scale
 
 
 class UpdateMonitor(BaseMonitor):
@@ -126,7 +131,7 @@ class UpdateMonitor(BaseMonitor):
             if layer.weight.grad is None or scale is None:
                 continue
             seed = (ctx.step * 1_000_003 + zlib.crc32(name.encode())) % 2**62
-            before, _ = _on_grid(layer, scale, seed)
+            before = _on_grid(layer, scale, seed)
             self._before[name] = (before, scale, seed)
 
     def after_update(self, ctx: StepContext) -> dict[str, float]:
@@ -139,7 +144,7 @@ class UpdateMonitor(BaseMonitor):
             layer = self.layers[name]
             stored = layer.quantizers["weight"].stored
             scale = layer.weight_scale if stored is not None else scale  # a stored weight may rescale
-            scaled = _on_grid(layer, scale, seed)[1]
+            scaled = _scaled_grid(layer, scale, seed)  # after the step only the grid values are needed
             updates, flips, stalled, code_sum, code_squares = step_counts(
                 before, scaled, scale, layer.weight.grad.detach(), layer.weight_format)
             numel = scaled.numel()
