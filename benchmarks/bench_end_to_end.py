@@ -1,13 +1,13 @@
 """Simulated FP8 against BF16 end to end, as the user experiences `altgrad train`, step by step.
 
     python benchmarks/bench_end_to_end.py [--preset small] [--format E4M3] [--steps 300] [--skip 20]
-                                          [--repeats 3] [--data DIR] [--compile]
+                                          [--repeats 3] [--data DIR] [--compile [exact] [fused]]
 
 Variants, each a `Trainer` run of the preset with ``--steps`` steps and the same seed and batches:
 BF16; the FP8 format with AltGrad's default monitoring (quantization and update statistics every
 ``stats_interval`` = 10 steps, rank health every 100, no shadow); and the same FP8 run with every
 monitor off (intervals past the end), which splits the FP8 cost into the casts and the monitoring.
-``--compile`` adds each variant under ``compile: true``.
+``--compile`` adds each variant under ``compile: true`` in the compile modes given (default exact).
 
 Every variant runs in its own process, at the full thread count, and the processes take turns
 one training step at a time (a turn is one pass of the trainer's loop: the step, its monitors,
@@ -112,11 +112,14 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=20, help="first steps left out of the figures")
     parser.add_argument("--repeats", type=int, default=3, help="sets of fresh processes, the order rotated")
     parser.add_argument("--data", default=None)
-    parser.add_argument("--compile", action="store_true", help="also run every variant with compile: true")
+    parser.add_argument("--compile", nargs="*", choices=("exact", "fused"), default=None, metavar="MODE",
+                        help="also run every variant with compile: true, in each compile_mode given "
+                             "(exact | fused; --compile alone: exact)")
     args = parser.parse_args()
     runs = variants(args.format, args.steps)
-    if args.compile:
-        runs |= {f"{name}, compiled": changes | {"compile": True} for name, changes in runs.items()}
+    if args.compile is not None:
+        runs |= {f"{name}, compiled ({mode})": changes | {"compile": True, "compile_mode": mode}
+                 for mode in args.compile or ["exact"] for name, changes in runs.items()}
     names = list(runs)
     times: dict[str, list[list[float]]] = {name: [] for name in runs}
     for repeat in range(args.repeats):

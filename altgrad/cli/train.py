@@ -236,6 +236,9 @@ def train(
     eval_interval: Optional[int] = typer.Option(None, "--eval-interval"),
     checkpoint_interval: Optional[int] = typer.Option(None, "--checkpoint-interval"),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    compile_mode: Optional[str] = typer.Option(
+        None, "--compile-mode",
+        help="exact: bit-identical to eager (default) | fused: inductor's fused kernels, equal to float precision."),
     adapt_threads: Optional[bool] = typer.Option(
         None, "--adapt-threads/--fixed-threads",
         help="On CPU, use fewer threads while another process takes cores (default), or keep the count."),
@@ -247,7 +250,8 @@ def train(
         overrides = dict(preset=preset, precision=precision, max_steps=max_steps, run_name=run_name,
                          runs_dir=runs_dir, data=data, seed=seed, device=device, batch_size=batch_size,
                          grad_accum=grad_accum, lr=lr, eval_interval=eval_interval,
-                         checkpoint_interval=checkpoint_interval, compile=compile_model, wandb=wandb,
+                         checkpoint_interval=checkpoint_interval, compile=compile_model, compile_mode=compile_mode,
+                         wandb=wandb,
                          adapt_threads=adapt_threads,
                          format=fmt, grad_format=grad_format, rounding=rounding, grad_rounding=grad_rounding,
                          scaling=scaling, use_shadow=shadow, shadow_interval=shadow_interval,

@@ -23,6 +23,7 @@ from .clipping import CLIP_MODES
 PRECISIONS = ("fp32", "bf16")
 WANDB_MODES = ("disabled", "offline", "online")
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_MODES = ("exact", "fused")
 POLICY_DEFAULT_KEYS = ("rounding", "grad_rounding", "scaling", "amax_history_len", "scale_margin",
                        "power_of_two_scales", "gemm_dtype", "weight_storage", "update_rounding")
 #: What an optimizer implies when weight_storage / update_rounding are not given (DESIGN §4 arms):
@@ -40,6 +41,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     compile: bool = False
+    compile_mode: str = "exact"  # exact: bit-identical to eager (ATen kernels); fused: inductor's fusion
     adapt_threads: bool = True  # fewer CPU threads while the process gets fewer CPUs (training/threads.py)
     # data
     data: str | None = None  # prepared data directory; default data/eurlex, else the built-in corpus
@@ -120,6 +122,7 @@ class TrainConfig:
             (self.wandb in WANDB_MODES, f"wandb must be one of {', '.join(WANDB_MODES)}"),
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
             (self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}"),
+            (self.compile_mode in COMPILE_MODES, f"compile_mode must be one of {', '.join(COMPILE_MODES)}"),
             (self.n_embd % self.n_head == 0, "n_embd must be divisible by n_head"),
             (self.max_steps >= 1 and self.batch_size >= 1 and self.grad_accum >= 1,
              "max_steps, batch_size and grad_accum must be >= 1"),

@@ -34,7 +34,7 @@ from .shift import FormatShifter
 from .layer_summary import layer_summary
 from .signals import StopRequest
 from .threads import ThreadGovernor
-from .setup import Event, find_data, learning_rate, resolve_device, run_directory
+from .setup import Event, compiled, find_data, learning_rate, resolve_device, run_directory
 from .tracking import RunTracker, read_metrics
 
 
@@ -119,12 +119,12 @@ class Trainer:
         # Training on CPU: as many threads as the process really gets CPUs (a shared machine).
         self.threads = ThreadGovernor(active=cfg.adapt_threads and self.device.type == "cpu")
         self.batches = TokenBatches(self.data_dir, cfg.block_size, cfg.batch_size, cfg.seed, self.device)
-        self.evaluation = torch.compile(self.model) if cfg.compile else self.model
+        self.evaluation = compiled(self.model, cfg)
         self.ddp = None
         if self.dist.active:  # after the optimizer: format weights are on their grid, identical on every rank
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        self.forward = self.evaluation if self.ddp is None else (torch.compile(self.ddp) if cfg.compile else self.ddp)
+        self.forward = self.evaluation if self.ddp is None else compiled(self.ddp, cfg)
 
     def _autocast(self):
         if self.config.precision == "bf16":
