@@ -13,6 +13,7 @@ from altgrad.model import GPT, GPTConfig
 from altgrad.model import gpt as gpt_module
 from altgrad.model.surgery import build_policy, quantize_model, quantized_layers
 from altgrad.quantization import REGISTRY, ScalingConfig, get_format, quantize, scale_from_amax
+from altgrad.quantization import linear_op
 from altgrad.quantization.linear import LinearQuantConfig, QuantizedLinear
 from altgrad.quantization.scaling import cast_to_grid
 
@@ -285,3 +286,106 @@ def test_operands_that_carry_their_scale_give_the_same_bits_as_dequantized_ones(
     for mine, other in zip(results[0][:4], results[1][:4]):
         assert torch.equal(bits(mine), bits(other))
     assert results[0][4] == results[1][4]  # the same scales either way
+
+
+# ---- the C++ autograd op (linear_op.cpp) against its reference, the Python Function ----------
+
+needs_op = pytest.mark.skipif(linear_op.function() is None,
+                              reason=f"C++ op unavailable: {linear_op.unavailable_reason()}")
+
+
+def _scale(kind: str, value: float, operand: int):
+    """A carried scale: a float, a 0-d tensor, or (mixed) one of each by operand (x, w, gradient):
+    an accelerator's activations beside a format-stored weight's float scale."""
+    tensor = kind == "tensor" or (kind == "mixed" and operand == 1) or (kind == "mixed2" and operand != 1)
+    return torch.tensor(value) if tensor else value
+
+
+def _gemms_run(gemms, case, seed=0):
+    """One forward and backward through ``gemms`` on constructed operands: y and every gradient."""
+    exact, wide, out_dtype, kind, bias, needs = case
+    g = torch.Generator().manual_seed(seed)
+    gemm_dtype = torch.float32 if (not wide and out_dtype == torch.bfloat16 and kind == "fp32-gemm") else torch.bfloat16
+    values = (1.0, 1.0) if kind == "one" else (2.0 ** 5, 2.0 ** -3) if exact else (1.7, 0.3)
+    x = torch.randn(3, 5, 24, generator=g).requires_grad_(needs[0])
+    w = torch.randn(16, 24, generator=g).requires_grad_(needs[1])
+    b = torch.randn(16, generator=g).requires_grad_(needs[2]) if bias else None
+    qx, qw = (x.detach() * values[0]).to(gemm_dtype), (w.detach() * values[1]).to(gemm_dtype)
+    sx, sw = _scale(kind, values[0], 0), _scale(kind, values[1], 1)
+    sg = _scale(kind, 2.0 ** 7 if exact else 3.1, 2)
+
+    def cast_gradient(grad_y):
+        return (grad_y.float() * 2.0 ** 7).to(gemm_dtype), sg
+
+    y = gemms(x, w, b, qx, qw, sx, sw, exact, wide, out_dtype, cast_gradient)
+    y.backward(torch.randn(y.shape, generator=g).to(y.dtype))
+    grads = [t.grad if t is not None and t.requires_grad else None for t in (x, w, b)]
+    return [y.detach(), *grads]
+
+
+GEMM_CASES = [
+    # exact, wide, out dtype, scales, bias, which of (x, w, b) need a gradient
+    (True, False, torch.bfloat16, "one", True, (True, True, True)),  # CPU default: dequantized, bf16 autocast
+    (True, True, torch.float32, "one", True, (True, True, True)),  # fp32 run: float32 GEMMs on grid values
+    (True, False, torch.bfloat16, "float", True, (True, True, True)),  # carried power-of-two floats
+    (True, False, torch.bfloat16, "tensor", True, (True, True, True)),  # accelerator: 0-d tensor scales
+    (True, True, torch.float32, "tensor", False, (True, True, False)),
+    (True, False, torch.bfloat16, "mixed", True, (True, True, True)),
+    (True, False, torch.bfloat16, "mixed2", True, (True, True, True)),
+    (False, False, torch.bfloat16, "mixed", True, (True, True, True)),
+    (False, False, torch.bfloat16, "float", True, (True, True, True)),  # not powers of two: unscale in fp32
+    (False, True, torch.float32, "tensor", True, (True, True, True)),
+    (True, False, torch.bfloat16, "fp32-gemm", True, (True, True, True)),  # gemm_dtype fp32 under autocast
+    (True, False, torch.bfloat16, "one", False, (False, True, False)),  # the first layer: x needs no gradient
+    (True, False, torch.bfloat16, "one", True, (True, False, True)),  # a frozen weight
+]
+
+
+@needs_op
+@pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: "-".join(
+    [("exact" if c[0] else "inexact"), ("wide" if c[1] else "narrow"), c[3], "bias" if c[4] else "nobias",
+     "".join("xwb"[i] for i in range(3) if c[5][i])]))
+def test_the_cpp_op_is_the_python_function_bit_for_bit(case):
+    from altgrad.quantization.linear import _QuantizedLinearFunction
+
+    cpp = _gemms_run(linear_op.function(), case)
+    python = _gemms_run(_QuantizedLinearFunction.apply, case)
+    for name, mine, reference in zip(("y", "grad x", "grad w", "grad b"), cpp, python):
+        assert (mine is None) == (reference is None), name
+        if mine is not None:
+            assert mine.dtype == reference.dtype and torch.equal(bits(mine), bits(reference)), name
+
+
+@needs_op
+@pytest.mark.parametrize("arm", [dict(format="E4M3"), dict(format="E5M2", rounding="stochastic", optimizer="manifold"),
+                                 dict(format="E4M3", precision="fp32", optimizer="grid")], ids=["A", "D", "E-fp32"])
+def test_training_with_the_cpp_op_is_training_with_the_python_function(tmp_path, tiny_data, monkeypatch, arm):
+    from altgrad.training import Trainer
+    from altgrad.training.tracking import read_metrics
+    from runs import tiny_config, without_rates
+
+    settings = dict(max_steps=8, eval_interval=4, stats_interval=2, **arm)
+    cpp = Trainer(tiny_config(tmp_path, tiny_data, run_name="cpp", **settings)).run()
+    monkeypatch.setattr(linear_op, "function", lambda: None)
+    python = Trainer(tiny_config(tmp_path, tiny_data, run_name="python", **settings)).run()
+    assert without_rates(read_metrics(cpp.run_dir)) == without_rates(read_metrics(python.run_dir))
+
+
+def test_where_the_cpp_op_cannot_be_built_the_python_function_runs(monkeypatch, caplog):
+    def fail():
+        raise RuntimeError("Error building extension\nlinear_op.cpp:1:1: error: no compiler here\nninja: stopped")
+
+    monkeypatch.setattr(linear_op, "_state", {})
+    monkeypatch.setattr(linear_op, "_build", fail)
+    with caplog.at_level("WARNING"):
+        assert linear_op.function() is None
+        assert linear_op.function() is None  # once and for all: no second build
+    assert linear_op.unavailable_reason() == "linear_op.cpp:1:1: error: no compiler here"
+    assert sum("C++ quantized-linear op unavailable" in r.message for r in caplog.records) == 1
+    config = LinearQuantConfig(weight="E4M3", activation="E4M3", gradient="E5M2")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 4)
+    layer = QuantizedLinear.from_linear(linear, config)
+    x = torch.randn(2, 8, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and linear.weight.grad is not None

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from . import linear_op, native
 from .formats import FloatFormat, get_format
 from .kernel import use_native
 from .quantize import ROUNDINGS, quantize
@@ -161,50 +161,39 @@ def _unscale(t: torch.Tensor, inverse: torch.Tensor | float) -> torch.Tensor:
 
 
 class _QuantizedLinearFunction(torch.autograd.Function):
-    """The GEMMs of a quantized Linear, on operands that carry a scale each (1.0 when dequantized).
+    """The GEMMs of a quantized Linear, on operands cast by the layer, each carrying a scale
+    (1.0 when dequantized): the reference of the C++ function in ``linear_op.cpp``, which does
+    the same arithmetic op for op, and its fallback.
 
-    With power-of-two scales a carried scale is undone on the smaller operand (the weight side),
-    exactly: no extra pass over activations, and the bias enters the GEMM as in nn.Linear; on
-    CPU the operands arrive dequantized and no pass is needed at all. Otherwise the product is
-    unscaled in fp32.
+    With power-of-two scales (``exact``) a carried scale is undone on the smaller operand (the
+    weight side), exactly: no extra pass over activations, and the bias enters the GEMM as in
+    nn.Linear; on CPU the operands arrive dequantized and no pass is needed at all. Otherwise the
+    product is unscaled in fp32. ``wide``: fp32 GEMMs on the (exact) grid values. The backward
+    casts the incoming gradient with ``cast_gradient`` (the layer's gradient stream).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer: QuantizedLinear):  # noqa: D401 - autograd API
-        dtype = GEMM_DTYPES[layer.config.gemm_dtype]
-        autocast = torch.is_autocast_enabled(x.device.type)
-        out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        # Autocast would turn an fp32 GEMM into a bf16 one; bf16 operands it leaves alone.
-        no_autocast = torch.autocast(x.device.type, enabled=False) if autocast and dtype != torch.bfloat16 else None
-        # Under fp32 (no autocast) the GEMMs run in float32 on the (exact) grid values, so nothing
-        # is rounded to bf16 on the way out: fp32 and FP8 runs differ only by the casts.
-        wide = out_dtype == torch.float32 and dtype != torch.float32
-        with no_autocast or contextlib.nullcontext():
-            qx, sx = layer.quantizers["activation"](x, dtype, layer.training)
-            qw, sw = layer.quantizers["weight"](weight, dtype, layer.training)
-            inverse = (1.0 / sx) * (1.0 / sw)  # not 1/(sx sw): that product can overflow float32
-            gx, gw = (qx.float(), qw.float()) if wide else (qx, qw)
-            b = None if bias is None else bias.detach().to(gw.dtype)
-            if layer.exact_scales:
-                y = F.linear(gx, _unscale(gw, inverse), b)  # a power of two: exact, in the GEMM's dtype
-            else:
-                y = F.linear(gx, gw).float() * inverse
-                y = (y if b is None else y + b).to(gw.dtype)
+    def forward(ctx, x, weight, bias, qx, qw, sx, sw, exact, wide, out_dtype, cast_gradient):  # noqa: D401
+        inverse = (1.0 / sx) * (1.0 / sw)  # not 1/(sx sw): that product can overflow float32
+        gx, gw = (qx.float(), qw.float()) if wide else (qx, qw)
+        b = None if bias is None else bias.detach().to(gw.dtype)
+        if exact:
+            y = F.linear(gx, _unscale(gw, inverse), b)  # a power of two: exact, in the GEMM's dtype
+        else:
+            y = F.linear(gx, gw).float() * inverse
+            y = (y if b is None else y + b).to(gw.dtype)
         ctx.save_for_backward(qx, qw)
-        ctx.wide = wide
-        ctx.scales = (sx, sw)  # floats, or 0-d tensors that are not part of the graph
-        ctx.layer = layer
+        ctx.config = (sx, sw, exact, wide, cast_gradient)  # scales: floats, or 0-d tensors outside the graph
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y if y.dtype == out_dtype else y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_y):
         qx, qw = ctx.saved_tensors
-        sx, sw = ctx.scales
+        sx, sw, exact, wide, cast_gradient = ctx.config
         x_dtype, w_dtype, b_dtype = ctx.dtypes
-        exact = ctx.layer.exact_scales
-        qg, sg = ctx.layer.quantizers["gradient"](grad_y, qx.dtype)
-        if ctx.wide:  # fp32: float32 GEMMs on the exact grid values, as in the forward
+        qg, sg = cast_gradient(grad_y)
+        if wide:  # fp32: float32 GEMMs on the exact grid values, as in the forward
             qx, qw, qg = qx.float(), qw.float(), qg.float()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -225,7 +214,7 @@ class _QuantizedLinearFunction(torch.autograd.Function):
             grad_w = grad_w.to(w_dtype)
         if b_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(b_dtype)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 class QuantizedLinear(nn.Linear):
@@ -263,7 +252,28 @@ class QuantizedLinear(nn.Linear):
     # is compiled.
     @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _QuantizedLinearFunction.apply(x, self.weight, self.bias, self)
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        out_dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        dtype = self.gemm_dtype
+        # Under fp32 (no autocast) the GEMMs run in float32 on the (exact) grid values, so nothing
+        # is rounded to bf16 on the way out: fp32 and FP8 runs differ only by the casts.
+        wide = out_dtype == torch.float32 and dtype != torch.float32
+        # Autocast would turn an fp32 GEMM into a bf16 one; bf16 operands it leaves alone.
+        with torch.autocast(device, enabled=False) if autocast and dtype != torch.bfloat16 else contextlib.nullcontext():
+            qx, sx = self.quantizers["activation"](x, dtype, self.training)
+            qw, sw = self.quantizers["weight"](self.weight, dtype, self.training)
+            gemms = linear_op.function() or _QuantizedLinearFunction.apply
+            return gemms(x, self.weight, self.bias, qx, qw, sx, sw, self.exact_scales, wide, out_dtype,
+                         self._cast_gradient)
+
+    def _cast_gradient(self, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """The backward's cast of the incoming gradient (the layer's gradient stream)."""
+        return self.quantizers["gradient"](grad_y, self.gemm_dtype)
+
+    @property
+    def gemm_dtype(self) -> torch.dtype:
+        return GEMM_DTYPES[self.config.gemm_dtype]
 
     @property
     def weight_format(self) -> FloatFormat | None:
