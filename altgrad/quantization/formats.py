@@ -162,11 +162,11 @@ class FloatFormat:
         """Number of distinct finite values (±0 counted once)."""
         return 2 * len(self.positive_values) - 1
 
-    @property
+    @cached_property
     def max(self) -> float:
         return float(self.positive_values[-1])
 
-    @property
+    @cached_property
     def min_positive(self) -> float:
         return float(self.positive_values[1])
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import lru_cache
 
 import torch
 
@@ -167,7 +168,12 @@ KERNELS = ("auto", "native", "compiled", "eager")
 
 def default_kernel() -> str:
     """The kernel choice from ``ALTGRAD_KERNEL`` (auto | native | compiled | eager), default auto."""
-    choice = os.environ.get("ALTGRAD_KERNEL", "auto").strip().lower()
+    return _kernel_choice(os.environ.get("ALTGRAD_KERNEL", "auto"))
+
+
+@lru_cache(maxsize=16)
+def _kernel_choice(value: str) -> str:  # read on every cast: parsed once per value
+    choice = value.strip().lower()
     return choice if choice in KERNELS else "auto"
 
 

@@ -16,6 +16,7 @@ built, `function()` returns None once and for all and the Python Function is use
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable
 
@@ -36,6 +37,8 @@ def _build() -> Callable:
 
     directory = cache_dir() / "linear_op"
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):  # a first build takes a while: say why the run waits
+        print("altgrad: building the C++ quantized-linear op (once, about 30 s)", file=sys.stderr, flush=True)
     with warnings.catch_warnings():  # torch's note that ninja is missing: it builds without it
         warnings.simplefilter("ignore")
         module = cpp_extension.load("altgrad_linear_op", [str(SOURCE.with_name("linear_op.cpp"))],
