@@ -249,6 +249,41 @@ def test_a_dequantizing_cast_writes_q_over_scale_bit_for_bit(fmt, rounding):
 
 
 @needs_native
+@pytest.mark.parametrize("fmt", BF16_FORMATS, ids=lambda f: f.name)
+def test_bfloat16_to_bfloat16_casts_in_16_bit_lanes_round_every_value_exactly(fmt):
+    """The gradient cast's path (bfloat16 in and out, nearest, in range, dequantized: integer
+    rounding on 16-bit lanes, five operations where every non-zero lane of a vector lies at or
+    above the grid's floor binade, per-lane shifts where one lies below). Every finite bfloat16
+    value, shuffled so that vectors mix both kinds of lane, zeros and subnormals, at scales that
+    put the floor anywhere (its spacing down to 2^-126), with tail lengths; plus fixed ties below
+    the floor: at 1.5 x 2^e where the spacing is 2^e (rounds up, to the even multiple 2), at 2^e
+    where it is 2^(e+1) (to the even 0), and a subnormal exactly at half the smallest spacing."""
+    from altgrad.quantization.scaling import cast_operand
+
+    exponents = (FINITE_BFLOAT16.float().view(torch.int32) >> 23) & 0xFF
+    order = torch.randperm(len(FINITE_BFLOAT16), generator=torch.Generator().manual_seed(fmt.mantissa_bits))
+    shuffled, shuffled_exponents = FINITE_BFLOAT16[order], exponents[order]
+    for top in (2, 5, 8, 20, 60, 127, 200, 254):
+        x = shuffled[shuffled_exponents <= top]
+        for n in (len(x), 31, 33, 4099):
+            values, scale, _, carried = cast_operand(x[:n], fmt, None, out_dtype=torch.bfloat16, kernel="native")
+            _, _, expected = _dequantized_reference(x[:n], fmt, None, "nearest", 0, torch.bfloat16)
+            if carried == 1.0:
+                assert _bits_equal(values, expected).all(), (top, n)
+    # ties below the floor, at a scale where the floor's spacing is 2^(E0 - M): amax = max pins it
+    spacing = 2.0 ** (fmt.emin - fmt.mantissa_bits)
+    ties = [1.5 * spacing / 2, spacing / 2, 3 * spacing / 2, spacing / 4, 2.0 ** -127, 2.0 ** -126]
+    for shift in (0, 40, 100, 120):
+        unit = 2.0 ** -shift
+        x = torch.tensor([fmt.max * unit] + [t * unit for t in ties] + [-t * unit for t in ties] + [0.0, -0.0])
+        x = x.to(torch.bfloat16)
+        values, scale, _, carried = cast_operand(x, fmt, None, out_dtype=torch.bfloat16, kernel="native")
+        _, _, expected = _dequantized_reference(x, fmt, None, "nearest", 0, torch.bfloat16)
+        if carried == 1.0:
+            assert _bits_equal(values, expected).all(), (shift, values, expected)
+
+
+@needs_native
 @pytest.mark.parametrize("fmt", NATIVE_FORMATS + [get_format("E7M0")], ids=lambda f: f.name)
 def test_the_kernel_dequantizes_exactly_where_dequantize_exact_says(fmt):
     """The C rule and the Python rule agree for every power-of-two scale (picked with a reference

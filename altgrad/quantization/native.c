@@ -281,6 +281,101 @@ static inline vi unscaled_bits(vi bits, grid_t g) {
     } while (0)
 #define ROUND_ALL(ROUND) ROUND_ALL_STORE(ROUND, store)
 
+/* ---- bfloat16 in, bfloat16 out, nearest, in range, on the grid / s: 16-bit lanes ----------------
+ * The backward's gradient casts are this case. Rounding a bfloat16 x to the nearest even value
+ * of the grid shifted by the scale (the direct rounding of round_nearest_in_range) is integer
+ * arithmetic on its 16 bits: clear the low s bits of the magnitude with round-half-to-even, where
+ * s = 7 - M in the grid's binades from its floor binade E0 up, so a vector whose non-zero lanes
+ * all lie there takes five integer operations on 32 lanes (a carry out of the mantissa moves to
+ * the next binade, as it should; zero stays zero). Below E0 the spacing is fixed, 2^(E0 - M):
+ * s = 7 - M + (E0 - e) per lane, with e = 1 for bfloat16 subnormals (their integer encoding
+ * continues the normal one, with a leading 0 instead of the implicit 1). There, at s = 7 the kept
+ * part is that leading bit (its parity breaks a tie); at s = 8 a normal value lies in
+ * [2^e, 2^(e+1)) with spacing 2^(e+1), so it rounds up above 2^e and to 0 at 2^e (a tie goes to
+ * the even 0), and a subnormal is below half the spacing; from s = 9 on every value is below half
+ * the spacing: 0. Values out of range (inf, NaN, beyond max) can only occur in a guessed pass,
+ * whose output the amax then rejects. */
+typedef int16_t vs __attribute__((vector_size(LANES * 4)));
+typedef uint16_t vus __attribute__((vector_size(LANES * 4)));
+#define LANES16 (2 * LANES)
+
+static inline vs splat16(int16_t v) { return (vs){0} + v; }
+static inline vs blend16(vs mask, vs a, vs b) { return (a & mask) | (b & ~mask); }
+#if defined(__AVX512BW__)
+static inline vs vmax16(vs a, vs b) { return (vs)_mm512_max_epi16((__m512i)a, (__m512i)b); }
+#else
+static inline vs vmax16(vs a, vs b) { return blend16(a > b, a, b); }
+#endif
+
+/* Whether any lane is non-zero and below `floor` (magnitudes as unsigned 16-bit integers). */
+static inline int any_below(vs m, vs floor) {
+    vus below = (vus)(m - splat16(1)) < (vus)(floor - splat16(1));
+#if defined(__AVX512BW__)
+    return _mm512_movepi16_mask((__m512i)below) != 0;
+#else
+    uint16_t any = 0;
+    for (int k = 0; k < LANES16; k++) any |= below[k];
+    return any != 0;
+#endif
+}
+
+/* Every lane, wherever it lies (the rules above). */
+static inline vs round_bf16_below(vs m, vs e0, vs keep) {
+    vs zero = {0}, one = splat16(1);
+    vs e = m >> 7;
+    vs normal = e > zero;
+    vs below = e0 - blend16(normal, e, one);
+    vs s = keep + blend16(below > zero, below, zero);
+    s = blend16(s > splat16(9), splat16(9), s);
+    vs t = (one << s) - one;                                          /* the s low bits */
+    vs lsb = blend16(s <= splat16(6), (m >> blend16(s <= splat16(6), s, zero)) & one, normal & one);
+    vs r = (m + (t >> 1) + (lsb & t & one)) & ~t;                     /* s <= 7 */
+    vs up = ((e + one) << 7) & ((m & splat16(0x7f)) != zero) & normal; /* s = 8 */
+    r = blend16(s == splat16(8), up, r);
+    return blend16(s >= splat16(9), zero, r);
+}
+
+/* 32 lanes rounded (the rules above), their magnitudes folded into *magnitudes. */
+static inline vs round_bf16_vector(vs bits, vs *magnitudes, int keep, vs e0, vs floor, vs t) {
+    vs m = bits & splat16(0x7fff);
+    *magnitudes = vmax16(*magnitudes, m);
+    /* t & 1: the kept lowest bit breaks ties only where bits are cleared (keep = 0: M = 7) */
+    vs r = any_below(m, floor) ? round_bf16_below(m, e0, splat16((int16_t)keep))
+                               : (m + (t >> 1) + ((m >> keep) & t & splat16(1))) & ~t;
+    return r | (bits & splat16((int16_t)0x8000));
+}
+
+/* The map: out = the rounded bits; returns the max of the input magnitudes as float32 bits.
+ * The tail goes through the same code in a zero-padded vector. */
+static int32_t round_map_bf16_direct(const uint16_t *x, int64_t n, grid_t g, uint16_t *out, int threads) {
+    const int keep = 7 - g.mantissa; /* 0..6: native nearest needs M >= 1, and the grid fits bfloat16 */
+    const vs e0 = splat16((int16_t)g.emin_biased), floor = splat16((int16_t)(g.emin_biased << 7));
+    const vs t = splat16((int16_t)((1 << keep) - 1));
+    int64_t blocks = n / LANES16;
+    int16_t best = 0;
+    #pragma omp parallel num_threads(threads) reduction(max : best) if(blocks >= 2048)
+    {
+        vs magnitudes = {0};
+        #pragma omp for nowait
+        for (int64_t b = 0; b < blocks; b++) {
+            vs bits;
+            memcpy(&bits, x + b * LANES16, sizeof bits);
+            vs r = round_bf16_vector(bits, &magnitudes, keep, e0, floor, t);
+            memcpy(out + b * LANES16, &r, sizeof r);
+        }
+        for (int k = 0; k < LANES16; k++) best = magnitudes[k] > best ? magnitudes[k] : best;
+    }
+    int64_t done = blocks * LANES16;
+    if (done < n) {
+        vs bits = {0}, magnitudes = {0};
+        memcpy(&bits, x + done, (size_t)(n - done) * sizeof *x);
+        vs r = round_bf16_vector(bits, &magnitudes, keep, e0, floor, t);
+        memcpy(out + done, &r, (size_t)(n - done) * sizeof *out);
+        for (int k = 0; k < LANES16; k++) best = magnitudes[k] > best ? magnitudes[k] : best;
+    }
+    return (int32_t)best << 16;
+}
+
 enum { NEAREST, NEAREST_IN_RANGE, STOCHASTIC };
 
 /* Whether every value of the format's grid is exact in bfloat16: at most 7 mantissa bits (every
@@ -294,6 +389,11 @@ static int32_t round_map(const void *x, int in_type, int64_t n, float scale, int
     vf s = (vf){0} + scale;
     int64_t blocks = n / LANES;
     int32_t best = 0;
+    if (mode == NEAREST_IN_RANGE && !scaled && !g.unscaled && in_type == BFLOAT16 && out_type == BFLOAT16
+        && grid_fits_bfloat16(g)) {
+        int32_t amax = round_map_bf16_direct(x, n, g, out, threads);
+        return track ? amax : 0;
+    }
     if (mode == STOCHASTIC) ROUND_ALL(round_stochastic);
     else if (mode == NEAREST_IN_RANGE && grid_fits_bfloat16(g)) ROUND_ALL_STORE(round_nearest_in_range, store_exact);
     else if (mode == NEAREST_IN_RANGE) ROUND_ALL(round_nearest_in_range);
