@@ -14,6 +14,10 @@ baseline. On CPU the native cast writes the dequantized values directly; elsewhe
 scales so extreme that ``q / s`` would leave float32's normal range) the operands are the
 scaled grid values and the product is unscaled by ``1 / (s_a s_w)``, exact for power-of-two
 scales, the default.
+
+The layer casts its operands here, in Python (the operand streams' state lives here); the GEMMs
+and their backward run in a C++ autograd node (`linear_op`) where it can be built, else in
+`_QuantizedLinearFunction`, which does the same arithmetic op for op.
 """
 
 from __future__ import annotations
