@@ -9,8 +9,8 @@ BF16 step. The C++ function does the same arithmetic op for op (bit-identical, t
 Python, which owns the scale histories, random streams and statistics, and the backward calls
 Python back once, for the gradient cast.
 
-It is built on first use with torch's extension builder (the C++ compiler that built the native
-kernel's C, about 30 s, once) and cached in ``$ALTGRAD_CACHE_DIR/linear_op``. Where it cannot be
+It is built with the first quantized layer, by torch's extension builder and the system C++
+compiler (about 30 s, once), and cached in ``$ALTGRAD_CACHE_DIR/linear_op``. Where it cannot be
 built, `function()` returns None once and for all and the Python Function is used.
 """
 
@@ -21,7 +21,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from .native import cache_dir
+from .native import SOURCE, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,6 @@ def _build() -> Callable:
     import warnings
 
     from torch.utils import cpp_extension
-
-    from .native import SOURCE
 
     directory = cache_dir() / "linear_op"
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
