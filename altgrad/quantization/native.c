@@ -296,20 +296,21 @@ static inline vi unscaled_bits(vi bits, grid_t g) {
  * the spacing: 0. Values out of range (inf, NaN, beyond max) can only occur in a guessed pass,
  * whose output the amax then rejects. */
 typedef int16_t vs __attribute__((vector_size(LANES * 4)));
-typedef uint16_t vus __attribute__((vector_size(LANES * 4)));
+typedef uint16_t vh2 __attribute__((vector_size(LANES * 4)));  /* also altgrad_amax_bits' lanes */
 #define LANES16 (2 * LANES)
 
 static inline vs splat16(int16_t v) { return (vs){0} + v; }
 static inline vs blend16(vs mask, vs a, vs b) { return (a & mask) | (b & ~mask); }
+/* Unsigned 16-bit max: one instruction with AVX-512BW, else a compare and a blend. */
 #if defined(__AVX512BW__)
-static inline vs vmax16(vs a, vs b) { return (vs)_mm512_max_epi16((__m512i)a, (__m512i)b); }
+static inline vh2 vmax_u16(vh2 a, vh2 b) { return (vh2)_mm512_max_epu16((__m512i)a, (__m512i)b); }
 #else
-static inline vs vmax16(vs a, vs b) { return blend16(a > b, a, b); }
+static inline vh2 vmax_u16(vh2 a, vh2 b) { vh2 m = a > b; return (a & m) | (b & ~m); }
 #endif
 
 /* Whether any lane is non-zero and below `floor` (magnitudes as unsigned 16-bit integers). */
 static inline int any_below(vs m, vs floor) {
-    vus below = (vus)(m - splat16(1)) < (vus)(floor - splat16(1));
+    vh2 below = (vh2)(m - splat16(1)) < (vh2)(floor - splat16(1));
 #if defined(__AVX512BW__)
     return _mm512_movepi16_mask((__m512i)below) != 0;
 #else
@@ -338,7 +339,7 @@ static inline vs round_bf16_below(vs m, vs e0, vs keep) {
 /* 32 lanes rounded (the rules above), their magnitudes folded into *magnitudes. */
 static inline vs round_bf16_vector(vs bits, vs *magnitudes, int keep, vs e0, vs floor, vs t) {
     vs m = bits & splat16(0x7fff);
-    *magnitudes = vmax16(*magnitudes, m);
+    *magnitudes = (vs)vmax_u16((vh2)*magnitudes, (vh2)m);
     /* t & 1: the kept lowest bit breaks ties only where bits are cleared (keep = 0: M = 7) */
     vs r = any_below(m, floor) ? round_bf16_below(m, e0, splat16((int16_t)keep))
                                : (m + (t >> 1) + ((m >> keep) & t & splat16(1))) & ~t;
@@ -420,11 +421,7 @@ void altgrad_round(const void *x, int in_type, int64_t n, float scale, const int
 
 /* max |x| as float32 bits. Integer max of the magnitudes orders finite values and inf as floats
  * do and ranks any NaN above them, so a NaN anywhere gives a NaN, like torch's amax. bfloat16
- * magnitudes are compared as 16-bit integers, twice the lanes per vector. */
-typedef uint16_t vh2 __attribute__((vector_size(LANES * 4)));
-
-static inline vh2 vmax_u16(vh2 a, vh2 b) { vh2 m = a > b; return (a & m) | (b & ~m); }
-
+ * magnitudes are compared as 16-bit integers (vmax_u16), twice the lanes per vector. */
 int32_t altgrad_amax_bits(const void *x, int type, int64_t n, int threads) {
     const int64_t width = type == BFLOAT16 ? 2 * LANES : LANES; /* elements per vector */
     int64_t vectors = n / width;
