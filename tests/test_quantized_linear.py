@@ -14,7 +14,7 @@ from altgrad.model import gpt as gpt_module
 from altgrad.model.surgery import build_policy, quantize_model, quantized_layers
 from altgrad.quantization import REGISTRY, ScalingConfig, get_format, quantize, scale_from_amax
 from altgrad.quantization import linear_op
-from altgrad.quantization.linear import LinearQuantConfig, QuantizedLinear
+from altgrad.quantization.linear import OPERANDS, LinearQuantConfig, QuantizedLinear
 from altgrad.quantization.scaling import cast_to_grid
 
 DEFAULTS = dict(rounding="nearest", grad_rounding="nearest", scaling="current", amax_history_len=16,
@@ -265,6 +265,11 @@ def test_operands_that_carry_their_scale_give_the_same_bits_as_dequantized_ones(
     config = LinearQuantConfig(weight=fwd, activation=fwd, gradient=bwd, weight_storage=storage)
     results = []
     for dequantize in (True, False):
+        if not dequantize:  # the Python route (no native streams), its casts not dequantized
+            real = linear_module.cast_operand
+            monkeypatch.setattr(linear_module, "cast_operand", lambda *a, **k: real(*a, **k | {"dequantize": False}))
+            monkeypatch.setattr(linear_module, "dequantize_exact", lambda fmt, scale: False)
+            monkeypatch.setattr(linear_op, "native_stream", lambda *a: None)
         torch.manual_seed(0)
         linear = torch.nn.Linear(48, 40)
         layer = QuantizedLinear.from_linear(linear, config, name="test")
@@ -272,10 +277,6 @@ def test_operands_that_carry_their_scale_give_the_same_bits_as_dequantized_ones(
             from altgrad.optim import OptimizerSpec, build_optimizer
 
             build_optimizer(torch.nn.Sequential(layer), OptimizerSpec("adamw"))
-        if not dequantize:
-            real = linear_module.cast_operand
-            monkeypatch.setattr(linear_module, "cast_operand", lambda *a, **k: real(*a, **k | {"dequantize": False}))
-            monkeypatch.setattr(linear_module, "dequantize_exact", lambda fmt, scale: False)
         x = (torch.randn(3, 7, 48) * 5).requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = layer(x)
@@ -366,7 +367,7 @@ def test_training_with_the_cpp_op_is_training_with_the_python_function(tmp_path,
 
     settings = dict(max_steps=8, eval_interval=4, stats_interval=2, **arm)
     cpp = Trainer(tiny_config(tmp_path, tiny_data, run_name="cpp", **settings)).run()
-    monkeypatch.setattr(linear_op, "function", lambda: None)
+    monkeypatch.setattr(linear_op, "module", lambda: None)  # no C++ op, no native streams
     python = Trainer(tiny_config(tmp_path, tiny_data, run_name="python", **settings)).run()
     assert without_rates(read_metrics(cpp.run_dir)) == without_rates(read_metrics(python.run_dir))
 
@@ -389,3 +390,151 @@ def test_where_the_cpp_op_cannot_be_built_the_python_function_runs(monkeypatch, 
     x = torch.randn(2, 8, requires_grad=True)
     layer(x).sum().backward()
     assert x.grad is not None and linear.weight.grad is not None
+
+
+# ---- native streams (linear_op.NativeStream): the common configuration cast in C++ ------------
+
+needs_streams = pytest.mark.skipif(
+    linear_op.native_stream(get_format("E4M3"), "nearest", "current", True, 0) is None,
+    reason=f"C++ op unavailable: {linear_op.unavailable_reason()}")
+
+
+def _stream_inputs(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    normal = torch.randn(6, 40, generator=g) * 5
+    wide = normal * torch.exp2(torch.randint(-40, 10, normal.shape, generator=g).float())  # below the grid's floor
+    special = normal.clone()
+    special[0, :4] = torch.tensor([float("inf"), -0.0, float("nan"), 0.0])
+    tiny = torch.randn(6, 40, generator=g) * 1e-37  # a scale near 2^125: q / scale is not exact, nothing dequantized
+    cases = dict(normal=normal, wide=wide, zeros=torch.zeros(6, 40), special=special, tiny=tiny,
+                 strided=normal.t())  # not contiguous
+    return {name: t.to(dtype) for name, t in cases.items()}
+
+
+@needs_streams
+@pytest.mark.parametrize("fmt", [f for f in EIGHT_BIT_FORMATS if f.name in ("E0M7", "E2M5", "E3M4", "E4M3", "E5M2",
+                                                                           "E6M1")], ids=lambda f: f.name)
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float32, torch.float32)], ids=["f32-bf16", "bf16-bf16", "f32-f32"])
+@pytest.mark.parametrize("margin", [0, 3, -2])
+def test_a_native_stream_casts_as_the_python_route_bit_for_bit(fmt, dtypes, margin):
+    """NativeStream.cast against cast_operand (the Python route's call): values, the carried scale,
+    the stream's scale, with no guess, the right guess and a wrong one."""
+    from altgrad.quantization.scaling import cast_operand, dequantize_exact
+
+    source, out = dtypes
+    stream = linear_op.native_stream(fmt, "nearest", "current", True, margin)
+    for name, x in _stream_inputs(source).items():
+        expected, scale, _, carried = cast_operand(x, fmt, None, margin=margin, out_dtype=out)
+        for guess in (0.0, scale, scale * 4, scale / 2):
+            stream.scale = guess
+            values, mine = stream.cast(x, out)
+            assert values.dtype == out and values.shape == x.shape and values.is_contiguous()
+            assert torch.equal(bits(values), bits(expected)), (name, guess)
+            assert mine == carried and stream.scale == scale, (name, guess)
+        assert (carried == 1.0) == dequantize_exact(fmt, scale)
+        if margin <= 0:
+            assert (carried != 1.0) == (name == "tiny")  # the tiny values carry their scale
+
+
+def test_native_streams_exist_only_for_the_common_configuration():
+    e4m3 = get_format("E4M3")
+    if linear_op.module() is not None:
+        assert linear_op.native_stream(e4m3, "nearest", "current", True, 0) is not None
+    assert linear_op.native_stream(None, "nearest", "current", True, 0) is None
+    assert linear_op.native_stream(e4m3, "stochastic", "current", True, 0) is None  # random streams: Python
+    assert linear_op.native_stream(e4m3, "nearest", "delayed", True, 0) is None  # a scale history: Python
+    assert linear_op.native_stream(e4m3, "nearest", "none", True, 0) is None
+    assert linear_op.native_stream(e4m3, "nearest", "current", False, 0) is None
+    assert linear_op.native_stream(get_format("E7M0"), "nearest", "current", True, 0) is None  # not native-exact
+
+
+def _layer_pair(config: LinearQuantConfig, size=(48, 40)):
+    """Two layers on the same parameters: one on its native streams, one with them taken away."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(*size)
+    native_layer = QuantizedLinear.from_linear(linear, config, name="test")
+    python_layer = QuantizedLinear.from_linear(linear, config, name="test")
+    for quantizer in python_layer.quantizers.values():
+        quantizer.native = None
+    return linear, native_layer, python_layer
+
+
+def _forward_backward(layer, linear, x, grad_y, autocast):
+    x = x.clone().requires_grad_()
+    linear.weight.grad = linear.bias.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    y.backward(grad_y.to(y.dtype))
+    return [y.detach(), x.grad, linear.weight.grad, linear.bias.grad]
+
+
+@needs_streams
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("setting", [dict(), dict(gemm_dtype="fp32"), dict(rounding="stochastic"),
+                                     dict(weight="E7M0", activation="E7M0", gradient="E5M2"),
+                                     dict(weight="E4M3", activation="E4M3", gradient="E7M0"),
+                                     dict(scale_margin=2)], ids=["default", "fp32-gemm", "stochastic-forward",
+                                                                 "E7M0-forward", "E7M0-gradient", "margin"])
+def test_a_layer_on_native_streams_computes_what_the_python_route_computes(autocast, setting, monkeypatch):
+    """Forward, backward and every stream's scale, over three steps (the guesses at work), with
+    the native route taken wherever the configuration allows it (counted)."""
+    import altgrad.quantization.linear as linear_module
+
+    values = dict(weight="E4M3", activation="E4M3", gradient="E5M2") | setting
+    margin = values.pop("scale_margin", 0)
+    config = LinearQuantConfig(**values, scaling=ScalingConfig(margin=margin))
+    linear, native_layer, python_layer = _layer_pair(config)
+    python_casts = []
+    real = linear_module.cast_operand
+    monkeypatch.setattr(linear_module, "cast_operand", lambda x, *a, **k: python_casts.append(x.shape) or real(x, *a, **k))
+    g = torch.Generator().manual_seed(2)
+    for step in range(3):
+        x = torch.randn(3, 7, 48, generator=g) * 4 ** step
+        grad_y = torch.randn(3, 7, 40, generator=g) * 1e-3
+        python_casts.clear()
+        mine = _forward_backward(native_layer, linear, x, grad_y, autocast)
+        native_casts = list(python_casts)
+        reference = _forward_backward(python_layer, linear, x, grad_y, autocast)
+        for name, a, b in zip(("y", "grad x", "grad w", "grad b"), mine, reference):
+            assert a.dtype == b.dtype and torch.equal(bits(a), bits(b)), (name, step)
+        for operand in OPERANDS:
+            assert native_layer.quantizers[operand].last_scale == python_layer.quantizers[operand].last_scale
+        python_side = {operand for operand in OPERANDS if native_layer.quantizers[operand].native is None}
+        assert len(native_casts) == len(python_side), (python_side, native_casts)  # the rest were cast in C++
+    if setting == {}:
+        assert python_side == set()
+
+
+@needs_streams
+def test_while_statistics_are_collected_python_casts_every_stream_and_records_them():
+    config = LinearQuantConfig(weight="E4M3", activation="E4M3", gradient="E5M2")
+    linear, layer, _ = _layer_pair(config)
+    x, grad_y = torch.randn(3, 7, 48), torch.randn(3, 7, 40)
+    for quantizer in layer.quantizers.values():
+        quantizer.collecting = True
+    _forward_backward(layer, linear, x, grad_y, autocast=True)
+    assert all(len(q.stats) == 1 for q in layer.quantizers.values())
+    assert layer.quantizers["activation"].alive is not None
+    for quantizer in layer.quantizers.values():
+        quantizer.collecting = False
+    _forward_backward(layer, linear, x, grad_y, autocast=True)
+    assert all(len(q.stats) == 1 for q in layer.quantizers.values())  # nothing recorded off the statistics step
+    assert all(q.native.active for q in layer.quantizers.values())
+
+
+@needs_streams
+def test_the_gradient_stream_is_native_beside_a_python_forward():
+    """Stochastic forward casts are Python's; the nearest gradient cast still runs in C++, and
+    goes back to Python while the gradient stream collects statistics."""
+    config = LinearQuantConfig(weight="E4M3", activation="E4M3", gradient="E5M2", rounding="stochastic")
+    linear, layer, _ = _layer_pair(config)
+    calls = []
+    real = layer._cast_gradient
+    layer._cast_gradient = lambda grad_y: calls.append(grad_y.shape) or real(grad_y)
+    x, grad_y = torch.randn(3, 7, 48), torch.randn(3, 7, 40)
+    _forward_backward(layer, linear, x, grad_y, autocast=True)
+    assert calls == [] and layer.quantizers["gradient"].last_scale is not None
+    layer.quantizers["gradient"].collecting = True
+    _forward_backward(layer, linear, x, grad_y, autocast=True)
+    assert calls == [(3, 7, 40)] and len(layer.quantizers["gradient"].stats) == 1

@@ -17,7 +17,9 @@ scales, the default.
 
 The layer casts its operands here, in Python (the operand streams' state lives here); the GEMMs
 and their backward run in a C++ autograd node (`linear_op`) where it can be built, else in
-`_QuantizedLinearFunction`, which does the same arithmetic op for op.
+`_QuantizedLinearFunction`, which does the same arithmetic op for op. Streams in the common
+configuration (nearest, current power-of-two scaling) carry a ``NativeStream`` and are cast in
+that node too, with the same kernel call, except while they collect statistics.
 """
 
 from __future__ import annotations
@@ -99,9 +101,12 @@ class OperandQuantizer:
         self.rounding = rounding
         self.tracker = AmaxTracker(scaling, fmt) if fmt is not None else None
         self.generator = torch.Generator().manual_seed(seed) if rounding == "stochastic" else None
+        # The C++ cast of this stream (`linear_op.native_stream`), or None. It holds the last scale
+        # (the next cast's guess) for both routes, and stands aside while statistics are collected.
+        self.native = linear_op.native_stream(fmt, rounding, scaling.mode, scaling.power_of_two, scaling.margin)
+        self._last_scale: torch.Tensor | float | None = None
         self.collecting = False
         self.stats: list[QuantStats] = []
-        self.last_scale: torch.Tensor | float | None = None
         self.alive: torch.Tensor | None = None  # per input feature: non-zero anywhere while collecting
         # A format-stored weight (`optim.FormatWeight`): already on the grid at its scale, so the
         # cast is the identity (no re-rounding), as torchao skips a tensor already in FP8.
@@ -143,6 +148,30 @@ class OperandQuantizer:
                 self.alive = alive if self.alive is None else self.alive | alive
         self.last_scale = scale
         return q, carried
+
+    @property
+    def collecting(self) -> bool:
+        """Whether casts record `QuantStats` (Python casts the stream meanwhile)."""
+        return self._collecting
+
+    @collecting.setter
+    def collecting(self, on: bool) -> None:
+        self._collecting = on
+        if self.native is not None:
+            self.native.active = not on
+
+    @property
+    def last_scale(self) -> torch.Tensor | float | None:
+        """The scale of the stream's last cast (None before the first), by either route."""
+        if self.native is not None and self.native.scale > 0:
+            return self.native.scale
+        return self._last_scale
+
+    @last_scale.setter
+    def last_scale(self, scale: torch.Tensor | float | None) -> None:
+        self._last_scale = scale
+        if self.native is not None:
+            self.native.scale = scale if isinstance(scale, float) else 0.0
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {}
@@ -266,11 +295,21 @@ class QuantizedLinear(nn.Linear):
         wide = out_dtype == torch.float32 and dtype != torch.float32
         # Autocast would turn an fp32 GEMM into a bf16 one; bf16 operands it leaves alone.
         with torch.autocast(device, enabled=False) if autocast and dtype != torch.bfloat16 else contextlib.nullcontext():
-            qx, sx = self.quantizers["activation"](x, dtype, self.training)
-            qw, sw = self.quantizers["weight"](self.weight, dtype, self.training)
-            gemms = linear_op.function() or _QuantizedLinearFunction.apply
-            return gemms(x, self.weight, self.bias, qx, qw, sx, sw, self.exact_scales, wide, out_dtype,
-                         self._cast_gradient)
+            op = linear_op.module()
+            activation, weight = self.quantizers["activation"], self.quantizers["weight"]
+            native_streams = op is not None and use_native("auto", True)
+            gradient = self.quantizers["gradient"].native if native_streams else None
+            if (native_streams and activation.native is not None and weight.native is not None
+                    and weight.stored is None and activation.native.takes(x) and weight.native.takes(self.weight)):
+                return op.cast_linear(x, self.weight, self.bias, activation.native, weight.native, gradient, dtype,
+                                      self.exact_scales, wide, out_dtype, self._cast_gradient)
+            qx, sx = activation(x, dtype, self.training)
+            qw, sw = weight(self.weight, dtype, self.training)
+            if op is None:
+                return _QuantizedLinearFunction.apply(x, self.weight, self.bias, qx, qw, sx, sw, self.exact_scales,
+                                                      wide, out_dtype, self._cast_gradient)
+            return op.quantized_linear(x, self.weight, self.bias, qx, qw, sx, sw, self.exact_scales, wide, out_dtype,
+                                       self._cast_gradient, gradient)
 
     def _cast_gradient(self, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
         """The backward's cast of the incoming gradient (the layer's gradient stream)."""
