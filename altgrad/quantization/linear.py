@@ -293,16 +293,17 @@ class QuantizedLinear(nn.Linear):
         # Under fp32 (no autocast) the GEMMs run in float32 on the (exact) grid values, so nothing
         # is rounded to bf16 on the way out: fp32 and FP8 runs differ only by the casts.
         wide = out_dtype == torch.float32 and dtype != torch.float32
+        op = linear_op.module()
+        activation, weight = self.quantizers["activation"], self.quantizers["weight"]
+        native_streams = op is not None and use_native("auto", True)
+        gradient = self.quantizers["gradient"].native if native_streams else None
+        if (native_streams and activation.native is not None and weight.native is not None
+                and weight.stored is None and activation.native.takes(x) and weight.native.takes(self.weight)):
+            # Everything in C++, where autocast is off (its GEMMs take the dtypes given).
+            return op.cast_linear(x, self.weight, self.bias, activation.native, weight.native, gradient, dtype,
+                                  self.exact_scales, wide, out_dtype, self._cast_gradient)
         # Autocast would turn an fp32 GEMM into a bf16 one; bf16 operands it leaves alone.
         with torch.autocast(device, enabled=False) if autocast and dtype != torch.bfloat16 else contextlib.nullcontext():
-            op = linear_op.module()
-            activation, weight = self.quantizers["activation"], self.quantizers["weight"]
-            native_streams = op is not None and use_native("auto", True)
-            gradient = self.quantizers["gradient"].native if native_streams else None
-            if (native_streams and activation.native is not None and weight.native is not None
-                    and weight.stored is None and activation.native.takes(x) and weight.native.takes(self.weight)):
-                return op.cast_linear(x, self.weight, self.bias, activation.native, weight.native, gradient, dtype,
-                                      self.exact_scales, wide, out_dtype, self._cast_gradient)
             qx, sx = activation(x, dtype, self.training)
             qw, sw = weight(self.weight, dtype, self.training)
             if op is None:
