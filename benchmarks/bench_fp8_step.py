@@ -5,9 +5,11 @@
 Full optimizer steps (forward, backward, clip, AdamW) of the same model on the same random
 batches. FP8 variants swap every Linear (lm_head included) for QuantizedLinear: E4M3
 weights/activations with E5M2 gradients (the issue's target: <= 1.15x the bf16 step), the
-same with stochastic rounding, and E3M4 (a format without a native dtype); E4M3 again with the
-GEMMs on the Python autograd Function instead of the C++ op, and the floor: E4M3 layers whose
-casts are plain ``.to(bfloat16)`` (what the layers cost beyond the casts). Variants are
+same with stochastic rounding, and E3M4 (a format without a native dtype); E4M3 again with its
+casts made from Python (no native streams: the route of every non-default configuration and of
+statistics steps), and again with the GEMMs on the Python autograd Function as well (no C++ op
+at all); and the floor: E4M3 layers on the Python route whose casts are plain ``.to(bfloat16)``
+(what those layers cost beyond the casts). Variants are
 interleaved step by step (each batch goes through every variant before the next batch), and
 the median and quartiles of the per-step times are reported, so that the drift of a shared
 machine hits all variants alike. ``--kernel`` picks the quantize kernel (ALTGRAD_KERNEL).
@@ -26,13 +28,14 @@ from rich.console import Console
 from rich.table import Table
 
 from altgrad.model import GPT, GPTConfig
-from altgrad.model.surgery import quantize_model
+from altgrad.model.surgery import quantize_model, quantized_layers
 from altgrad.quantization import linear, linear_op
 from altgrad.quantization.kernel import KERNELS
 from altgrad.training.config import PRESETS, TrainConfig
 from bench_train import make_step  # same folder: the optimizer step both benchmarks time
 
 FLOOR = "E4M3 layers, casts replaced by .to(bf16)"
+PYTHON_CASTS = "fp8 E4M3 / E5M2, casts from Python"
 PYTHON_GEMMS = "fp8 E4M3 / E5M2, Python autograd Function"
 VARIANTS = {
     "fp32": None,
@@ -41,9 +44,11 @@ VARIANTS = {
     "fp8 E4M3 / E5M2, stochastic": {"format": "E4M3", "grad_format": "E5M2", "rounding": "stochastic",
                                     "grad_rounding": "stochastic"},
     "fp8 E3M4 fwd / E5M2 bwd": {"format": "E3M4", "grad_format": "E5M2"},
+    PYTHON_CASTS: {"format": "E4M3", "grad_format": "E5M2"},
     PYTHON_GEMMS: {"format": "E4M3", "grad_format": "E5M2"},
     FLOOR: {"format": "E4M3", "grad_format": "E5M2"},
 }
+PYTHON_ROUTE = (PYTHON_CASTS, FLOOR)  # their layers' streams have no NativeStream
 
 
 @contextlib.contextmanager
@@ -59,24 +64,29 @@ def no_op_casts():
 
 @contextlib.contextmanager
 def python_gemms():
-    """The quantized GEMMs on the Python autograd Function (the C++ op's reference) instead."""
-    real = linear_op.function
-    linear_op.function = lambda: None
+    """The quantized GEMMs on the Python autograd Function (the C++ op's reference) instead, and
+    the casts from Python: no C++ extension at all."""
+    real = linear_op.module
+    linear_op.module = lambda: None
     try:
         yield
     finally:
-        linear_op.function = real
+        linear_op.module = real
 
 
 MODES = {FLOOR: no_op_casts, PYTHON_GEMMS: python_gemms}
 
 
-def make_fp8_step(preset: dict, vocab: int, rule: dict | None, autocast: bool):
+def make_fp8_step(preset: dict, vocab: int, rule: dict | None, autocast: bool, python_route: bool = False):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab, block_size=preset["block_size"], n_layer=preset["n_layer"],
                           n_head=preset["n_head"], n_embd=preset["n_embd"], dropout=0.0, bias=True))
     if rule is not None:
         quantize_model(model, TrainConfig(**rule).quant_policy())
+    if python_route:
+        for layer in quantized_layers(model).values():
+            for quantizer in layer.quantizers.values():
+                quantizer.native = None
     return make_step(model, autocast, compiled=False)
 
 
@@ -90,7 +100,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["ALTGRAD_KERNEL"] = args.kernel
     preset = PRESETS[args.preset]
-    steps = {name: make_fp8_step(preset, args.vocab, rule, name != "fp32") for name, rule in VARIANTS.items()}
+    steps = {name: make_fp8_step(preset, args.vocab, rule, name != "fp32", name in PYTHON_ROUTE)
+             for name, rule in VARIANTS.items()}
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, args.vocab, (preset["batch_size"], preset["block_size"] + 1), generator=generator)
                for _ in range(args.steps)]

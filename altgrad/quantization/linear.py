@@ -268,7 +268,7 @@ class QuantizedLinear(nn.Linear):
             "gradient": OperandQuantizer(config.gradient, config.grad_rounding, config.scaling, seed + 2),
         }
         self.exact_scales = config.scaling.power_of_two or config.scaling.mode == "none"
-        linear_op.function()  # built (once, cached) with the first layer, not inside a run's first timed step
+        linear_op.module()  # built (once, cached) with the first layer, not inside a run's first timed step
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: LinearQuantConfig, name: str = "", seed: int = 0) -> QuantizedLinear:
