@@ -88,9 +88,9 @@ struct NativeStream {
     Tensor out = at::empty(in.sizes(), in.options().dtype(dtype));
     float amax = 0.0f;
     int dequantized = 0;
-    scale = kernel(in.data_ptr(), native_type(in.scalar_type()), in.numel(), nullptr,
-                        params.data_ptr<int32_t>(), margin, nullptr, out.data_ptr(), native_type(dtype),
-                        at::get_num_threads(), &amax, 1, &dequantized, scale);
+    scale = kernel(in.data_ptr(), native_type(in.scalar_type()), in.numel(), nullptr, params.data_ptr<int32_t>(),
+                   margin, nullptr, out.data_ptr(), native_type(dtype), at::get_num_threads(), &amax, 1, &dequantized,
+                   scale);
     return {out, dequantized ? 1.0 : static_cast<double>(scale)};
   }
 };
