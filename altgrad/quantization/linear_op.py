@@ -6,11 +6,11 @@ autograd Function cost about 15 us a forward and 27 us a backward more than this
 apply, its Python backward and a dozen tensor calls from Python; measured on a tiny layer, one
 thread: 208 -> 166 us a forward and backward, against 94 us for ``nn.Linear``), about 1.5% of a
 BF16 step. The C++ function does the same arithmetic op for op (bit-identical, tested against
-`linear._QuantizedLinearFunction`, which stays the reference and the fallback); the casts stay in
-Python, which owns the scale histories, random streams and statistics, and the backward calls
-Python back once, for the gradient cast.
+`linear._QuantizedLinearFunction`, which stays the reference and the fallback).
 
-A stream in the common configuration (nearest rounding, current power-of-two amax scaling; see
+Casts are Python's where a stream needs its state (scale histories, random streams,
+statistics): the operands then arrive cast, and the backward calls Python back once, for the
+gradient cast. A stream in the common configuration (nearest rounding, current power-of-two amax scaling; see
 `native_stream`) gets a ``NativeStream``: the layer's forward then casts x and the weight, runs
 the GEMMs and its backward casts the gradient all in C++, calling the same native.c kernel with
 the same arguments as ``native.cast`` (bit-identical, tested), without the ~10 us of Python and
@@ -19,7 +19,8 @@ statistics, and every other configuration.
 
 It is built with the first quantized layer, by torch's extension builder and the system C++
 compiler (about 30 s, once), and cached in ``$ALTGRAD_CACHE_DIR/linear_op``. Where it cannot be
-built, `function()` returns None once and for all and the Python Function is used.
+built, `module()` returns None once and for all: the Python Function is used and every cast is
+Python's.
 """
 
 from __future__ import annotations
