@@ -291,7 +291,7 @@ def test_operands_that_carry_their_scale_give_the_same_bits_as_dequantized_ones(
 
 # ---- the C++ autograd op (linear_op.cpp) against its reference, the Python Function ----------
 
-needs_op = pytest.mark.skipif(linear_op.function() is None,
+needs_op = pytest.mark.skipif(linear_op.module() is None,
                               reason=f"C++ op unavailable: {linear_op.unavailable_reason()}")
 
 
@@ -349,7 +349,7 @@ GEMM_CASES = [
 def test_the_cpp_op_is_the_python_function_bit_for_bit(case):
     from altgrad.quantization.linear import _QuantizedLinearFunction
 
-    cpp = _gemms_run(linear_op.function(), case)
+    cpp = _gemms_run(linear_op.module().quantized_linear, case)
     python = _gemms_run(_QuantizedLinearFunction.apply, case)
     for name, mine, reference in zip(("y", "grad x", "grad w", "grad b"), cpp, python):
         assert (mine is None) == (reference is None), name
@@ -379,8 +379,8 @@ def test_where_the_cpp_op_cannot_be_built_the_python_function_runs(monkeypatch, 
     monkeypatch.setattr(linear_op, "_state", {})
     monkeypatch.setattr(linear_op, "_build", fail)
     with caplog.at_level("WARNING"):
-        assert linear_op.function() is None
-        assert linear_op.function() is None  # once and for all: no second build
+        assert linear_op.module() is None
+        assert linear_op.module() is None  # once and for all: no second build
     assert linear_op.unavailable_reason() == "linear_op.cpp:1:1: error: no compiler here"
     assert sum("C++ quantized-linear op unavailable" in r.message for r in caplog.records) == 1
     config = LinearQuantConfig(weight="E4M3", activation="E4M3", gradient="E5M2")

@@ -10,12 +10,12 @@ BF16 step. The C++ function does the same arithmetic op for op (bit-identical, t
 
 Casts are Python's where a stream needs its state (scale histories, random streams,
 statistics): the operands then arrive cast, and the backward calls Python back once, for the
-gradient cast. A stream in the common configuration (nearest rounding, current power-of-two amax scaling; see
-`native_stream`) gets a ``NativeStream``: the layer's forward then casts x and the weight, runs
-the GEMMs and its backward casts the gradient all in C++, calling the same native.c kernel with
-the same arguments as ``native.cast`` (bit-identical, tested), without the ~10 us of Python and
-ctypes around each of a step's 51 casts. Python casts the streams whenever they collect
-statistics, and every other configuration.
+gradient cast. A stream in the common configuration (nearest rounding, current power-of-two
+amax scaling; see `native_stream`) gets a ``NativeStream``: the layer's forward then casts x and
+the weight, runs the GEMMs and its backward casts the gradient all in C++, calling the same
+native.c kernel with the same arguments as ``native.cast`` (bit-identical, tested), without the
+~8 us of Python and ctypes around each of a step's 51 casts. Python casts the streams whenever
+they collect statistics, and every other configuration.
 
 It is built with the first quantized layer, by torch's extension builder and the system C++
 compiler (about 30 s, once), and cached in ``$ALTGRAD_CACHE_DIR/linear_op``. Where it cannot be
@@ -29,7 +29,6 @@ import ctypes
 import logging
 import sys
 import threading
-from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -78,13 +77,6 @@ def module() -> ModuleType | None:
                 log.warning("C++ quantized-linear op unavailable (%s); using the Python autograd Function",
                             _state["error"])
     return _state["module"]
-
-
-def function() -> Callable | None:
-    """``quantized_linear(x, weight, bias, qx, qw, sx, sw, exact, wide, out_dtype, cast_gradient)``,
-    or None where the extension cannot be had."""
-    built = module()
-    return None if built is None else built.quantized_linear
 
 
 def native_stream(fmt: FloatFormat | None, rounding: str, mode: str, power_of_two: bool, margin: int):
