@@ -538,3 +538,25 @@ def test_the_gradient_stream_is_native_beside_a_python_forward():
     layer.quantizers["gradient"].collecting = True
     _forward_backward(layer, linear, x, grad_y, autocast=True)
     assert calls == [(3, 7, 40)] and len(layer.quantizers["gradient"].stats) == 1
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_or_pickled_layer_makes_its_own_native_streams(how):
+    """A NativeStream holds a kernel address of its process: copies and pickles leave it out and
+    make their own, with the last scale and the collecting switch carried over."""
+    import pickle
+
+    config = LinearQuantConfig(weight="E4M3", activation="E4M3", gradient="E5M2")
+    linear, layer, _ = _layer_pair(config)
+    x, grad_y = torch.randn(3, 7, 48), torch.randn(3, 7, 40)
+    _forward_backward(layer, linear, x, grad_y, autocast=True)
+    layer.quantizers["gradient"].collecting = True
+    copied = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
+    for name, quantizer in layer.quantizers.items():
+        other = copied.quantizers[name]
+        assert other.last_scale == quantizer.last_scale and other.collecting == quantizer.collecting
+        if quantizer.native is not None:
+            assert other.native is not None and other.native is not quantizer.native
+            assert other.native.active == quantizer.native.active
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(bits(copied(x)), bits(layer(x)))

@@ -149,6 +149,21 @@ class OperandQuantizer:
         self.last_scale = scale
         return q, carried
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the C++ stream out (it holds a kernel address of this process)
+        and make their own on the way back (`__setstate__`)."""
+        state = self.__dict__.copy()
+        state["_last_scale"], state["native"] = self.last_scale, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.tracker is not None:
+            scaling = self.tracker.config
+            self.native = linear_op.native_stream(self.fmt, self.rounding, scaling.mode, scaling.power_of_two,
+                                                  scaling.margin)
+            self.collecting, self.last_scale = self._collecting, self._last_scale
+
     @property
     def collecting(self) -> bool:
         """Whether casts record `QuantStats` (Python casts the stream meanwhile)."""
