@@ -103,7 +103,7 @@ class OperandQuantizer:
         self.generator = torch.Generator().manual_seed(seed) if rounding == "stochastic" else None
         # The C++ cast of this stream (`linear_op.native_stream`), or None. It holds the last scale
         # (the next cast's guess) for both routes, and stands aside while statistics are collected.
-        self.native = linear_op.native_stream(fmt, rounding, scaling.mode, scaling.power_of_two, scaling.margin)
+        self.native = self._native_stream()
         self._last_scale: torch.Tensor | float | None = None
         self.collecting = False
         self.stats: list[QuantStats] = []
@@ -158,11 +158,15 @@ class OperandQuantizer:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        if self.tracker is not None:
-            scaling = self.tracker.config
-            self.native = linear_op.native_stream(self.fmt, self.rounding, scaling.mode, scaling.power_of_two,
-                                                  scaling.margin)
-            self.collecting, self.last_scale = self._collecting, self._last_scale
+        self.native = self._native_stream()
+        self.collecting, self.last_scale = self._collecting, self._last_scale
+
+    def _native_stream(self):
+        """`linear_op.native_stream` for this stream's configuration (None: Python casts it)."""
+        if self.tracker is None:
+            return None
+        scaling = self.tracker.config
+        return linear_op.native_stream(self.fmt, self.rounding, scaling.mode, scaling.power_of_two, scaling.margin)
 
     @property
     def collecting(self) -> bool:
