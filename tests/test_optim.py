@@ -348,10 +348,12 @@ def test_grid_momentum_direction_and_state():
 
 
 def test_factory_rejects_impossible_arms():
-    with pytest.raises(ValueError, match="weight_storage: format"):
-        build_optimizer(layer_model(storage="master"), OptimizerSpec("grid"))
-    with pytest.raises(ValueError, match="needs layers with a weight format"):
-        build_optimizer(nn.Sequential(nn.Linear(4, 4)), OptimizerSpec("manifold"))
+    assert isinstance(build_optimizer(layer_model(storage="master"), OptimizerSpec("grid")), GridOptim)  # grid-master
+    for name in ("manifold", "grid"):
+        with pytest.raises(ValueError, match="needs layers with a weight format"):
+            build_optimizer(nn.Sequential(nn.Linear(4, 4)), OptimizerSpec(name))
+    with pytest.raises(ValueError, match="grid_lr_unit"):
+        OptimizerSpec("grid", grid_lr_unit="octave")
     plain = build_optimizer(layer_model(storage="master"), OptimizerSpec("adamw"))
     assert type(plain) is torch.optim.AdamW  # arm A: exactly torch's AdamW
     assert [g["weight_decay"] for g in plain.param_groups] == [0.1, 0.0]

@@ -1,6 +1,7 @@
 """Weights on a format's grid and the optimizers that move them (DESIGN §4)."""
 
 from .adamw import StoredAdamW
+from .base import GRID_LR_UNITS, StepRecord, StepRecorder, lr_unit_factor, plain_record
 from .factory import OPTIMIZERS, OptimizerSpec, build_optimizer, format_weights, set_learning_rates
 from .grid import GRID_DIRECTIONS, GridOptim, StepCounts
 from .manifold import ManifoldAdamW
@@ -8,14 +9,19 @@ from .storage import FormatWeight
 
 __all__ = [
     "GRID_DIRECTIONS",
+    "GRID_LR_UNITS",
     "OPTIMIZERS",
     "FormatWeight",
     "GridOptim",
     "ManifoldAdamW",
     "OptimizerSpec",
     "StepCounts",
+    "StepRecord",
+    "StepRecorder",
     "StoredAdamW",
     "build_optimizer",
     "format_weights",
+    "lr_unit_factor",
+    "plain_record",
     "set_learning_rates",
 ]

@@ -28,9 +28,21 @@ class StoredAdamW(GridAwareOptimizer):
             for param in params:
                 hyper = self.adam_hyper(group, self.count_step(param))
                 state = self.state[param]
+                weight = self.weight_of(param)
+                if self.recording:  # the torch code (bit-identical), keeping its parts
+                    before, decay = param.detach().clone(), param * hyper[7]
+                    update = self.adam_direction(param, hyper) * hyper[6] + decay
+                    param.sub_(update)
+                    without_decay = param.detach() + decay  # w + delta - (its decay part, -decay)
+                    landed_state = self.generator.get_state()
+                    weight.project(self.generator)  # w + delta onto the grid
+                    # Q of the step without its decay, at the projection's scale with its random bits
+                    landed = param.detach() - weight.land(without_decay, landed_state)
+                    self._record(param, before, -update, -decay, landed)
+                    continue
                 if use_native("auto", native.fits_step(param, param.grad, state["exp_avg"], state["exp_avg_sq"])):
                     native.adam_step(param.data, param.grad, state["exp_avg"], state["exp_avg_sq"], hyper)
                 else:
                     param.sub_(self.adam_direction(param, hyper) * hyper[6] + param * hyper[7])
-                self.weight_of(param).project(self.generator)  # w + delta onto the grid
+                weight.project(self.generator)  # w + delta onto the grid
         return loss

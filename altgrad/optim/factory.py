@@ -10,8 +10,11 @@ cast is told the storage scale (the cast is then the identity).
 |---|---|---|
 | adamw, all master | - | ``torch.optim.AdamW`` (arm A) |
 | adamw, some stored | stored on the grid, projected after each step | `StoredAdamW` (arms B, C) |
-| manifold | steps in ULPs (stored or master) | `ManifoldAdamW` (arm D) |
-| grid | moves in codes (stored only) | `GridOptim` (arm E) |
+| manifold | steps in ULPs (stored or master) | `ManifoldAdamW` (arm D; on masters: manifold-master) |
+| grid | moves in codes (stored), or along the codes' positions (master) | `GridOptim` (arm E; grid-master) |
+
+``grid_lr_unit`` (``ulp`` | ``binade``) sets what the geometry optimizers' ``grid_lr`` counts,
+per weight from its current format (`base.lr_unit_factor`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 
 from ..model.surgery import quantized_layers
 from .adamw import StoredAdamW
+from .base import GRID_LR_UNITS
 from .grid import GRID_DIRECTIONS, GridOptim
 from .manifold import ManifoldAdamW
 from .storage import FormatWeight
@@ -42,12 +46,15 @@ class OptimizerSpec:
     max_stiffness: float | None = None  # manifold: cap on S(w), absolute
     rung_clip: int = 4  # grid: most rungs one step moves a weight
     grid_direction: str = "adam"  # grid: adam | momentum
+    grid_lr_unit: str = "ulp"  # ulp: grid_lr ULPs or rungs per step | binade: grid_lr * 2^M of them (M: mantissa bits)
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.name!r}")
         if self.grid_direction not in GRID_DIRECTIONS:
             raise ValueError(f"grid_direction must be one of {', '.join(GRID_DIRECTIONS)}")
+        if self.grid_lr_unit not in GRID_LR_UNITS:
+            raise ValueError(f"grid_lr_unit must be one of {', '.join(GRID_LR_UNITS)}")
 
 
 def format_weights(model: nn.Module) -> list[FormatWeight]:
@@ -88,13 +95,9 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec, seed: int = 0) -> tor
     """The optimizer of one run (see the module table). Call after model surgery."""
     weights = format_weights(model)
     adamw = dict(betas=spec.betas, eps=spec.eps, foreach=True)
-    if spec.name == "grid":
-        master = [w.name for w in weights if not w.stored]
-        if master or not weights:
-            raise ValueError("GridOptim moves weights in codes: it needs layers with a weight format and "
-                             f"weight_storage: format{' (master: ' + ', '.join(master) + ')' if master else ''}")
-    if spec.name == "manifold" and not weights:
-        raise ValueError("ManifoldAdamW needs layers with a weight format (use --format or a policy)")
+    if spec.name in ("manifold", "grid") and not weights:
+        kind = {"manifold": "ManifoldAdamW", "grid": "GridOptim"}[spec.name]
+        raise ValueError(f"{kind} needs layers with a weight format (use --format or a policy)")
     stored = [w for w in weights if w.stored]
     if spec.name == "adamw":  # AdamW steps the stored weights, in absolute units; masters are torch's
         groups = _groups(model, spec, {id(w.param) for w in stored}, spec.lr)
@@ -102,10 +105,11 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec, seed: int = 0) -> tor
         groups = _groups(model, spec, {id(w.param) for w in weights}, spec.grid_lr)
     generator_seed = (seed * 1_000_003 + zlib.crc32(b"altgrad.optim")) % 2**62
     if spec.name == "manifold":
-        return ManifoldAdamW(groups, weights, generator_seed, max_stiffness=spec.max_stiffness, **adamw)
+        return ManifoldAdamW(groups, weights, generator_seed, max_stiffness=spec.max_stiffness,
+                             lr_unit=spec.grid_lr_unit, **adamw)
     if spec.name == "grid":
         return GridOptim(groups, weights, generator_seed, rung_clip=spec.rung_clip,
-                         grid_direction=spec.grid_direction, **adamw)
+                         grid_direction=spec.grid_direction, lr_unit=spec.grid_lr_unit, **adamw)
     if stored:
         return StoredAdamW(groups, stored, generator_seed, **adamw)
     return torch.optim.AdamW(groups, **adamw)

@@ -6,18 +6,29 @@ For a format-stored weight at scale s, the proposed move in rungs is
 
 with d Adam's normalised direction (``grid_direction: adam``) or the gradient's momentum over
 its RMS across the tensor (``momentum``); ``lr`` is in rungs per step, as ManifoldAdamW's is in
-ULPs. The weight moves ``floor(v + U)`` rungs, U ~ U[0, 1) (unbiased: E[move] = v, exact to
-2^-30; or
+ULPs (``lr_unit="binade"``, config ``grid_lr_unit``: ``lr * 2^M`` rungs for a weight whose
+current format has M mantissa bits, i.e. ``lr`` binades' worth of codes). The weight moves
+``floor(v + U)`` rungs, U ~ U[0, 1) (unbiased: E[move] = v, exact to 2^-30; or
 ``round(v)``, ties to even, with ``update_rounding: nearest``), clipped to ``±rung_clip``. Rungs
 are signed codes (`quantization.codes`): a move crosses zero through the code order, and stops
 at the grid's ends, so the result is always a finite value of the format, never NaN. A move
 that the top end stopped halves the scale afterwards (re-rounding the tensor, counted as a
 rescale), so the weight can grow on the next step; the scale never grows back by itself.
 
-``step()`` returns (flips, updates): weights whose code the move changed, weights with a non-zero
-gradient (a rescale after the move re-rounds the tensor; the update monitor counts those flips
-too). The decay term is ManifoldAdamW's in rungs: its step divided by S(w) is the same
-``-lr (d + wd w)``, so the two geometry arms decay alike.
+On an FP32 master (``weight_storage: master``, arm tag ``grid-master``) the same rule moves the
+master's *continuous code position* (`positions`: rung k at the k-th grid value under the
+tensor's current amax scale, linear between adjacent signed codes) by ``clip(v, ±rung_clip)``,
+without rounding (the fractions accumulate in FP32), clamped at ±top code; it crosses zero
+through the code order like the stored arm. The grid only sizes the step. Where the stored
+weight is on its grid, its stochastic move is this one in expectation (E[floor(v + U)] = v, and
+the value is linear in the position between adjacent codes). The master's grid is the scale of
+`GridOptim.master_scale` (halved while its top code is occupied: the stored arm's rescale).
+
+``step()`` returns (flips, updates): weights whose code the move changed (a master: whose nearest
+code on the step's grid changed), weights with a non-zero gradient (a rescale after the move
+re-rounds the tensor; the update monitor counts those flips too). The decay term is
+ManifoldAdamW's in rungs: its step divided by S(w) is the same ``-lr (d + wd w)``, so the two
+geometry arms decay alike.
 """
 
 from __future__ import annotations
@@ -28,10 +39,10 @@ from typing import NamedTuple
 import torch
 
 from ..quantization import native
-from ..quantization.codes import rungs, top_code, values_of_codes, values_of_rungs
+from ..quantization.codes import magnitude_codes, rungs, top_code, values_of_codes, values_of_rungs
 from ..quantization.kernel import random_bits, use_native
 from ..quantization.quantize import draw_seed
-from .base import GridAwareOptimizer
+from .base import GRID_LR_UNITS, GridAwareOptimizer, lr_unit_factor
 
 GRID_DIRECTIONS = ("adam", "momentum")
 
@@ -56,15 +67,45 @@ def random_rungs(proposed: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     return whole + (bits < torch.ceil((proposed - whole) * 2.0**30).to(torch.int32)).float()
 
 
+def positions(scaled: torch.Tensor, fmt) -> torch.Tensor:
+    """The continuous signed code position (float64) of each scaled value: rung k at the k-th
+    grid value, linear between neighbouring values, so it crosses zero through the code order
+    (-1 at -min_positive, 0 at 0, +1 at +min_positive). Beyond ±max it saturates at ±top code."""
+    top = top_code(fmt)
+    magnitude = scaled.detach().float().abs().clamp(max=fmt.max)
+    code = magnitude_codes(magnitude, fmt).clamp(max=top)  # of the largest grid value <= |x| (truncation)
+    low = values_of_codes(code, fmt).double()
+    high = values_of_codes((code + 1).clamp(max=top), fmt).double()
+    fraction = torch.where(high > low, (magnitude.double() - low) / (high - low).clamp(min=1e-300), 0.0)
+    position = code.double() + fraction
+    return torch.where(torch.signbit(scaled), -position, position)
+
+
+def values_at(position: torch.Tensor, fmt) -> torch.Tensor:
+    """The scaled value (float64) at each continuous code position: `positions`' inverse, the
+    piecewise-linear interpolation between adjacent signed codes, clamped at ±top code."""
+    top = top_code(fmt)
+    magnitude = position.abs().clamp(max=top)
+    code = torch.floor(magnitude).long().clamp(max=top)
+    low = values_of_codes(code, fmt).double()
+    high = values_of_codes((code + 1).clamp(max=top), fmt).double()
+    value = low + (magnitude - code.double()) * (high - low)
+    return torch.where(position < 0, -value, value)
+
+
 class GridOptim(GridAwareOptimizer):
-    def __init__(self, param_groups, weights, seed, rung_clip: int = 4, grid_direction: str = "adam", **adamw):
+    def __init__(self, param_groups, weights, seed, rung_clip: int = 4, grid_direction: str = "adam",
+                 lr_unit: str = "ulp", **adamw):
         if grid_direction not in GRID_DIRECTIONS:
             raise ValueError(f"grid_direction must be one of {', '.join(GRID_DIRECTIONS)}, got {grid_direction!r}")
         if rung_clip < 1:
             raise ValueError(f"rung_clip must be >= 1, got {rung_clip}")
+        if lr_unit not in GRID_LR_UNITS:
+            raise ValueError(f"grid_lr_unit must be one of {', '.join(GRID_LR_UNITS)}, got {lr_unit!r}")
         super().__init__(param_groups, weights, seed, **adamw)
         self.rung_clip = rung_clip
         self.grid_direction = grid_direction
+        self.lr_unit = lr_unit
 
     @torch.no_grad()
     def step(self, closure=None) -> StepCounts:
@@ -75,42 +116,112 @@ class GridOptim(GridAwareOptimizer):
             for param in params:
                 weight = self.weight_of(param)
                 adam = self.grid_direction == "adam"
-                hyper = self.adam_hyper(group, self.count_step(param, second=adam), bias_corrected=adam)
+                hyper = self.adam_hyper(group, self.count_step(param, second=adam), bias_corrected=adam,
+                                        factor=lr_unit_factor(self.lr_unit, weight))
                 moved, updated, blocked = self._move(param, weight, hyper)
                 flips, updates = flips + moved, updates + updated
                 if blocked:
                     weight.rescale(0.5, self.generator)
         return StepCounts(flips, updates)
 
+    def _direction(self, param, hyper) -> torch.Tensor:
+        if self.grid_direction == "adam":
+            return self.adam_direction(param, hyper)
+        return self.momentum_direction(param, hyper)
+
+    def _proposal(self, direction, param, step_size, decay) -> torch.Tensor:
+        """v = -(d step + w decay) rungs (native.c's order); 0/0 (a zero gradient with eps 0) or an
+        overflowed direction never becomes a NaN weight."""
+        proposed = -(direction * step_size + param * decay)
+        return torch.nan_to_num_(proposed, nan=0.0, posinf=self.rung_clip, neginf=-self.rung_clip)
+
+    def _intended(self, position, proposed, fmt) -> torch.Tensor:
+        """The continuous target position: ``clamp(p + clip(v, ±rung_clip), ±top)``."""
+        top = top_code(fmt)
+        return (position + proposed.clamp(-self.rung_clip, self.rung_clip).double()).clamp_(-top, top)
+
     def _move(self, param, weight, hyper) -> tuple[int, int, bool]:
         """One tensor's rung moves: (flips, updates, whether the top end stopped a move)."""
+        if not weight.stored:
+            return self._move_master(param, weight, hyper)
         fmt, scale, state = weight.fmt, weight.forward_scale(), self.state[param]
         stochastic = weight.update_rounding == "stochastic"
         seed = draw_seed(self.generator, param.device) if stochastic else None
         tensors = (param, param.grad, state["exp_avg"], state.get("exp_avg_sq", param))
-        if self.grid_direction == "adam" and use_native("auto", native.fits_step(*tensors)):
+        if self.grid_direction == "adam" and not self.recording and use_native("auto", native.fits_step(*tensors)):
             hyper = hyper + [float(scale), 1.0 / float(scale)]
             flips, updates, blocked = native.grid_step(param.data, *tensors[1:], hyper, fmt.emin, fmt.mantissa_bits,
                                                        top_code(fmt), self.rung_clip, _table(fmt), seed)
             return flips, updates, blocked > 0
-        if self.grid_direction == "adam":
-            direction = self.adam_direction(param, hyper)
-        else:
-            direction = self.momentum_direction(param, hyper)
-        proposed = -(direction * hyper[6] + param * hyper[7])  # -(d step + w decay), as native.c
-        # 0/0 (a zero gradient with eps 0) or an overflowed direction never becomes a NaN weight
-        torch.nan_to_num_(proposed, nan=0.0, posinf=self.rung_clip, neginf=-self.rung_clip)
+        direction = self._direction(param, hyper)
+        proposed = self._proposal(direction, param, hyper[6], hyper[7])
+        before = rungs(param * scale, fmt)
+        top = top_code(fmt)
+        after, target = self._land(before, proposed, seed, top)
+        if self.recording:
+            # the intended step: the continuous move from the on-grid start (GridOptim on a master);
+            # its decay part: the same move without weight decay subtracted from it, in weight units
+            w = param.detach().clone()
+            without = self._proposal(direction, param, hyper[6], 0.0)
+            intended = values_at(self._intended(before.double(), proposed, fmt), fmt)
+            intended_without = values_at(self._intended(before.double(), without, fmt), fmt)
+            landed_without, _ = self._land(before, without, seed, top)
+            inverse = 1.0 / scale
+            delta = (intended * inverse).float() - w
+            decay = ((intended - intended_without) * inverse).float()
+            landed = (values_of_rungs(after, fmt) - values_of_rungs(landed_without, fmt)) * inverse
+            self._record(param, w, delta, decay, landed)
+        param.copy_(values_of_rungs(after, fmt) * (1.0 / scale))
+        return int((after != before).sum()), int((param.grad != 0).sum()), bool((target.abs() > top).any())
+
+    def _land(self, before, proposed, seed, top) -> tuple[torch.Tensor, torch.Tensor]:
+        """A stored weight's landing: ``floor(v + U)`` rungs (the random bits of ``seed``) or
+        ``round(v)`` (ties to even), clipped to ±rung_clip, stopped at ±top: (rungs after, target)."""
         if seed is not None:
             moves = random_rungs(proposed, seed)
         else:
             moves = torch.round(proposed)  # half to even
         moves = moves.clamp_(-self.rung_clip, self.rung_clip).to(torch.int32)
-        before = rungs(param * scale, fmt)
         target = before + moves
-        top = top_code(fmt)
-        after = target.clamp(-top, top)
-        param.copy_(values_of_rungs(after, fmt) * (1.0 / scale))
-        return int((after != before).sum()), int((param.grad != 0).sum()), bool((target.abs() > top).any())
+        return target.clamp(-top, top), target
+
+    def master_scale(self, weight) -> float | torch.Tensor:
+        """The scale of a master's grid for this step: its current amax scale, halved while the
+        top code is occupied (``amax * s >= max``), so that a weight the top end stopped can grow
+        on the next step, as a stored weight can after its rescale."""
+        scale = weight.current_scale()
+        amax = weight.param.detach().abs().amax()
+        if isinstance(scale, float):
+            amax = float(amax)
+            while amax * scale >= weight.fmt.max and scale > 2.0**-126:
+                scale *= 0.5
+            return scale
+        while bool(amax * scale >= weight.fmt.max) and bool(scale > 2.0**-126):
+            scale = scale * 0.5
+        return scale
+
+    def _move_master(self, param, weight, hyper) -> tuple[int, int, bool]:
+        """GridOptim on an FP32 master: the same proposal v, moved exactly (no rounding) along the
+        continuous code position under this step's grid (`master_scale`), clipped to ±rung_clip,
+        clamped at ±top; the fractions accumulate in the FP32 master. Flips: elements whose
+        nearest code on this step's grid changed (``round(p)``; ties to even)."""
+        fmt = weight.fmt
+        scale = self.master_scale(weight)
+        direction = self._direction(param, hyper)
+        proposed = self._proposal(direction, param, hyper[6], hyper[7])
+        position = positions(param * scale, fmt)
+        target = self._intended(position, proposed, fmt)
+        inverse = 1.0 / scale
+        w = param.detach().clone() if self.recording else None
+        moved = (proposed != 0) & (target != position)  # v = 0 leaves the master exactly as it is
+        param.copy_(torch.where(moved, (values_at(target, fmt) * inverse).float(), param))
+        if self.recording:
+            without = self._proposal(direction, w, hyper[6], 0.0)
+            decay = ((values_at(target, fmt) - values_at(self._intended(position, without, fmt), fmt))
+                     * inverse).float()
+            self._record(param, w, param.detach() - w, decay, decay)  # nothing is lost in landing
+        flips = int((torch.round(target) != torch.round(position)).sum())
+        return flips, int((param.grad != 0).sum()), False
 
 
 @lru_cache(maxsize=None)

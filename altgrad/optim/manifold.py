@@ -11,7 +11,10 @@ spacing at w under the tensor's scale s (the smallest spacing at w = 0; capped b
 ``step_size = lr / (1 - beta1^t)``, the same ops in the native kernel and the torch code)
 
 so ``lr`` is in ULPs per step and every weight moves about the same number of codes: a
-multiplicative update, like Madam's. Scaling the *gradient* by S instead would be almost
+multiplicative update, like Madam's. With ``lr_unit="binade"`` (config ``grid_lr_unit``) lr is
+multiplied by ``2^M`` of the weight's current format, so the step is
+``lr * 2^floor(log2 |w s|) / s`` times Adam's direction: the same for every mantissa width (the
+binade floored at the format's emin, as S is), and one sweep range serves every format. Scaling the *gradient* by S instead would be almost
 undone by Adam's normalisation (the tests show that variant fails the definition).
 Format-stored weights then round ``w + delta`` onto their grid (their update rounding);
 FP32-master weights take ``w + delta``. Parameters without a format take torch's AdamW step,
@@ -27,13 +30,17 @@ import torch
 
 from ..quantization import native
 from ..quantization.kernel import use_native
-from .base import GridAwareOptimizer
+from .base import GRID_LR_UNITS, GridAwareOptimizer, lr_unit_factor
 
 
 class ManifoldAdamW(GridAwareOptimizer):
-    def __init__(self, param_groups, weights, seed, max_stiffness: float | None = None, **adamw):
+    def __init__(self, param_groups, weights, seed, max_stiffness: float | None = None, lr_unit: str = "ulp",
+                 **adamw):
+        if lr_unit not in GRID_LR_UNITS:
+            raise ValueError(f"grid_lr_unit must be one of {', '.join(GRID_LR_UNITS)}, got {lr_unit!r}")
         super().__init__(param_groups, weights, seed, **adamw)
         self.max_stiffness = max_stiffness
+        self.lr_unit = lr_unit
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -43,8 +50,11 @@ class ManifoldAdamW(GridAwareOptimizer):
         for group, params in self._geometry_groups():
             for param in params:
                 weight = self.weight_of(param)
-                hyper = self.adam_hyper(group, self.count_step(param))
+                hyper = self.adam_hyper(group, self.count_step(param), factor=lr_unit_factor(self.lr_unit, weight))
                 state = self.state[param]
+                if self.recording:  # the torch code (bit-identical), keeping its parts
+                    self._recorded_step(param, weight, hyper)
+                    continue
                 if use_native("auto", native.fits_step(param, param.grad, state["exp_avg"], state["exp_avg_sq"])):
                     fmt, scale = weight.fmt, weight.current_scale()
                     native.manifold_step(param.data, param.grad, state["exp_avg"], state["exp_avg_sq"],
@@ -58,3 +68,21 @@ class ManifoldAdamW(GridAwareOptimizer):
                 if weight.stored:
                     weight.project(self.generator)  # w + delta onto the grid, in the weight's update rounding
         return loss
+
+    def _recorded_step(self, param, weight, hyper) -> None:
+        """The torch step above with its parts kept: delta, its decay part and what of that landed."""
+        before = param.detach().clone()
+        stiffness = weight.stiffness(self.max_stiffness)
+        direction = self.adam_direction(param, hyper)
+        decay = param * hyper[7]
+        update = (direction * hyper[6] + decay) * stiffness
+        decay = decay * stiffness  # the decay part of the step is -decay
+        param.sub_(update)
+        if not weight.stored:  # a master takes w + delta (its change is the step): nothing is lost in landing
+            self._record(param, before, param.detach() - before, -decay, -decay)
+            return
+        without_decay = param.detach() + decay
+        landed_state = self.generator.get_state()
+        weight.project(self.generator)
+        landed = param.detach() - weight.land(without_decay, landed_state)
+        self._record(param, before, -update, -decay, landed)

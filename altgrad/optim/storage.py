@@ -107,6 +107,20 @@ class FormatWeight:
         self._set_scale(scale, count)
 
     @torch.no_grad()
+    def land(self, y: torch.Tensor, generator_state: torch.Tensor | None) -> torch.Tensor:
+        """What the last `project` would have written for ``y`` instead: ``Q(y s) / s`` at the
+        scale it chose, with its update rounding and, for stochastic rounding, its random bits
+        (``generator_state``: the optimizer generator's state before that projection, which drew
+        one seed from it: the same seed gives the same bits per element). For step records."""
+        generator = None
+        if self.update_rounding == "stochastic":
+            generator = torch.Generator()  # the optimizers' generator is a CPU one (base.py)
+            generator.set_state(generator_state)
+        scale = self.forward_scale()
+        q = quantize(y.detach().float() * scale, self.fmt, rounding=self.update_rounding, generator=generator)
+        return q * (1.0 / scale)
+
+    @torch.no_grad()
     def rescale(self, factor: float, generator: torch.Generator | None) -> None:
         """Change the scale by a power of two ``factor`` and re-round the tensor onto the new grid."""
         scale = self.scale * factor

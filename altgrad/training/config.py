@@ -15,7 +15,7 @@ import yaml
 
 from ..errors import UserError
 from ..model.surgery import QuantPolicy, build_policy
-from ..optim import GRID_DIRECTIONS, OPTIMIZERS, OptimizerSpec
+from ..optim import GRID_DIRECTIONS, GRID_LR_UNITS, OPTIMIZERS, OptimizerSpec
 from ..quantization.linear import WEIGHT_STORAGES
 from ..quantization.quantize import ROUNDINGS
 from .clipping import CLIP_MODES
@@ -28,6 +28,8 @@ POLICY_DEFAULT_KEYS = ("rounding", "grad_rounding", "scaling", "amax_history_len
                        "power_of_two_scales", "gemm_dtype", "weight_storage", "update_rounding")
 #: What an optimizer implies when weight_storage / update_rounding are not given (DESIGN §4 arms):
 #: adamw -> FP32 masters (arm A; with format storage, nearest: arm B); manifold -> D; grid -> E.
+#: The geometry arms on FP32 masters (manifold-master, grid-master: the same update rule, the
+#: grid only sizes the step) take ``weight_storage: master`` explicitly.
 ARM_DEFAULTS = {"adamw": ("master", "nearest"), "manifold": ("format", "stochastic"),
                 "grid": ("format", "stochastic")}
 
@@ -58,8 +60,13 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 2000
     lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
+    # The schedule (training/setup.py `learning_rate`): linear warmup to lr, cosine decay to the
+    # floor `floor_lr` at decay_steps, then flat. Its shape is set as fractions, so that arms
+    # with different peaks decay alike (DESIGN §5.1):
+    min_lr: float | None = None  # the floor, absolute (older configs); not together with min_lr_ratio
+    min_lr_ratio: float | None = None  # the floor as a fraction of lr, 0..1 (default 0.1 when min_lr is not given)
+    warmup_steps: int = 100  # warmup in steps; ignored when warmup_ratio is given
+    warmup_ratio: float | None = None  # warmup as a fraction of max_steps (round(ratio * max_steps) steps), 0 <= r < 1
     lr_decay_steps: int | None = None  # default: max_steps
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -72,6 +79,11 @@ class TrainConfig:
     weight_storage: str | None = None  # default: master for adamw, format for manifold and grid
     update_rounding: str | None = None  # format storage: default nearest for adamw, else stochastic
     grid_lr: float = 0.5  # manifold: ULPs per step; grid: rungs per step (format weights; same schedule as lr)
+    # grid_lr's unit: ulp (grid_lr ULPs or rungs per step) | binade (grid_lr * 2^M of them for a weight whose
+    # format has M mantissa bits, i.e. a manifold step of grid_lr * 2^floor(log2|w s|) / s times Adam's
+    # direction, the same for every M: one sweep range serves every format). Read from each weight's format
+    # at step time (an emergency shift changes it).
+    grid_lr_unit: str = "ulp"
     max_stiffness: float | None = None  # manifold: cap on the stiffness S(w) (absolute)
     rung_clip: int = 4  # grid: most rungs a weight moves in one step
     grid_direction: str = "adam"  # grid: adam | momentum
@@ -129,7 +141,13 @@ class TrainConfig:
             (self.eval_interval >= 1 and self.log_interval >= 1 and self.checkpoint_interval >= 1,
              "eval_interval, log_interval and checkpoint_interval must be >= 1"),
             (self.keep_checkpoints >= 1 and self.nan_patience >= 1, "keep_checkpoints and nan_patience must be >= 1"),
-            (0 <= self.min_lr <= self.lr and self.lr > 0, "need lr > 0 and 0 <= min_lr <= lr"),
+            (self.lr > 0, "need lr > 0"),
+            (self.min_lr is None or self.min_lr_ratio is None,
+             "give the floor of the schedule as min_lr (absolute) or min_lr_ratio (a fraction of lr), not both"),
+            (self.min_lr is None or 0 <= self.min_lr <= self.lr, "need 0 <= min_lr <= lr"),
+            (self.min_lr_ratio is None or 0 <= self.min_lr_ratio <= 1, "need 0 <= min_lr_ratio <= 1"),
+            (self.warmup_steps >= 0, "need warmup_steps >= 0"),
+            (self.warmup_ratio is None or 0 <= self.warmup_ratio < 1, "need 0 <= warmup_ratio < 1"),
             (self.stats_interval >= 1 and self.shadow_interval >= 1 and self.dead_window >= 1,
              "stats_interval, shadow_interval and dead_window must be >= 1"),
             (not (self.format and self.policy), "give either format (one format everywhere) or policy, not both"),
@@ -137,6 +155,7 @@ class TrainConfig:
             (self.weight_storage in (None, *WEIGHT_STORAGES), f"weight_storage must be one of {', '.join(WEIGHT_STORAGES)}"),
             (self.update_rounding in (None, *ROUNDINGS), f"update_rounding must be one of {', '.join(ROUNDINGS)}"),
             (self.grid_direction in GRID_DIRECTIONS, f"grid_direction must be one of {', '.join(GRID_DIRECTIONS)}"),
+            (self.grid_lr_unit in GRID_LR_UNITS, f"grid_lr_unit must be one of {', '.join(GRID_LR_UNITS)}"),
             (self.grid_lr >= 0 and self.rung_clip >= 1, "need grid_lr >= 0 and rung_clip >= 1"),
             (self.max_stiffness is None or self.max_stiffness > 0, "max_stiffness must be > 0"),
             (self.grad_clip_mode in CLIP_MODES, f"grad_clip_mode must be one of {', '.join(CLIP_MODES)}"),
@@ -154,7 +173,7 @@ class TrainConfig:
         self._check_arm(policy)
 
     def _check_arm(self, policy: QuantPolicy | None) -> None:
-        """The optimizer and storage need weights with a format (GridOptim: stored ones)."""
+        """The geometry optimizers and format storage need weights with a format (stored or FP32 masters)."""
         configs = [rule.config for rule in (policy.rules if policy else ()) if rule.config is not None]
         with_format = [c for c in configs if c.weight is not None]
         if self.optimizer != "adamw" and not with_format:
@@ -162,9 +181,6 @@ class TrainConfig:
                             "give a weight format (--format or a policy)")
         if self.weight_storage == "format" and not with_format:
             raise UserError("bad config: weight_storage format needs a weight format (--format or a policy)")
-        if self.optimizer == "grid" and any(c.weight_storage != "format" for c in with_format):
-            raise UserError("bad config: GridOptim moves weights in codes, so every layer with a weight format "
-                            "needs weight_storage: format")
 
     def quant_policy(self) -> QuantPolicy | None:
         """The Linear-layer policy: None for a plain FP32/BF16 run."""
@@ -185,9 +201,14 @@ class TrainConfig:
 
     @property
     def arm(self) -> str:
-        """How weights are updated: ``adamw`` (FP32 masters, the standard recipe), else
+        """How weights are updated: ``adamw`` (FP32 masters, the standard recipe: arm A), else
         ``<optimizer>[-momentum]-<master | rtn | sr | mixed>``: the storage and update rounding
-        of the layers with a weight format (``mixed`` when policy rules set them differently)."""
+        of the layers with a weight format (``mixed`` when policy rules set them differently).
+
+        adamw-rtn, adamw-sr: arms B, C; manifold-sr (-rtn): arm D; grid-sr (-rtn): arm E;
+        manifold-master and grid-master: the geometry update rules on FP32 masters, where the
+        format's grid only sizes the step (DESIGN §5.2: the update-rule effect, without storage).
+        The ``grid_lr_unit`` is not part of the tag (a config setting, recorded with the run)."""
         def tag(storage: str, rounding: str) -> str:
             return "master" if storage == "master" else {"nearest": "rtn", "stochastic": "sr"}[rounding]
 
@@ -211,11 +232,28 @@ class TrainConfig:
     def optimizer_spec(self) -> OptimizerSpec:
         return OptimizerSpec(name=self.optimizer, lr=self.lr, grid_lr=self.grid_lr, weight_decay=self.weight_decay,
                              betas=(self.beta1, self.beta2), max_stiffness=self.max_stiffness,
-                             rung_clip=self.rung_clip, grid_direction=self.grid_direction)
+                             rung_clip=self.rung_clip, grid_direction=self.grid_direction,
+                             grid_lr_unit=self.grid_lr_unit)
 
     @property
     def decay_steps(self) -> int:
         return self.lr_decay_steps or self.max_steps
+
+    @property
+    def floor_lr(self) -> float:
+        """The final lr of the cosine decay (absolute): ``min_lr`` when given, else
+        ``lr * min_lr_ratio``, else ``lr * DEFAULT_MIN_LR_RATIO``. The one place the rule lives."""
+        if self.min_lr is not None:
+            return self.min_lr
+        return self.lr * (DEFAULT_MIN_LR_RATIO if self.min_lr_ratio is None else self.min_lr_ratio)
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps: ``round(warmup_ratio * max_steps)`` when ``warmup_ratio`` is given (then
+        ``warmup_steps`` is ignored), else ``warmup_steps``. The one place the rule lives."""
+        if self.warmup_ratio is not None:
+            return round(self.warmup_ratio * self.max_steps)
+        return self.warmup_steps
 
     @property
     def tokens_per_step(self) -> int:
@@ -229,18 +267,20 @@ class TrainConfig:
         return data
 
 
+#: The floor of the schedule as a fraction of the peak lr when neither min_lr nor min_lr_ratio is given.
+DEFAULT_MIN_LR_RATIO = 0.1
+
 #: Presets: tiny is for tests (seconds), small is nanoGPT's CPU config (minutes on a laptop),
-#: paper is the GPU config of the original plan.
+#: paper is the GPU config of the original plan. None sets a floor: each decays to
+#: DEFAULT_MIN_LR_RATIO of its own lr (the absolute floors they had were that ratio).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_steps=60, lr=3e-3,
-                 min_lr=3e-4, warmup_steps=5, eval_interval=20, eval_iters=4, log_interval=5,
-                 checkpoint_interval=20),
+                 warmup_steps=5, eval_interval=20, eval_iters=4, log_interval=5, checkpoint_interval=20),
     "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_steps=2000, lr=1e-3,
-                  min_lr=1e-4, warmup_steps=100, eval_interval=250, eval_iters=20, log_interval=10,
-                  checkpoint_interval=250),
+                  warmup_steps=100, eval_interval=250, eval_iters=20, log_interval=10, checkpoint_interval=250),
     "paper": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=12, max_steps=2000, lr=6e-4,
-                  min_lr=6e-5, warmup_steps=100, grad_clip=1.0, eval_interval=250, eval_iters=100,
-                  log_interval=10, checkpoint_interval=250),
+                  warmup_steps=100, grad_clip=1.0, eval_interval=250, eval_iters=100, log_interval=10,
+                  checkpoint_interval=250),
 }
 
 CONFIG_FILE_NAME = "config.yaml"

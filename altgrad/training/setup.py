@@ -39,13 +39,16 @@ def compiled(module: torch.nn.Module, config: TrainConfig) -> torch.nn.Module:
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warmup to ``lr``, cosine decay to ``min_lr`` at ``decay_steps``, then flat."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / (config.warmup_steps + 1)
+    """Linear warmup to ``lr`` over ``config.warmup`` steps, cosine decay to ``config.floor_lr``
+    at ``decay_steps``, then flat (the config's properties hold the warmup and floor rules:
+    ``warmup_ratio`` or ``warmup_steps``; ``min_lr``, ``min_lr_ratio`` or the default ratio)."""
+    warmup, floor = config.warmup, config.floor_lr
+    if step < warmup:
+        return config.lr * (step + 1) / (warmup + 1)
     if step >= config.decay_steps:
-        return config.min_lr
-    progress = (step - config.warmup_steps) / max(1, config.decay_steps - config.warmup_steps)
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
+        return floor
+    progress = (step - warmup) / max(1, config.decay_steps - warmup)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - floor)
 
 
 def find_data(config: TrainConfig, notify: Event) -> tuple[Path, dict[str, Any]]:

@@ -106,7 +106,7 @@ class Trainer:
         # Format-stored weights are projected onto their grid here: every arm starts from the same grid.
         self.optimizer = build_optimizer(self.model, cfg.optimizer_spec(), cfg.seed)
         self.monitors: list[Monitor] = [QuantStatsMonitor(self.model, cfg.stats_interval, cfg.dead_window),
-                                        UpdateMonitor(self.model, cfg.stats_interval)]
+                                        UpdateMonitor(self.model, cfg.stats_interval, self.optimizer)]
         self.monitors.append(RankMonitor(self.model, cfg.rank_interval, cfg.rank_threshold, cfg.critical_layers,
                                          cfg.critical_threshold_multiplier))
         if cfg.use_shadow:

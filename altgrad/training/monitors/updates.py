@@ -16,9 +16,23 @@ the update, not by the noise). With that:
 - ``bit_position/{mean,std}/<layer>``: the magnitude code of each on-grid weight
   (0 .. 2^(E+M) - 1 per sign) after the step;
 - ``optim/rescales/<layer>``: storage scale changes so far (format storage);
+- the effective step sizes (DESIGN §5.2: arms compared at known step sizes), from the
+  optimizer's own `optim.StepRecord` of the step (it records itself on these steps; torch's
+  AdamW, which cannot, is recorded by its definition, `optim.plain_record`):
+  ``optim/rel_update_intended/<layer>`` = RMS(delta) / RMS(w before), delta the optimizer's
+  step before it lands on the grid (a master: its change; GridOptim stored: the continuous
+  move of its master rule from the on-grid start);
+  ``optim/rel_update_realized/<layer>`` = RMS(on-grid w after - on-grid w before) / RMS(on-grid
+  w before);
+  ``optim/decay_applied/<layer>`` = <Q(w + delta) - Q(w + delta - d), d> / <d, d>, d the
+  decoupled weight decay's part of delta and Q the run's landing rule (the identity for an
+  FP32 master, so exactly 1; the stored projection at its scale with the same random bits;
+  GridOptim's rung landing with the same U): the fraction of the intended decay that landed.
+  Each is NaN where undefined (w = 0 before the step; no weight decay), never 0;
 - headlines: the mean over layers of each rate (``optim/update_rate``, ``optim/flip_rate``,
-  ``optim/stall_ratio``, ``quant/bit_stall_rate``), the element-weighted ones beside them as
-  ``..._elementwise``, and ``optim/rescales`` (the sum).
+  ``optim/stall_ratio``, ``quant/bit_stall_rate``, ``optim/rel_update_intended``,
+  ``optim/rel_update_realized``, ``optim/decay_applied``), the element-weighted ones beside the
+  first four as ``..._elementwise``, and ``optim/rescales`` (the sum).
 
 The run's summary gets, per layer, the totals over the measured steps: updates, flips,
 stall ratio, the bit-position drift (mean code at the last measurement minus the first) and
@@ -38,6 +52,7 @@ import torch
 from torch import nn
 
 from ...model.surgery import quantized_layers
+from ...optim import StepRecord, StepRecorder
 from ...quantization import native
 from ...quantization.codes import magnitude_codes
 from ...quantization.formats import FloatFormat
@@ -66,6 +81,16 @@ METRICS: dict[str, str] = {
     "bit_position/std/<layer>": "standard deviation of those codes",
     "optim/rescales/<layer>": "storage scale changes so far (format storage only)",
     "optim/rescales": "storage scale changes so far, summed over layers (format storage only)",
+    "optim/rel_update_intended/<layer>": "RMS(delta) / RMS(w) before the step, delta the optimizer's step before it "
+                                         "lands on the grid (a master: its change); NaN for w = 0",
+    "optim/rel_update_intended": "intended relative update; mean over layers (NaN layers left out)",
+    "optim/rel_update_realized/<layer>": "RMS(change of the on-grid weight) / RMS(on-grid weight before the step); "
+                                         "NaN for w = 0",
+    "optim/rel_update_realized": "realized relative update; mean over layers (NaN layers left out)",
+    "optim/decay_applied/<layer>": "fraction of the step's decoupled weight decay d that landed: "
+                                   "<Q(w+delta) - Q(w+delta-d), d> / <d, d>, Q the run's landing rule (1 for FP32 "
+                                   "masters); NaN without weight decay",
+    "optim/decay_applied": "decay applied; mean over layers (NaN layers left out)",
 }
 
 
@@ -92,6 +117,21 @@ def code_moments(code_sum: int, code_squares: int, n: int) -> tuple[float, float
     return code_sum / n, math.sqrt((n * code_squares - code_sum * code_sum) / (n * (n - 1)))  # exact integers
 
 
+def _norm(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x.detach().double()))
+
+
+def step_sizes(record: StepRecord, before: torch.Tensor, after: torch.Tensor) -> dict[str, float]:
+    """The intended and realized relative updates and the decay applied of one weight's step
+    (see the module doc; RMS ratios are norm ratios: the element count cancels). ``before`` and
+    ``after``: the on-grid weight before and after the step, in weight units."""
+    decay = record.decay.double()
+    return {"optim/rel_update_intended": ratio(_norm(record.delta), _norm(record.before)),
+            "optim/rel_update_realized": ratio(_norm(after.double() - before.double()), _norm(before)),
+            "optim/decay_applied": ratio(float((record.decay_landed.double() * decay).sum()),
+                                         float((decay * decay).sum()))}
+
+
 def _scaled_grid(layer: QuantizedLinear, scale, generator_seed: int) -> torch.Tensor:
     """The scaled grid values of the weight the forward pass uses under ``scale``."""
     weight = layer.weight.detach()
@@ -112,9 +152,11 @@ def _on_grid(layer: QuantizedLinear, scale, generator_seed: int) -> torch.Tensor
 class UpdateMonitor(BaseMonitor):
     name = "updates"
 
-    def __init__(self, model: nn.Module, interval: int):
+    def __init__(self, model: nn.Module, interval: int, optimizer: torch.optim.Optimizer | None = None):
         super().__init__(interval)
         self.layers = {name: layer for name, layer in quantized_layers(model).items() if layer.weight_format is not None}
+        # the optimizer's step records give the step sizes (without an optimizer they are not logged)
+        self.recorder = StepRecorder(optimizer) if optimizer is not None else None
         self.totals: dict[str, dict[str, Any]] = {
             name: {"updates": 0, "flips": 0, "stalled": 0, "first_position": None, "last_position": None,
                    "first_scale": None, "last_scale": None, "format": None}
@@ -133,11 +175,16 @@ class UpdateMonitor(BaseMonitor):
             seed = (ctx.step * 1_000_003 + zlib.crc32(name.encode())) % 2**62
             before = _on_grid(layer, scale, seed)
             self._before[name] = (before, scale, seed)
+        if self.recorder is not None:
+            self.recorder.start([self.layers[name].weight for name in self._before])
 
     def after_update(self, ctx: StepContext) -> dict[str, float]:
         metrics: dict[str, float] = {}
         rates: dict[str, dict[str, float]] = {"optim/update_rate": {}, "optim/flip_rate": {},
                                               "optim/stall_ratio": {}, "quant/bit_stall_rate": {}}
+        records = self.recorder.finish() if self.recorder is not None else {}
+        sizes: dict[str, dict[str, float]] = {"optim/rel_update_intended": {}, "optim/rel_update_realized": {},
+                                              "optim/decay_applied": {}}
         updates_all = flips_all = stalled_all = numel_all = 0
         rescales = 0
         for name, (before, scale, seed) in self._before.items():
@@ -155,6 +202,11 @@ class UpdateMonitor(BaseMonitor):
             for key, value in layer_rates.items():
                 metrics[f"{key}/{name}"] = value
                 rates[key][name] = value
+            record = records.get(id(layer.weight))
+            if record is not None:
+                for key, value in step_sizes(record, before, scaled / scale).items():
+                    metrics[f"{key}/{name}"] = value
+                    sizes[key][name] = value
             metrics |= {f"optim/updates/{name}": updates, f"optim/flips/{name}": flips,
                         f"bit_position/mean/{name}": position, f"bit_position/std/{name}": spread}
             if stored is not None:
@@ -175,6 +227,7 @@ class UpdateMonitor(BaseMonitor):
         if not numel_all:
             return metrics
         metrics |= {key: layer_mean(values.values()) for key, values in rates.items()}
+        metrics |= {key: layer_mean(values.values()) for key, values in sizes.items() if values}
         metrics |= {"optim/update_rate_elementwise": updates_all / numel_all,
                     "optim/flip_rate_elementwise": flips_all / numel_all,
                     "optim/stall_ratio_elementwise": 1.0 - ratio(flips_all, updates_all),
