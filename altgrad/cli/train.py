@@ -214,6 +214,9 @@ def train(
                                         "default: nearest for adamw, stochastic for manifold and grid"),
     grid_lr: Optional[float] = typer.Option(None, "--grid-lr",
                                             help="manifold: ULPs per step; grid: rungs per step (default 0.5)"),
+    grid_lr_unit: Optional[str] = typer.Option(
+        None, "--grid-lr-unit", help="ulp: --grid-lr counts ULPs or rungs (default) | binade: grid_lr * 2^M of them "
+                                     "(M mantissa bits: the same step in every format)"),
     grad_clip_mode: Optional[str] = typer.Option(
         None, "--grad-clip-mode", help="global (one norm) | partition (per gradient format, bounded by its range)"),
     format_shift: Optional[bool] = typer.Option(
@@ -233,6 +236,10 @@ def train(
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
     lr: Optional[float] = typer.Option(None, "--lr"),
+    min_lr_ratio: Optional[float] = typer.Option(
+        None, "--min-lr-ratio", help="The schedule's final lr as a fraction of --lr (default 0.1)."),
+    warmup_ratio: Optional[float] = typer.Option(
+        None, "--warmup-ratio", help="Warmup as a fraction of --max-steps (instead of warmup_steps)."),
     eval_interval: Optional[int] = typer.Option(None, "--eval-interval"),
     checkpoint_interval: Optional[int] = typer.Option(None, "--checkpoint-interval"),
     compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
@@ -249,14 +256,16 @@ def train(
     with user_errors():
         overrides = dict(preset=preset, precision=precision, max_steps=max_steps, run_name=run_name,
                          runs_dir=runs_dir, data=data, seed=seed, device=device, batch_size=batch_size,
-                         grad_accum=grad_accum, lr=lr, eval_interval=eval_interval,
+                         grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio, warmup_ratio=warmup_ratio,
+                         eval_interval=eval_interval,
                          checkpoint_interval=checkpoint_interval, compile=compile_model, compile_mode=compile_mode,
                          wandb=wandb,
                          adapt_threads=adapt_threads,
                          format=fmt, grad_format=grad_format, rounding=rounding, grad_rounding=grad_rounding,
                          scaling=scaling, use_shadow=shadow, shadow_interval=shadow_interval,
                          stats_interval=stats_interval, optimizer=optimizer, weight_storage=weight_storage,
-                         update_rounding=update_rounding, grid_lr=grid_lr, grad_clip_mode=grad_clip_mode,
+                         update_rounding=update_rounding, grid_lr=grid_lr, grid_lr_unit=grid_lr_unit,
+                         grad_clip_mode=grad_clip_mode,
                          format_shift=format_shift)
         resolved = resolve_config(config, overrides)
         if resume:
