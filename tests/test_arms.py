@@ -28,6 +28,7 @@ ARMS = {
     "D": dict(optimizer="manifold"),
     "D-master": dict(optimizer="manifold", weight_storage="master"),
     "E": dict(optimizer="grid"),
+    "E-master": dict(optimizer="grid", weight_storage="master"),
 }
 
 
@@ -69,7 +70,7 @@ def test_default_names_carry_the_arm_and_never_collide(arm_runs):
     assert len(set(names)) == len(names)
     assert names == ["tiny-e5m2-seed1337", "tiny-e5m2-adamw-rtn-seed1337", "tiny-e5m2-adamw-sr-seed1337",
                      "tiny-e5m2-manifold-sr-seed1337", "tiny-e5m2-manifold-master-seed1337",
-                     "tiny-e5m2-grid-sr-seed1337"]
+                     "tiny-e5m2-grid-sr-seed1337", "tiny-e5m2-grid-master-seed1337"]
 
 
 def test_stored_weights_are_on_their_grid_in_every_checkpoint(arm_runs):
@@ -112,7 +113,7 @@ def test_update_diagnostics_follow_the_definitions(arm_runs):
     assert summary["arm"] == "adamw-sr"
 
 
-@pytest.mark.parametrize("arm", ["B", "C", "D", "D-master", "E"])
+@pytest.mark.parametrize("arm", ["B", "C", "D", "D-master", "E", "E-master"])
 def test_resume_after_a_kill_is_exact_for_every_arm(tmp_path, tiny_data, arm):
     settings = dict(ARMS[arm], max_steps=40, lr_decay_steps=40, dropout=0.1)
     full = Trainer(config(tmp_path, tiny_data, "full", **settings)).run()
@@ -161,7 +162,8 @@ def test_arm_configs_compose_on_the_baseline():
         names.add(resolved.name)
         assert resolved.format == "E3M4" and resolved.use_shadow and resolved.seed == 1337
     assert names == {"small-e3m4-seed1337", "small-e3m4-adamw-rtn-seed1337", "small-e3m4-adamw-sr-seed1337",
-                     "small-e3m4-manifold-sr-seed1337", "small-e3m4-grid-sr-seed1337"}
+                     "small-e3m4-manifold-sr-seed1337", "small-e3m4-grid-sr-seed1337",
+                     "small-e3m4-manifold-master-seed1337", "small-e3m4-grid-master-seed1337"}
 
 
 def test_a_config_cannot_include_itself(tmp_path):
@@ -175,7 +177,8 @@ def test_a_config_cannot_include_itself(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--optimizer", "grid", "--weight-storage", "master"], "GridOptim moves weights in codes"),
+    (["--optimizer", "grid", "--grid-lr-unit", "octave"], "grid_lr_unit must be one of ulp, binade"),
+    (["--min-lr-ratio", "2"], "need 0 <= min_lr_ratio <= 1"),
     (["--optimizer", "manifold", "--format", "bf16"], "optimizer manifold moves weights on a format's grid"),
     (["--weight-storage", "format", "--format", "bf16"], "weight_storage format needs a weight format"),
     (["--optimizer", "sgd"], "optimizer must be one of adamw, manifold, grid"),
