@@ -1,6 +1,7 @@
 """The report (experiments/stats.py, report.py, report_files.py): the paired interval against a
-hand computation, the answer on constructed results (a clear winner, a null result, too few
-seeds, diverged runs), and the whole report on a tiny real matrix."""
+hand computation, the answer on constructed results (an untuned interaction, formats not
+compared, too few seeds, diverged runs), and the whole report on a tiny real matrix. The
+protocol's conditions one by one: tests/test_report_protocol.py."""
 
 import json
 import shutil
@@ -15,6 +16,7 @@ from altgrad.errors import UserError
 from altgrad.experiments.launch import MatrixRunner
 from altgrad.experiments.matrix import load_matrix
 from altgrad.experiments.report import Cell, Group, analyse, collect, role
+from altgrad.experiments.report_runs import geometry_optimizer
 from altgrad.experiments.stats import paired_difference, sample_sd, t_quantile
 
 runner = CliRunner()
@@ -44,9 +46,15 @@ def test_undefined_intervals_are_nan_and_non_finite_losses_are_not_paired():
 
 
 def test_arm_roles_come_from_the_runs_own_arm_tag():
-    assert [role(t) for t in ("adamw", "adamw-rtn", "adamw-sr", "manifold-sr", "manifold-master", "grid-sr",
-                              "grid-momentum-sr", "adamw-mixed")] == \
-        ["A", "B", "C", "geometry", "geometry", "geometry", "geometry", "other"]
+    """Geometry on FP32 masters, stored with stochastic rounding and stored with round-to-nearest
+    are different roles: the interaction needs the first two apart."""
+    tags = ("adamw", "adamw-rtn", "adamw-sr", "manifold-sr", "manifold-master", "manifold-rtn", "grid-sr",
+            "grid-master", "grid-momentum-sr", "grid-momentum-master", "adamw-mixed", "manifold-mixed")
+    assert [role(t) for t in tags] == \
+        ["A", "B", "C", "geometry-stored", "geometry-master", "geometry-rtn", "geometry-stored",
+         "geometry-master", "geometry-stored", "geometry-master", "other", "other"]
+    assert [geometry_optimizer(t) for t in ("adamw-sr", "manifold-sr", "grid-master", "grid-momentum-sr")] == \
+        [None, "manifold", "grid", "grid-momentum"]
 
 
 def group(fmt, arm, tag, losses, statuses=None, layers="uniform"):
@@ -58,49 +66,43 @@ def group(fmt, arm, tag, losses, statuses=None, layers="uniform"):
 BF16 = group("bf16", "A", "adamw", {1: 2.000, 2: 2.010, 3: 1.995})
 
 
-def test_a_clear_geometry_benefit_names_its_format():
-    groups = [BF16,
-              group("E5M2", "C", "adamw-sr", {1: 2.10, 2: 2.12, 3: 2.09}),
-              group("E5M2", "E", "grid-sr", {1: 2.05, 2: 2.06, 3: 2.045}),
-              group("E3M4", "C", "adamw-sr", {1: 2.02, 2: 2.03, 3: 2.01}),
-              group("E3M4", "E", "grid-sr", {1: 2.019, 2: 2.031, 3: 2.012}),
-              group("E3M4", "B", "adamw-rtn", {1: 2.5, 2: 2.6, 3: 2.55})]
+def four(fmt, gs, c, gm, a, optimizer="grid"):
+    return [group(fmt, "A", "adamw", a), group(fmt, "C", "adamw-sr", c),
+            group(fmt, "Em" if optimizer == "grid" else "Dm", f"{optimizer}-master", gm),
+            group(fmt, "E" if optimizer == "grid" else "D", f"{optimizer}-sr", gs)]
+
+
+def test_a_clear_interaction_without_a_tuning_record_is_computed_but_not_established():
+    """What used to be 'E5M2 benefits most' (a geometry arm beating C beyond the BF16 spread) is
+    now the interaction with its interval, and blocked: nothing says the groups were tuned."""
+    groups = [BF16, *four("E5M2", gs={1: 2.05, 2: 2.06, 3: 2.045}, c={1: 2.10, 2: 2.12, 3: 2.09},
+                          gm={1: 2.00, 2: 2.01, 3: 2.00}, a={1: 2.00, 2: 2.00, 3: 1.99})]
     analysis = analyse(groups)
-    assert analysis.noise_floor == pytest.approx(sample_sd([2.000, 2.010, 1.995]))
-    assert analysis.answer.startswith("E5M2 benefits most from geometry-aware updates (the largest benefit beyond "
-                                      "noise): E lowers the final validation loss by 0.0517")
-    against_c = [b for b in analysis.benefits if b.control == "C"]
-    assert [b.format for b in against_c] == ["E5M2", "E3M4"]  # ranked, largest benefit first
-    assert against_c[0].real(analysis.noise_floor) and not against_c[1].real(analysis.noise_floor)
-    against_b = [b for b in analysis.benefits if b.control == "B"]
-    assert [(b.format, b.arm) for b in against_b] == [("E3M4", "E")]
+    assert analysis.noise_floor == pytest.approx(sample_sd([2.000, 2.010, 1.995]))  # context only now
+    (c,) = analysis.comparisons
+    assert c.interaction.per_seed == pytest.approx({1: -0.05, 2: -0.07, 3: -0.055})
+    assert c.stored_vs_control.per_seed == pytest.approx({1: -0.05, 2: -0.06, 3: -0.045})  # the old 'benefit'
+    assert not c.established
+    assert {"tuned_interior", "same_horizon", "equal_budget", "tuning_seed_apart", "null_control"} <= \
+        {check.name for check in c.checks if not check.ok}
+    assert analysis.answer.startswith("Not established for any format: E5M2 GridOptim, interaction -0.0583")
+    assert "E has no sweep: its values were not tuned" not in analysis.answer  # groups are named by role
+    assert "E (stored) has no sweep: its values were not tuned" in analysis.answer
     assert analysis.vs_baseline["E5M2/C/uniform"].per_seed == pytest.approx({1: 0.10, 2: 0.11, 3: 0.095})
 
 
-def test_no_difference_beyond_noise_is_said_plainly():
-    groups = [BF16,
-              group("E5M2", "C", "adamw-sr", {1: 2.10, 2: 2.12, 3: 2.09}),
-              group("E5M2", "D", "manifold-sr", {1: 2.095, 2: 2.13, 3: 2.085})]
-    answer = analyse(groups).answer
-    assert answer.startswith("No format benefits from geometry-aware updates beyond noise")
-    assert "E5M2 D vs C" in answer
-
-
-def test_geometry_that_hurts_beyond_noise_is_no_benefit_and_is_said():
+def test_a_format_without_a_master_control_is_not_compared_never_ranked():
+    """The old answer ranked E5M2 E against C alone; without E on masters there is no interaction."""
     groups = [BF16, group("E5M2", "C", "adamw-sr", {1: 2.10, 2: 2.12, 3: 2.09}),
-              group("E5M2", "E", "grid-sr", {1: 2.30, 2: 2.33, 3: 2.28})]
-    answer = analyse(groups).answer
-    assert answer.startswith("No format benefits") and "worse than arm C beyond noise in: E5M2 E +0.2" in answer
-
-
-def test_a_consistent_difference_below_the_noise_floor_is_not_called_real():
-    noisy = group("bf16", "A", "adamw", {1: 2.0, 2: 2.1, 3: 1.9})  # sd 0.1
-    groups = [noisy, group("E5M2", "C", "adamw-sr", {1: 2.10, 2: 2.12, 3: 2.09}),
-              group("E5M2", "E", "grid-sr", {1: 2.08, 2: 2.10, 3: 2.07})]  # -0.02 on every seed
+              group("E5M2", "E", "grid-sr", {1: 2.05, 2: 2.06, 3: 2.045}),
+              group("E3M4", "A", "adamw", {1: 2.0, 2: 2.1})]
     analysis = analyse(groups)
-    benefit = next(b for b in analysis.benefits if b.control == "C")
-    assert benefit.paired.excludes_zero and not benefit.real(analysis.noise_floor)
-    assert analysis.answer.startswith("No format benefits")
+    assert analysis.comparisons == []
+    assert [n.text for n in analysis.not_compared] == [
+        "E5M2 GridOptim (no GridOptim on FP32 masters, no arm A)",
+        "E3M4 geometry (no geometry stored, no geometry on masters, no arm C)"]
+    assert analysis.answer.startswith("No answer: no format has the four groups")
+    assert "Not compared (a group of the four is missing): E5M2 GridOptim" in analysis.answer
 
 
 def test_diverged_runs_are_counted_apart_and_never_averaged():
@@ -110,24 +112,34 @@ def test_diverged_runs_are_counted_apart_and_never_averaged():
     assert analysis.vs_baseline[g.key].n == 1
 
 
-def test_without_a_control_there_is_no_answer_yet():
-    assert analyse([BF16, group("E5M2", "A", "adamw", {1: 2.1, 2: 2.2})]).answer.startswith("No answer yet")
+def test_diverged_seeds_leave_the_interaction():
+    groups = four("E5M2", gs={1: 2.0, 2: math.nan, 3: 2.0}, c={1: 2.1, 2: 2.1, 3: 2.1},
+                  gm={1: 2.0, 2: 2.0, 3: 2.0}, a={1: 2.0, 2: 2.0, 3: 2.0})
+    groups[3].cells[1].status = "diverged"
+    (c,) = analyse(groups).comparisons
+    assert c.interaction.n == 2 and sorted(c.interaction.per_seed) == [1, 3]
 
 
-def test_one_seed_cannot_tell():
-    one = group("bf16", "A", "adamw", {1: 2.0})
-    answer = analyse([one, group("E5M2", "C", "adamw-sr", {1: 2.1}), group("E5M2", "E", "grid-sr", {1: 1.5})]).answer
-    assert answer.startswith("Cannot tell yet")
+def test_one_seed_cannot_establish_anything():
+    groups = four("E5M2", gs={1: 1.5}, c={1: 2.1}, gm={1: 2.0}, a={1: 2.0})
+    (c,) = analyse(groups).comparisons
+    assert not c.established and c.interaction.n == 1 and math.isnan(c.interaction.low)
+    reasons = {check.name: check.detail for check in c.checks if not check.ok}
+    assert reasons["enough_seeds"] == "1 paired seed with all four groups finite (at least 2 needed)"
+    assert reasons["significant"] == "no p-value (fewer than 2 paired seeds)"
 
 
-def test_a_master_geometry_arm_is_compared_with_arm_a_not_with_format_storage():
-    groups = [BF16, group("E5M2", "A", "adamw", {1: 2.1, 2: 2.2}), group("E5M2", "C", "adamw-sr", {1: 2.3, 2: 2.4}),
-              group("E5M2", "Dm", "manifold-master", {1: 2.0, 2: 2.1})]
-    benefits = analyse(groups).benefits
-    assert [(b.arm, b.control) for b in benefits] == [("Dm", "A")]
+def test_master_and_stored_geometry_arms_are_told_apart_and_duplicates_are_an_error():
+    groups = [BF16, *four("E5M2", gs={1: 2.2, 2: 2.3}, c={1: 2.3, 2: 2.4}, gm={1: 2.0, 2: 2.1},
+                          a={1: 2.1, 2: 2.2}, optimizer="manifold")]
+    (c,) = analyse(groups).comparisons
+    assert (c.groups["gs"].arm, c.groups["gm"].arm) == ("D", "Dm")
+    assert c.update_rule.per_seed == pytest.approx({1: -0.1, 2: -0.1})  # Dm - A
+    assert c.storage_geometry.per_seed == pytest.approx({1: 0.2, 2: 0.2})  # D - Dm
     with pytest.raises(UserError, match="are all arm C"):
-        analyse(groups + [group("E5M2", "C2", "adamw-sr", {1: 2.3, 2: 2.4}),
-                          group("E5M2", "E", "grid-sr", {1: 2.0, 2: 2.1})])
+        analyse(groups + [group("E5M2", "C2", "adamw-sr", {1: 2.3, 2: 2.4})])
+    with pytest.raises(UserError, match="are all arm geometry-stored ManifoldAdamW"):
+        analyse(groups + [group("E5M2", "D2", "manifold-sr", {1: 2.3, 2: 2.4})])
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +176,11 @@ def test_the_report_on_a_tiny_real_matrix(tiny_matrix, tmp_path):
             diffs = {str(s): losses[s] - base[s] for s in losses}
             assert g["vs_bf16"]["per_seed"] == pytest.approx(diffs)
             assert g["vs_bf16"]["mean"] == pytest.approx(sum(diffs.values()) / 3)
-    benefit = {(b["arm"], b["control"]) for b in data["geometry_benefit"]}
-    assert benefit == {("E", "C"), ("E", "B")}
+    assert data["comparisons"] == []  # E5M2 has no GridOptim on masters: not compared, never ranked
+    assert data["not_compared"] == [{"format": "E5M2", "layers": "uniform", "optimizer": "grid",
+                                     "missing": ["GridOptim on FP32 masters"]}]
+    assert data["null_control"]["status"] == "absent" and data["tuning"] == []
+    assert data["answer"].startswith("No answer: no format has the four groups")
     assert data["noise_floor"]["bf16_seed_sd"] == pytest.approx(
         sample_sd([r["final_val_loss"] for r in groups[("bf16", "A")]["runs"]]))
     markdown = (out / "report.md").read_text()
@@ -203,9 +218,9 @@ def test_notes_explain_identical_formats_and_sweeps_at_the_edge():
               group("E4M3", "E", "grid-sr", dict(same))]  # same numbers, other layers: no note
     sweeps = {"e5m2-D": {"key": "grid_lr", "losses": {"0.25": 2.1, "0.5": 2.0, "1.0": 2.2}, "best": 0.5},
               "e3m4-D": {"key": "grid_lr", "losses": {"0.25": 2.4, "0.5": 2.3, "1.0": 2.1}, "best": 1.0}}
-    notes = analyse(groups, sweeps).notes
+    notes = analyse(groups, {"sweeps": sweeps}).notes  # legacy sweeps: the interior is derived
     assert len(notes) == 2
     assert notes[0] == ("E1M6 and E0M7 (E, post-ln) give bit-identical final losses on every seed: their grids are "
                         "the same up to a power of two, which power-of-two scaling absorbs.")
-    assert "chose the edge of the values they tried" in notes[1] and "e3m4-D grid_lr = 1.0" in notes[1]
+    assert "are not interior optima" in notes[1] and "e3m4-D grid_lr = 1.0" in notes[1]
     assert "e5m2-D" not in notes[1]

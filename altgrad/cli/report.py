@@ -1,4 +1,4 @@
-"""`altgrad report`: what a matrix found, with paired intervals, figures and a plain answer."""
+"""`altgrad report`: what a matrix found, and the answer its tuning protocol supports."""
 
 from __future__ import annotations
 
@@ -9,39 +9,67 @@ from rich import box
 from rich.table import Table
 
 from ..experiments.matrix import layer_suffix
+from ..experiments.report_files import _f, step_rows, tuning_rows, write_report
 from ..experiments.report_files import interval as _interval
-from ..experiments.report_files import write_report
 from .common import console, user_errors
+
+
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in columns:
+        table.add_column(column)
+    return table
 
 
 def report(
     source: Path = typer.Argument(..., help="A matrix YAML or its runs directory (with manifest.json)."),
     out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for report.md, report.json and PNGs."),
 ) -> None:
-    """Final losses, paired differences with 95% intervals, the geometry benefit per format, figures."""
+    """The interaction per format (geometry's format-specific benefit) with the checks that
+    establish it, the null control, the tuning record, step sizes, every cell and figures."""
     with user_errors():
         analysis, files = write_report(source, out)
-        table = Table(title="cells (final val loss: mean over seeds; differences paired by seed, 95% t-interval)",
-                      title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-        for column in ("format", "arm", "val loss", "vs BF16", "diverged"):
-            table.add_column(column, justify="left" if column in ("format", "arm") else "right")
+        cells = _table("cells (final val loss: mean over seeds; differences paired by seed, 95% t-interval)",
+                       ("format", "arm", "val loss", "vs BF16", "vs arm A", "diverged"))
         for g in analysis.groups:
-            loss = g.mean_loss()
-            table.add_row(g.format + layer_suffix(g.layers),
-                          g.arm, "n/a" if loss != loss else f"{loss:.4f}",
-                          _interval(analysis.vs_baseline.get(g.key)), f"{g.diverged}/{len(g.cells)}")
-        console.print(table)
-        if analysis.benefits:
-            benefit = Table(title="geometry benefit (geometry arm - control, same seed)", title_justify="left",
-                            box=box.SIMPLE_HEAD, pad_edge=False)
-            for column in ("format", "arm", "vs", "difference [95%]", "beyond noise"):
-                benefit.add_column(column)
-            for b in analysis.benefits:
-                benefit.add_row(b.format + layer_suffix(b.layers), b.arm,
-                                b.control, _interval(b.paired), "yes" if b.real(analysis.noise_floor) else "no")
-            console.print(benefit)
+            cells.add_row(g.format + layer_suffix(g.layers), g.arm, _f(g.mean_loss()),
+                          _interval(analysis.vs_baseline.get(g.key)), _interval(analysis.vs_arm_a.get(g.key)),
+                          f"{g.diverged}/{len(g.cells)}")
+        console.print(cells)
+        rows = tuning_rows(analysis)
+        if rows:
+            tuning = _table("tuning (per group; values tried and inherited values in report.md)",
+                            ("group", "chosen", "interior", "runs/budget", "resolution"))
+            for r in rows:
+                tuning.add_row(r["group"], r["chosen"], r["interior"], r["budget"], r["resolution"])
+            console.print(tuning)
+        steps = _table("step sizes (mean over seeds of the run mean; layer means)",
+                       ("format", "arm", "intended", "realized", "decay applied"))
+        for where, arm, _, values in step_rows(analysis):
+            steps.add_row(where, arm, *values)
+        console.print(steps)
+        if analysis.comparisons:
+            question = _table("the question: interaction (gs - C) - (gm - A), paired by seed",
+                              ("format", "optimizer", "interaction [95%]", "Holm p", "resolution"))
+            effects = _table("beside it: update rule (gm - A), storage (C - A, gs - gm)",
+                             ("format", "optimizer", "gm - A", "C - A", "gs - gm"))
+            for c in analysis.comparisons:
+                question.add_row(c.where, c.optimizer_name, _interval(c.interaction), _f(c.holm_p, ".3g"),
+                                 _f(c.resolution))
+                effects.add_row(c.where, c.optimizer_name, _interval(c.update_rule), _interval(c.storage_adamw),
+                                _interval(c.storage_geometry))
+            console.print(question)
+            console.print(effects)
+            for c in analysis.comparisons:
+                verdict = "[green]established[/]" if c.established else "[red]not established[/]"
+                console.print(f"{c.where} {c.optimizer_name}: {verdict}", soft_wrap=True)
+                for check in c.checks:
+                    if not check.ok:
+                        console.print(f"  {check.name}: {check.detail}", soft_wrap=True)
+        for n in analysis.not_compared:
+            console.print(f"[dim]not compared:[/] {n.text}")
+        console.print(f"[bold]null control:[/] {analysis.null_control.status}")
         console.print(f"[bold]answer:[/] {analysis.answer}")
-        console.print(f"[dim]{analysis.limits}[/]")
         for note in analysis.notes:
             console.print(f"[yellow]note:[/] {note}")
         console.print(f"wrote {', '.join(str(p) for p in files.values())}")

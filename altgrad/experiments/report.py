@@ -1,16 +1,23 @@
-"""The report: what a matrix found, with paired intervals and a plain answer (DESIGN §5).
+"""The report: what a matrix found, and the answer its protocol supports (DESIGN §5).
 
-The runs come grouped from `report_runs` (a matrix's manifest, or a directory's run folders).
+The runs come grouped from `report_runs` (a matrix's manifest, or a directory's run folders),
+with each group's tuning record (`Sweep`) and the matrix's tuning protocol (`Protocol`).
 
 - Per (format, arm, layers) group: the final validation loss per seed, its mean over the seeds
   that completed with a finite loss, and the divergence rate (a diverged run is counted, never
-  averaged into a loss);
-- paired differences by seed against the BF16 baseline of the same seed and against arm A (FP32
-  masters, same format and layers), each with its 95% Student-t interval and n (`stats`);
-- the answer: per format, the benefit of geometry = the paired difference of each geometry arm
-  (ManifoldAdamW, GridOptim) against the stochastic-rounding control (arm C) and against
-  round-to-nearest (arm B); negative is better. A benefit counts only when its interval
-  excludes zero and its size exceeds the noise floor, the BF16 seed-to-seed standard deviation.
+  averaged into a loss); paired differences by seed against the BF16 baseline and against arm A.
+- Per format, layer policy and geometry optimizer (ManifoldAdamW, GridOptim) with all four
+  groups the question needs (geometry stored ``gs``, arm C, the same optimizer on FP32 masters
+  ``gm``, arm A), DESIGN §5.2: the update-rule effect ``gm - A``, the storage effects ``C - A``
+  and ``gs - gm``, and the question itself, the interaction ``(gs - C) - (gm - A)``, each paired
+  by seed with its 95% interval; Holm's correction over the interactions. A format without one
+  of the four is "not compared" (named with what it lacks), never ranked.
+- The null control (`null_control`): on a uniform grid ManifoldAdamW is AdamW with a rescaled
+  lr, so tuned D and tuned C must agree within noise.
+- A comparison is **established** only when every check of `CHECKS` holds; otherwise the answer
+  says "not established" with the reasons. The noise floor of a comparison is its own interval
+  plus the tuning resolution (how far the tuned groups' losses move between their chosen value
+  and its neighbours); the BF16 seed-to-seed spread is context only.
 """
 
 from __future__ import annotations
@@ -25,106 +32,168 @@ import numpy as np
 
 from ..errors import UserError
 from ..quantization.formats import FormatError, get_format
+from .compare import PRECISION_KEYS, pairing_difference
 from .matrix import layer_suffix
-from .report_runs import Cell, Group, collect, role
-from .stats import CONFIDENCE, Paired, paired_difference, sample_sd
+from .report_runs import (OPTIMIZER_NAMES, Cell, Group, Protocol, Sweep, collect, read_protocol, read_sweeps,
+                          role)
+from .stats import ALPHA, CONFIDENCE, Paired, holm, interaction, mean, paired_difference, sample_sd
 
-__all__ = ["Analysis", "Benefit", "Cell", "Group", "analyse", "collect", "role", "same_grid", "to_json"]
+__all__ = ["ARM_OWN_KEYS", "CHECKS", "Analysis", "Cell", "Check", "Comparison", "Group", "NotCompared",
+           "NullCheck", "NullControl", "analyse", "collect", "role", "same_grid", "to_json", "uniform_grid"]
 
-# ---- analysing -------------------------------------------------------------------------------
+#: The config keys each arm sets for itself: two groups of a comparison may differ in these.
+ARM_OWN_KEYS = frozenset({"optimizer", "weight_storage", "update_rounding", "grid_lr", "grid_lr_unit",
+                          "grid_direction", "rung_clip", "max_stiffness"})
+#: The four groups of a comparison, in the order text names them.
+PARTS = ("gs", "C", "gm", "A")
+PART_NAMES = {"gs": "geometry stored", "C": "arm C", "gm": "geometry on masters", "A": "arm A"}
+#: The pairs whose runs must differ only in what is compared.
+PAIRS = (("gs", "C"), ("gm", "A"), ("gs", "gm"), ("C", "A"))
+#: The conditions of an established claim, in the order they are checked and named.
+CHECKS = ("tuned_interior", "same_horizon", "equal_budget", "tuning_seed_apart", "paired", "enough_seeds",
+          "significant", "beyond_noise", "null_control")
+#: The per-layer step-size metrics (layer means) the report shows per group.
+STEP_METRICS = ("optim/rel_update_intended", "optim/rel_update_realized", "optim/decay_applied")
+
+
+# ---- the parts ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Check:
+    """One condition of an established claim: whether it holds, and why not (or what held)."""
+
+    name: str
+    ok: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "detail": self.detail}
+
+
 @dataclass
-class Benefit:
-    """A geometry arm against a control arm, in one format and layer policy."""
+class Comparison:
+    """One format, layer policy and geometry optimizer with all four groups (DESIGN §5.2)."""
 
     format: str
     layers: str
-    arm: str
-    control: str  # C (stochastic rounding) or B (round to nearest)
-    paired: Paired
+    optimizer: str  # manifold | grid | grid-momentum
+    groups: dict[str, Group]  # gs, C, gm, A
+    interaction: Paired  # (gs - C) - (gm - A)
+    update_rule: Paired  # gm - A: the update rule on masters
+    storage_adamw: Paired  # C - A: storing on the grid, under AdamW
+    storage_geometry: Paired  # gs - gm: storing on the grid, under the geometry rule
+    stored_vs_control: Paired  # gs - C: the stored geometry arm against the control
+    resolution: float  # the tuning resolution: max over the groups' sweeps; NaN when unknown
+    holm_p: float = math.nan
+    checks: list[Check] = field(default_factory=list)
 
-    def real(self, noise_floor: float) -> bool:
-        """Beyond noise: the interval excludes zero and the size exceeds the noise floor."""
-        return self.paired.excludes_zero and math.isfinite(noise_floor) and abs(self.paired.mean) > noise_floor
+    @property
+    def where(self) -> str:
+        return self.format + layer_suffix(self.layers, " ({})")
+
+    @property
+    def optimizer_name(self) -> str:
+        return OPTIMIZER_NAMES.get(self.optimizer, self.optimizer)
+
+    @property
+    def noise_floor(self) -> float:
+        """Its own interval's half-width plus the tuning resolution."""
+        return self.interaction.half_width + self.resolution
+
+    @property
+    def established(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [c.detail for c in self.checks if not c.ok]
+
+
+@dataclass(frozen=True)
+class NotCompared:
+    """A format (and geometry optimizer) that lacks a group of the four: never ranked."""
+
+    format: str
+    layers: str
+    optimizer: str | None  # None: the format has no geometry arm at all
+    missing: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        name = OPTIMIZER_NAMES.get(self.optimizer, self.optimizer) if self.optimizer else "geometry"
+        return f"{self.format}{layer_suffix(self.layers, ' ({})')} {name} (no {', no '.join(self.missing)})"
+
+
+@dataclass
+class NullCheck:
+    """Tuned ManifoldAdamW stored (D) against tuned arm C on one uniform-grid format."""
+
+    format: str
+    layers: str
+    geometry: Group
+    control: Group
+    paired: Paired  # D - C
+    resolution: float  # max of the two groups' tuning resolutions; NaN when unknown
+    status: str  # passes | fails | not evaluable
+    reasons: list[str]
+
+    @property
+    def where(self) -> str:
+        return self.format + layer_suffix(self.layers, " ({})")
+
+
+@dataclass
+class NullControl:
+    status: str  # passes | fails | not evaluable | absent
+    checks: list[NullCheck]
+    summary: str
 
 
 @dataclass
 class Analysis:
     groups: list[Group]
     baseline: Group | None
-    noise_floor: float  # BF16 seed-to-seed sample standard deviation of the final validation loss
+    noise_floor: float  # context only: the BF16 seed-to-seed sample standard deviation
     vs_baseline: dict[str, Paired]
     vs_arm_a: dict[str, Paired]
-    benefits: list[Benefit]  # ranked: most negative (largest benefit) first
+    comparisons: list[Comparison]  # established first, then by interaction (most negative first)
+    not_compared: list[NotCompared]
+    null_control: NullControl
+    sweeps: dict[str, Sweep]  # group name -> its tuning
+    protocol: Protocol
+    step_sizes: dict[str, dict[str, Any]]  # group key -> metric -> {"mean", "n", "per_seed"}
     answer: str
     limits: str
-    notes: list[str] = field(default_factory=list)  # what a reader must know to read the tables right
+    notes: list[str] = field(default_factory=list)
+
+    def sweep(self, group: Group) -> Sweep | None:
+        return self.sweeps.get(group.name)
 
 
-def _find(groups: list[Group], fmt: str, layers: str, wanted: str) -> Group | None:
-    """The group of one role in a format and layer policy; two are an error (which to compare?)."""
-    found = [g for g in groups if g.format == fmt and g.layers == layers and g.role == wanted]
+# ---- finding groups -----------------------------------------------------------------------------
+def _find(groups: list[Group], fmt: str, layers: str, wanted: str, optimizer: str | None = None) -> Group | None:
+    """The group of one role (and geometry optimizer) in a format and layer policy; two are an
+    error (which to compare?)."""
+    found = [g for g in groups if g.format == fmt and g.layers == layers and g.role == wanted
+             and (optimizer is None or g.optimizer == optimizer)]
     if len(found) > 1:
+        what = wanted if optimizer is None else f"{wanted} {OPTIMIZER_NAMES.get(optimizer, optimizer)}"
         raise UserError(f"{fmt}{layer_suffix(layers)}: arms "
-                        f"{', '.join(g.arm for g in found)} are all arm {wanted}; the report compares one of each")
+                        f"{', '.join(g.arm for g in found)} are all arm {what}; the report compares one of each")
     return found[0] if found else None
 
 
-#: The controls of a geometry arm, by where its weights live: an FP32-master geometry arm against
-#: arm A (same storage); a format-stored one against stochastic (C) and nearest (B) rounding.
-CONTROLS = {"master": ("A",), "sr": ("C", "B"), "rtn": ("B",), "mixed": ()}
-
-
-def _limits(groups: list[Group]) -> str:
-    run = next((c.run for g in groups for c in g.cells if c.run is not None), None)
-    if run is None:
-        return ""
-    config = run.config
-    params = run.summary.get("params")
-    size = f"{params / 1e6:.2f}M parameters, " if params else ""
-    data = config.get("data") or "data/eurlex"
-    meta = Path(data) / "meta.json"
-    tokenizer = json.loads(meta.read_text()).get("tokenizer", "?") if meta.exists() else "?"
-    seeds = sorted({c.seed for g in groups for c in g.cells})
-    return (f"It holds for a {config.get('n_layer')}-layer, {config.get('n_embd')}-wide GPT ({size}block "
-            f"{config.get('block_size')}), trained {config.get('max_steps')} steps on {data} ({tokenizer} tokens), "
-            f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}, per-tensor power-of-two amax scaling; a larger model, more data or longer "
-            "training may rank the formats differently.")
-
-
-def _where(b: Benefit) -> str:
-    return b.format + layer_suffix(b.layers, " ({})")
-
-
-def _answer(benefits: list[Benefit], noise_floor: float) -> str:
-    against_c = [b for b in benefits if b.control == "C" and math.isfinite(b.paired.mean)]
-    if not against_c:
-        return ("No answer yet: the matrix has no format with both a format-stored geometry arm (ManifoldAdamW or "
-                "GridOptim) and the stochastic-rounding control (arm C) completed on a common seed.")
-    if not math.isfinite(noise_floor) or all(b.paired.n < 2 for b in against_c):
-        return ("Cannot tell yet: a difference beyond noise needs at least two paired seeds per comparison and two "
-                "BF16 seeds for the noise floor; run more seeds.")
-    real = [b for b in against_c if b.real(noise_floor) and b.paired.mean < 0]
-    floor = f"{noise_floor:.4f}"
-    worse = [b for b in against_c if b.real(noise_floor) and b.paired.mean > 0]
-    hurt = (" Geometry is worse than arm C beyond noise in: " + "; ".join(
-        f"{_where(b)} {b.arm} {b.paired.mean:+.4f} [{b.paired.low:+.4f}, {b.paired.high:+.4f}]" for b in worse) + ".") \
-        if worse else ""
-    if not real:
-        best = against_c[0]
-        return (f"No format benefits from geometry-aware updates beyond noise: no geometry arm's paired difference "
-                f"against stochastic-rounding AdamW (arm C) is below zero with an interval that excludes zero and a "
-                f"size beyond the BF16 seed-to-seed spread of {floor}. The lowest difference is {_where(best)} "
-                f"{best.arm} vs C: {best.paired.mean:+.4f} [{best.paired.low:+.4f}, {best.paired.high:+.4f}] "
-                f"(n={best.paired.n}).{hurt}")
-    top = real[0]
-    others = [b for b in real[1:] if (b.format, b.layers) != (top.format, top.layers)]
-    tail = (" Also beyond noise: " + "; ".join(f"{_where(b)} {b.arm} {b.paired.mean:+.4f} [{b.paired.low:+.4f}, "
-                                                f"{b.paired.high:+.4f}]" for b in others)
-            + " (whether the largest benefit exceeds the next is a question for their intervals).") if others else ""
-    return (f"{_where(top)} benefits most from geometry-aware updates (the largest benefit beyond noise): {top.arm} "
-            f"lowers the final validation loss by {-top.paired.mean:.4f} against stochastic-rounding AdamW (arm C), "
-            f"{CONFIDENCE:.0%} interval [{top.paired.low:+.4f}, {top.paired.high:+.4f}] over n={top.paired.n} "
-            f"seeds, beyond the BF16 seed-to-seed spread of {floor}.{tail}{hurt}")
+def uniform_grid(name: str) -> bool:
+    """Whether a format's non-negative values (zero included) are equally spaced (E0M7, E1M6):
+    there ManifoldAdamW's stiffness is constant and it is AdamW with a rescaled lr."""
+    try:
+        values = np.asarray(get_format(name).positive_values, dtype=np.float64)
+    except (FormatError, UserError, ValueError, KeyError):
+        return False
+    values = np.unique(np.concatenate([[0.0], values]))  # the gap from zero counts too
+    if len(values) < 3:
+        return False
+    gaps = np.diff(values)
+    return bool(np.all(gaps == gaps[0]))
 
 
 def same_grid(a: str, b: str) -> bool:
@@ -140,10 +209,338 @@ def same_grid(a: str, b: str) -> bool:
     return bool(np.all(y == x * ratio)) and math.log2(ratio).is_integer()
 
 
+# ---- the checks ----------------------------------------------------------------------------------
+def part_label(part: str, arm: str) -> str:
+    """How reasons name a group of a comparison: ``D (stored)``, ``Dm (on masters)``, ``C``, ``A``
+    (an AdamW arm under another matrix name: ``C2 (arm C)``)."""
+    if part == "gs":
+        return f"{arm} (stored)"
+    if part == "gm":
+        return f"{arm} (on masters)"
+    return arm if arm == part else f"{arm} (arm {part})"
+
+
+def _f(value: float, spec: str = ".4f") -> str:
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def _resolution(sweeps: list[Sweep | None]) -> float:
+    """The tuning resolution of a comparison: the largest of its groups' (NaN when a group's own
+    tuning did not record a finite one; a group whose values were all inherited adds none)."""
+    values = []
+    for sweep in sweeps:
+        if sweep is None:
+            return math.nan
+        if sweep.keys:
+            values.append(sweep.resolution)
+    return max(values) if values and all(math.isfinite(v) for v in values) else math.nan
+
+
+def _tuned(label: str, sweep: Sweep | None) -> list[str]:
+    """Why a group's tuning does not count as tuned (empty: it does)."""
+    if sweep is None:
+        return [f"{label} has no sweep: its values were not tuned"]
+    if not sweep.settled:
+        return [f"{label}'s sweep is not settled (stopped: {sweep.stopped or 'no value chosen'})"]
+    if not sweep.keys and not sweep.inherited:
+        return [f"{label}'s sweep tuned no key"]
+    out = []
+    for key in sweep.keys:
+        if not sweep.interior.get(key, False):
+            value = (sweep.best or {}).get(key)
+            why = ""
+            if sweep.hit_budget or sweep.stopped == "budget":
+                why = f"; the budget cap of {sweep.budget} runs stopped it before its optimum was interior"
+            elif sweep.stopped == "max_extensions":
+                why = "; max_extensions was spent before its optimum was interior"
+            out.append(f"{label}'s {key} = {value} is not interior (tried {sweep.tried(key)}){why}")
+    for key, source in sweep.inherited.items():
+        if not source.get("interior", False):
+            where = source.get("group") or source.get("from")
+            out.append(f"{label}'s {key} = {source.get('value')}, inherited from {where}, is not interior there")
+    return out
+
+
+def _horizon(label: str, group: Group, sweep: Sweep | None, protocol: Protocol) -> list[str]:
+    if sweep is None:
+        return [f"{label} has no sweep, so no tuning horizon"]
+    cells = group.max_steps or protocol.cell_max_steps
+    if sweep.horizon != "final":
+        what = "a short horizon" if sweep.horizon == "short" else "an unknown horizon"
+        return [f"{label} was tuned on {what} ({sweep.max_steps} steps; its cells run {cells})"]
+    if cells is None or sweep.max_steps is None:
+        return [f"{label}: the tuning or the cells' horizon is not recorded"]
+    if sweep.max_steps != cells:
+        return [f"{label} was tuned at {sweep.max_steps} steps, its cells run {cells}"]
+    return []
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any], allowed: set[str]) -> str | None:
+    """The first difference of two run configs beyond ``allowed``: `compare.pairing_difference`
+    on the rest, then the precision policy (the same format and layers for all four groups)."""
+    strip = lambda config: {k: v for k, v in config.items() if k not in allowed}  # noqa: E731
+    difference = pairing_difference(strip(a), strip(b))
+    if difference:
+        return difference
+    for key in sorted(PRECISION_KEYS - allowed):
+        if a.get(key) != b.get(key):
+            return f"{key} {a.get(key)!r} vs {b.get(key)!r}"
+    return None
+
+
+def _paired_check(parts: dict[str, Group], sweeps: dict[str, Sweep | None], labels: dict[str, str],
+                  seeds: list[int]) -> list[str]:
+    """Why the runs of a comparison are not paired: each pair of `PAIRS` may differ only in the
+    keys each arm sets for itself (`ARM_OWN_KEYS`) and the keys both groups tuned."""
+    out = []
+    if not seeds:
+        seeds = sorted(set.intersection(*(parts[p].seeds for p in PARTS)))
+    if not seeds:
+        return ["no seed has runs of all four groups to check the pairing on"]
+    for x, y in PAIRS:
+        tuned_x = sweeps[x].tuned_keys if sweeps[x] is not None else set()
+        tuned_y = sweeps[y].tuned_keys if sweeps[y] is not None else set()
+        allowed = set(ARM_OWN_KEYS) | (tuned_x & tuned_y)
+        runs_x = {c.seed: c.run for c in parts[x].cells if c.run is not None}
+        runs_y = {c.seed: c.run for c in parts[y].cells if c.run is not None}
+        for seed in seeds:
+            if seed not in runs_x or seed not in runs_y:
+                missing = labels[x] if seed not in runs_x else labels[y]
+                out.append(f"no run config of {missing} seed {seed} to check its pairing with "
+                           f"{labels[y] if missing == labels[x] else labels[x]}")
+                break
+            difference = _config_diff(runs_x[seed].config, runs_y[seed].config, allowed)
+            if difference:
+                out.append(f"{labels[x]} and {labels[y]} differ in more than their arms and the keys both tuned "
+                           f"(seed {seed}: {difference})")
+                break
+    return out
+
+
+def _checks(c: Comparison, sweeps: dict[str, Sweep | None], protocol: Protocol, family: int,
+            null: NullControl) -> list[Check]:
+    labels = {p: part_label(p, c.groups[p].arm) for p in PARTS}
+    checks = []
+
+    def check(name: str, problems: list[str], fine: str) -> None:
+        checks.append(Check(name, not problems, "; ".join(problems) if problems else fine))
+
+    check("tuned_interior", [r for p in PARTS for r in _tuned(labels[p], sweeps[p])],
+          "every group's tuned values are interior optima")
+    check("same_horizon", [r for p in PARTS for r in _horizon(labels[p], c.groups[p], sweeps[p], protocol)],
+          "every group was tuned at its cells' horizon")
+    budgets = {p: sweeps[p].budget if sweeps[p] is not None else None for p in PARTS}
+    unknown = [f"{labels[p]}'s tuning budget is not recorded" for p in PARTS if budgets[p] is None]
+    if not unknown and len(set(budgets.values())) > 1:
+        unknown = ["unequal tuning budgets: " + ", ".join(f"{labels[p]} {budgets[p]}" for p in PARTS) + " runs"]
+    check("equal_budget", unknown, f"every group had the same tuning budget ({budgets['gs']} runs)")
+    seed_problems = []
+    for p in PARTS:
+        sweep = sweeps[p]
+        seed = sweep.seed if sweep is not None and sweep.seed is not None else protocol.tuning_seed
+        evaluation = c.groups[p].seeds | set(protocol.eval_seeds)
+        if seed is None:
+            seed_problems.append(f"{labels[p]}'s tuning seed is not recorded")
+        elif seed in evaluation:
+            seed_problems.append(f"{labels[p]} was tuned on seed {seed}, an evaluation seed")
+    check("tuning_seed_apart", seed_problems, "tuned on a seed that is not an evaluation seed")
+    check("paired", _paired_check(c.groups, sweeps, labels, sorted(c.interaction.per_seed)),
+          "the pairs differ only in their arms and the keys both tuned")
+    n = c.interaction.n
+    check("enough_seeds", [] if n >= 2 else [f"{n} paired seed{'s' if n != 1 else ''} with all four groups finite "
+                                             "(at least 2 needed)"], f"n = {n} paired seeds")
+    p = c.holm_p
+    if not math.isfinite(p):
+        significant = ["no p-value (fewer than 2 paired seeds)"]
+    elif p >= ALPHA:
+        significant = [f"Holm-adjusted p = {p:.3g}, not below {ALPHA:g} (raw p = {c.interaction.p:.3g}, "
+                       f"over {family} comparison{'s' if family != 1 else ''})"]
+    else:
+        significant = []
+    check("significant", significant, f"Holm-adjusted p = {_f(p, '.3g')} < {ALPHA:g}")
+    size, half = abs(c.interaction.mean), c.interaction.half_width
+    if not math.isfinite(half):
+        noise = ["no interval (fewer than 2 paired seeds)"]
+    elif not math.isfinite(c.resolution):
+        noise = ["the tuning resolution is unknown (a group's sweep recorded no finite neighbour loss)"]
+    elif not size > half + c.resolution:
+        noise = [f"|interaction| {size:.4f} is within its noise floor: interval half-width {half:.4f} + tuning "
+                 f"resolution {c.resolution:.4f}"]
+    else:
+        noise = []
+    check("beyond_noise", noise, f"|interaction| {size:.4f} > interval half-width {_f(half)} + tuning resolution "
+                                 f"{_f(c.resolution)}")
+    check("null_control", [] if null.status == "passes" else [f"the null control {null.status}: {null.summary}"],
+          "the null control passes")
+    return checks
+
+
+# ---- the null control -------------------------------------------------------------------------
+def null_control(groups: list[Group], sweeps: dict[str, Sweep]) -> NullControl:
+    """Tuned ManifoldAdamW stored (D) against tuned arm C on every uniform-grid format and layer
+    policy with both: passes when ``|mean(D - C)|`` <= its 95% half-width + the tuning resolution
+    of the two groups (an unknown resolution counts as 0) and both optima are interior; not
+    evaluable with fewer than 2 paired seeds. Overall: fails when any fails, passes when at least
+    one passes and none fails, else not evaluable; absent without any."""
+    found = []
+    places = list(dict.fromkeys((g.format, g.layers) for g in groups if not g.baseline))
+    for fmt, layers in places:
+        if not uniform_grid(fmt):
+            continue
+        d = _find(groups, fmt, layers, "geometry-stored", "manifold")
+        c = _find(groups, fmt, layers, "C")
+        if d is None or c is None:
+            continue
+        paired = paired_difference(d.losses(), c.losses())
+        resolution = _resolution([sweeps.get(d.name), sweeps.get(c.name)])
+        reasons = [r for g in (d, c) for r in _tuned(f"{g.arm}", sweeps.get(g.name))]
+        floor = paired.half_width + (resolution if math.isfinite(resolution) else 0.0)
+        if paired.n < 2:
+            status = "not evaluable"
+            reasons = [f"{paired.n} paired seed{'s' if paired.n != 1 else ''} (at least 2 needed)"]
+        else:
+            if not abs(paired.mean) <= floor:
+                reasons.insert(0, f"D - C = {paired.mean:+.4f} exceeds its interval half-width "
+                                  f"{paired.half_width:.4f} + tuning resolution {_f(resolution)}")
+            status = "fails" if reasons else "passes"
+        found.append(NullCheck(fmt, layers, d, c, paired, resolution, status, reasons))
+    if not found:
+        return NullControl("absent", [], "the matrix has no uniform-grid format (E0M7, E1M6) with both a "
+                                         "ManifoldAdamW stored arm and arm C")
+    statuses = {n.status for n in found}
+    status = "fails" if "fails" in statuses else "passes" if "passes" in statuses else "not evaluable"
+    summary = "; ".join(f"{n.where} D - C = {_f(n.paired.mean, '+.4f')} [{_f(n.paired.low, '+.4f')}, "
+                        f"{_f(n.paired.high, '+.4f')}] n={n.paired.n}, tuning resolution {_f(n.resolution)}: "
+                        f"{n.status}" + (f" ({'; '.join(n.reasons)})" if n.reasons and n.status != "passes" else "")
+                        for n in found)
+    return NullControl(status, found, summary)
+
+
+# ---- the comparisons -------------------------------------------------------------------------
+def _comparisons(groups: list[Group], sweeps: dict[str, Sweep], protocol: Protocol,
+                 null: NullControl) -> tuple[list[Comparison], list[NotCompared]]:
+    comparisons, missing = [], []
+    places = list(dict.fromkeys((g.format, g.layers) for g in groups if not g.baseline))
+    for fmt, layers in places:
+        optimizers = list(dict.fromkeys(g.optimizer for g in groups if (g.format, g.layers) == (fmt, layers)
+                                        and g.optimizer is not None
+                                        and g.role in ("geometry-stored", "geometry-master")))
+        c, a = _find(groups, fmt, layers, "C"), _find(groups, fmt, layers, "A")
+        if not optimizers:
+            lacking = ("geometry stored", "geometry on masters") + (("arm C",) if c is None else ()) + \
+                      (("arm A",) if a is None else ())
+            missing.append(NotCompared(fmt, layers, None, lacking))
+            continue
+        for optimizer in optimizers:
+            name = OPTIMIZER_NAMES.get(optimizer, optimizer)
+            parts = {"gs": _find(groups, fmt, layers, "geometry-stored", optimizer), "C": c,
+                     "gm": _find(groups, fmt, layers, "geometry-master", optimizer), "A": a}
+            lacking = tuple(f"{name} stored" if p == "gs" else f"{name} on FP32 masters" if p == "gm" else PART_NAMES[p]
+                            for p in PARTS if parts[p] is None)
+            if lacking:
+                missing.append(NotCompared(fmt, layers, optimizer, lacking))
+                continue
+            loss = {p: parts[p].losses() for p in PARTS}
+            comparisons.append(Comparison(
+                fmt, layers, optimizer, parts, interaction(loss["gs"], loss["C"], loss["gm"], loss["A"]),
+                paired_difference(loss["gm"], loss["A"]), paired_difference(loss["C"], loss["A"]),
+                paired_difference(loss["gs"], loss["gm"]), paired_difference(loss["gs"], loss["C"]),
+                _resolution([sweeps.get(parts[p].name) for p in PARTS])))
+    for comparison, p in zip(comparisons, holm([c.interaction.p for c in comparisons])):
+        comparison.holm_p = p
+    for comparison in comparisons:
+        comparison.checks = _checks(comparison, {p: sweeps.get(comparison.groups[p].name) for p in PARTS},
+                                    protocol, len(comparisons), null)
+    comparisons.sort(key=lambda c: (not c.established,
+                                    c.interaction.mean if math.isfinite(c.interaction.mean) else math.inf))
+    return comparisons, missing
+
+
+# ---- the answer ---------------------------------------------------------------------------------
+def _limits(groups: list[Group]) -> str:
+    run = next((c.run for g in groups for c in g.cells if c.run is not None), None)
+    if run is None:
+        return ""
+    config = run.config
+    params = run.summary.get("params")
+    size = f"{params / 1e6:.2f}M parameters, " if params else ""
+    data = config.get("data") or "data/eurlex"
+    meta = Path(data) / "meta.json"
+    tokenizer = json.loads(meta.read_text()).get("tokenizer", "?") if meta.exists() else "?"
+    seeds = sorted({c.seed for g in groups for c in g.cells})
+    return (f"It holds for a {config.get('n_layer')}-layer, {config.get('n_embd')}-wide GPT ({size}block "
+            f"{config.get('block_size')}), trained {config.get('max_steps')} steps on {data} ({tokenizer} tokens), "
+            f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}, per-tensor power-of-two amax scaling; a larger "
+            "model, more data or longer training may rank the formats differently.")
+
+
+def _interval(p: Paired) -> str:
+    if p.n < 2:
+        return f"{_f(p.mean, '+.4f')} (n={p.n}, no interval)"
+    return f"{p.mean:+.4f} [{p.low:+.4f}, {p.high:+.4f}] over n={p.n} seeds"
+
+
+def _tuning_sentence(protocol: Protocol, sweeps: dict[str, Sweep]) -> str:
+    unit = {"ulp": "grid_lr counts ULPs (ManifoldAdamW) or rungs (GridOptim) per step (unit: ulp)",
+            "binade": "grid_lr is in binade units (grid_lr x 2^M ULPs or rungs per step, the same step relative "
+                      "to |w| for every mantissa width)",
+            "mixed": "the geometry arms use different grid_lr units (ulp and binade)"}.get(
+        protocol.grid_lr_unit or "", "no geometry run says which grid_lr unit it used")
+    if not sweeps:
+        return f"Tuning: no group was tuned (no sweep in the manifest); {unit}."
+    steps, cells = protocol.sweep_max_steps, protocol.cell_max_steps
+    if protocol.horizon == "final" and (steps is None or cells is None or steps == cells):
+        horizon = f"the sweeps ran at the cells' own horizon ({cells or steps} steps)"
+    elif protocol.horizon in ("short", "mixed") or (steps is not None and cells is not None and steps != cells):
+        shorter = {s.max_steps for s in sweeps.values() if s.max_steps is not None and s.horizon == "short"}
+        n = steps if steps is not None else (min(shorter) if shorter else "?")
+        horizon = f"the answer rests on a tuning horizon of {n} steps, shorter than the cells' {cells}"
+    else:
+        horizon = "the tuning horizon is not recorded"
+    seed = f"tuning seed {protocol.tuning_seed}" if protocol.tuning_seed is not None else "tuning seed not recorded"
+    budget = f"a budget of {protocol.budget} runs per tuned group" if protocol.budget is not None else \
+        "no recorded tuning budget"
+    legacy = "" if protocol.recorded else " (a manifest from before the tuning protocol: what it did not record " \
+                                          "counts as a failed condition)"
+    return f"Tuning: {unit}; {horizon}; {seed}, {budget}{legacy}."
+
+
+def _answer(comparisons: list[Comparison], not_compared: list[NotCompared], null: NullControl,
+            tuning: str, limits: str) -> str:
+    parts = []
+    established = [c for c in comparisons if c.established]
+    if not comparisons:
+        parts.append("No answer: no format has the four groups the question compares (the geometry optimizer "
+                     "with weights stored on the grid, arm C, the same optimizer on FP32 masters, arm A).")
+    for c in established:
+        what = ("benefits from geometry-aware updates" if c.interaction.mean < 0
+                else "is hurt by storing weights on its grid under geometry-aware updates, more than under AdamW")
+        parts.append(f"{c.where} {what} ({c.optimizer_name}): the interaction (stored - C) - (masters - A) is "
+                     f"{_interval(c.interaction)}, Holm-adjusted p = {c.holm_p:.3g}, beyond its interval and "
+                     f"the tuning resolution {c.resolution:.4f}: established.")
+    rest = [c for c in comparisons if not c.established]
+    if rest:
+        prefix = "Not established" if established else "Not established for any format"
+        parts.append(f"{prefix}: " + " ".join(
+            f"{c.where} {c.optimizer_name}, interaction {_interval(c.interaction)}: " + "; ".join(c.reasons) + "."
+            for c in rest))
+    if not_compared:
+        parts.append("Not compared (a group of the four is missing): "
+                     + "; ".join(n.text for n in not_compared) + ".")
+    if null.status == "passes":
+        parts.append(f"Null control (uniform grid, ManifoldAdamW stored vs C): passes ({null.summary}).")
+    else:
+        parts.append(f"Null control: {null.status} ({null.summary}); the protocol is suspect and no claim is "
+                     "established.")
+    parts.append(tuning)
+    if limits:
+        parts.append(limits)
+    return " ".join(parts)
+
+
+# ---- notes and step sizes -------------------------------------------------------------------------
 def _unpaired(a: Group, b: Group | None) -> str | None:
     """The first setting (beyond precision policy and arm) in which two groups' runs differ."""
-    from .compare import pairing_difference
-
     first = next((c.run for c in a.cells if c.run is not None), None)
     second = next((c.run for c in b.cells if c.run is not None), None) if b is not None else None
     if first is None or second is None:
@@ -151,30 +548,16 @@ def _unpaired(a: Group, b: Group | None) -> str | None:
     return pairing_difference(first.config, second.config)
 
 
-def _grouped(found: dict[str, list[str]], sentence: str) -> list[str]:
-    """One note per difference: ``sentence`` with {difference} and {who} filled in."""
-    return [sentence.format(difference=difference, who=", ".join(who)) for difference, who in found.items()]
-
-
-def _notes(groups: list[Group], sweeps: dict[str, Any], benefits: list[Benefit]) -> list[str]:
+def _notes(groups: list[Group], sweeps: dict[str, Sweep]) -> list[str]:
     notes = []
     baseline = next((g for g in groups if g.baseline and g.role == "A"), None)
     unpaired: dict[str, list[str]] = {}
     for g in groups:
         if g is not baseline and (difference := _unpaired(g, baseline)):
             unpaired.setdefault(difference, []).append(f"{g.format} {g.arm}")
-    notes += _grouped(unpaired, "Against the BF16 baseline, {who} differ in more than the precision policy and the "
-                                "arm ({difference}): their 'vs BF16' mixes the format with that setting.")
-    controls: dict[str, list[str]] = {}
-    for b in benefits:
-        geometry = next(g for g in groups if (g.format, g.layers, g.arm) == (b.format, b.layers, b.arm))
-        control = _find(groups, b.format, b.layers, b.control)
-        if difference := _unpaired(geometry, control):
-            controls.setdefault(difference, []).append(f"{_where(b)} {b.arm} vs {control.arm}")
-    notes += _grouped(controls, "Geometry arm and control differ in more than the update rule ({difference}) in: "
-                                "{who}. Typically the learning rate of the parameters without a format (norms, "
-                                "biases, position embedding), which the control's lr sweep set for all of its "
-                                "parameters.")
+    notes += [f"Against the BF16 baseline, {', '.join(who)} differ in more than the precision policy and the arm "
+              f"({difference}): their 'vs BF16' mixes the format with that setting."
+              for difference, who in unpaired.items()]
     seen = set()
     for g in groups:
         for h in groups:
@@ -186,68 +569,102 @@ def _notes(groups: list[Group], sweeps: dict[str, Any], benefits: list[Benefit])
                        if same_grid(g.format, h.format) else "an unexpected coincidence: look into it")
                 notes.append(f"{g.format} and {h.format} ({g.arm}{layer_suffix(g.layers, ', {}')})"
                              f" give bit-identical final losses on every seed: {why}.")
-    edges = []
-    for group, sweep in sweeps.items():
-        try:
-            values = [float(v) for v in sweep.get("losses", {})]
-        except ValueError:  # a sweep of a setting that is not a number: no edges
-            continue
-        if sweep.get("best") is not None and values and sweep["best"] in (min(values), max(values)):
-            edges.append(f"{group} {sweep['key']} = {sweep['best']}")
+    edges = [f"{name} {key} = {(s.best or {}).get(key)}" for name, s in sweeps.items() if s.settled
+             for key in s.keys if not s.interior.get(key, False)]
     if edges:
-        notes.append("These sweeps chose the edge of the values they tried, so a wider sweep may find better values: "
-                     + "; ".join(edges) + ".")
+        notes.append("These sweeps' chosen values are not interior optima (no tried, worse neighbour on both "
+                     "sides), so a wider sweep may find better values: " + "; ".join(edges) + ".")
     return notes
 
 
-def analyse(groups: list[Group], sweeps: dict[str, Any] | None = None) -> Analysis:
+def _run_mean(run: Any, key: str) -> float:
+    return mean(run.series(key)[1]) if run is not None else math.nan
+
+
+def step_sizes(group: Group) -> dict[str, dict[str, Any]]:
+    """Per metric of `STEP_METRICS`: the mean over the group's usable runs of each run's mean
+    over its stats steps (itself a mean over layers); NaN (n/a) for runs without the metric."""
+    out = {}
+    for key in STEP_METRICS:
+        per_seed = {c.seed: _run_mean(c.run, key) for c in group.cells if c.usable and c.run is not None}
+        finite = {s: v for s, v in per_seed.items() if math.isfinite(v)}
+        out[key] = {"mean": mean(list(finite.values())), "n": len(finite), "per_seed": finite}
+    return out
+
+
+# ---- analysing ----------------------------------------------------------------------------------
+def analyse(groups: list[Group], manifest: dict[str, Any] | None = None) -> Analysis:
+    """Everything the report shows, from the groups and the matrix's manifest (its sweeps and
+    protocol; none: nothing was tuned)."""
+    manifest = manifest or {}
+    sweeps = read_sweeps(manifest, groups)
+    protocol = read_protocol(manifest, groups, sweeps)
     baseline = next((g for g in groups if g.baseline and g.role == "A"), None)
     base_losses = baseline.losses() if baseline else {}
-    noise_floor = sample_sd(list(base_losses.values()))
     vs_baseline = {g.key: paired_difference(g.losses(), base_losses) for g in groups if baseline and g is not baseline}
     vs_arm_a = {}
-    benefits = []
     for g in groups:
         if g.baseline:
             continue
         a = _find(groups, g.format, g.layers, "A")
         if a is not None and a is not g:
             vs_arm_a[g.key] = paired_difference(g.losses(), a.losses())
-        if g.role == "geometry":
-            for control in CONTROLS.get(g.arm_tag.rsplit("-", 1)[-1], ()):
-                other = _find(groups, g.format, g.layers, control)
-                if other is not None:
-                    benefits.append(Benefit(g.format, g.layers, g.arm, control,
-                                            paired_difference(g.losses(), other.losses())))
-    order = {"C": 0, "B": 1, "A": 2}  # the answer's control first
-    benefits.sort(key=lambda b: (order[b.control], b.paired.mean if math.isfinite(b.paired.mean) else math.inf))
-    return Analysis(groups, baseline, noise_floor, vs_baseline, vs_arm_a, benefits,
-                    _answer(benefits, noise_floor), _limits(groups), _notes(groups, sweeps or {}, benefits))
+    null = null_control(groups, sweeps)
+    comparisons, not_compared = _comparisons(groups, sweeps, protocol, null)
+    limits = _limits(groups)
+    answer = _answer(comparisons, not_compared, null, _tuning_sentence(protocol, sweeps), limits)
+    return Analysis(groups, baseline, sample_sd(list(base_losses.values())), vs_baseline, vs_arm_a, comparisons,
+                    not_compared, null, sweeps, protocol, {g.key: step_sizes(g) for g in groups}, answer, limits,
+                    _notes(groups, sweeps))
 
 
 # ---- report.json -------------------------------------------------------------------------------
+def _comparison_dict(c: Comparison) -> dict[str, Any]:
+    return {"format": c.format, "layers": c.layers, "optimizer": c.optimizer, "optimizer_name": c.optimizer_name,
+            "groups": {p: {"arm": g.arm, "arm_tag": g.arm_tag, "group": g.name} for p, g in c.groups.items()},
+            "interaction": c.interaction.to_dict(), "holm_p": c.holm_p, "resolution": c.resolution,
+            "noise_floor": c.noise_floor, "update_rule": c.update_rule.to_dict(),
+            "storage_adamw": c.storage_adamw.to_dict(), "storage_geometry": c.storage_geometry.to_dict(),
+            "stored_vs_control": c.stored_vs_control.to_dict(), "established": c.established,
+            "reasons": c.reasons, "checks": [check.to_dict() for check in c.checks]}
+
+
 def to_json(analysis: Analysis, runs_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Every number of the report's tables with the per-seed values behind it."""
     def group_dict(g: Group) -> dict[str, Any]:
-        return {"format": g.format, "arm": g.arm, "arm_tag": g.arm_tag, "layers": g.layers,
-                "expected_failure": g.expected_failure,
+        return {"format": g.format, "arm": g.arm, "arm_tag": g.arm_tag, "role": g.role, "layers": g.layers,
+                "group": g.name, "expected_failure": g.expected_failure,
                 "runs": [{"folder": c.folder, "seed": c.seed, "status": c.status,
                           "final_val_loss": c.final_val_loss} for c in g.cells],
                 "mean_final_val_loss": g.mean_loss(), "n_usable": len(g.losses()),
                 "diverged": g.diverged, "failed": g.failed, "divergence_rate": g.divergence_rate,
                 "vs_bf16": analysis.vs_baseline[g.key].to_dict() if g.key in analysis.vs_baseline else None,
-                "vs_arm_a": analysis.vs_arm_a[g.key].to_dict() if g.key in analysis.vs_arm_a else None}
+                "vs_arm_a": analysis.vs_arm_a[g.key].to_dict() if g.key in analysis.vs_arm_a else None,
+                "step_sizes": analysis.step_sizes.get(g.key, {})}
 
+    null = analysis.null_control
     return {"runs_dir": str(runs_dir), "matrix": manifest.get("matrix"),
             "method": f"paired by seed; mean of the per-seed differences with a {CONFIDENCE:.0%} Student-t "
-                      "interval (t quantile with n-1 degrees of freedom, sample standard deviation); runs that "
-                      "diverged or ended with a non-finite loss are excluded from loss means and counted apart",
-            "noise_floor": {"bf16_seed_sd": analysis.noise_floor,
+                      "interval (t quantile with n-1 degrees of freedom, sample standard deviation) and a "
+                      "two-sided paired t-test, Holm's step-down correction over the interactions compared; "
+                      "runs that diverged or ended with a non-finite loss are excluded from loss means and "
+                      "counted apart",
+            "checks": list(CHECKS),
+            "comparisons": [_comparison_dict(c) for c in analysis.comparisons],
+            "not_compared": [{"format": n.format, "layers": n.layers, "optimizer": n.optimizer,
+                              "missing": list(n.missing)} for n in analysis.not_compared],
+            "null_control": {"status": null.status, "summary": null.summary,
+                             "checks": [{"format": n.format, "layers": n.layers, "geometry": n.geometry.name,
+                                         "control": n.control.name, "difference": n.paired.to_dict(),
+                                         "resolution": n.resolution, "status": n.status, "reasons": n.reasons}
+                                        for n in null.checks]},
+            "protocol": analysis.protocol.to_dict(),
+            "tuning": [s.to_dict() for s in analysis.sweeps.values()],
+            "noise_floor": {"note": "context only: a comparison's noise floor is its own interval plus the tuning "
+                                    "resolution",
+                            "bf16_seed_sd": analysis.noise_floor,
                             "bf16_losses": {str(k): v for k, v in (analysis.baseline.losses() if analysis.baseline
                                                                     else {}).items()}},
             "groups": [group_dict(g) for g in analysis.groups],
-            "geometry_benefit": [{"format": b.format, "layers": b.layers, "arm": b.arm, "control": b.control,
-                                  "beyond_noise": b.real(analysis.noise_floor), **b.paired.to_dict()}
-                                 for b in analysis.benefits],
             "sweeps": manifest.get("sweeps", {}), "answer": analysis.answer, "limits": analysis.limits,
             "notes": analysis.notes}

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..io import write_json, write_text
 from .matrix import layer_suffix
-from .report import Analysis, analyse, collect, to_json
+from .report import CHECKS, STEP_METRICS, Analysis, analyse, collect, to_json
 from .report_plots import run_stall_ratio, write_figures
 from .stats import CONFIDENCE, Paired
 
@@ -26,6 +26,45 @@ def interval(p: Paired | None) -> str:
     return f"{_f(p.mean, '+.4f')} [{_f(p.low, '+.4f')}, {_f(p.high, '+.4f')}] n={p.n}"
 
 
+def _value(value) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def tuning_rows(analysis: Analysis) -> list[dict[str, str]]:
+    """One row per tuned group, as the report's and the CLI's tuning tables show it."""
+    rows = []
+    for name, sweep in analysis.sweeps.items():
+        keys = list(sweep.keys)
+        inherited = "; ".join(f"{k} = {v.get('value')} from {v.get('group') or v.get('from')}"
+                              + ("" if v.get("interior") else " (not interior there)")
+                              for k, v in sweep.inherited.items())
+        budget = f"{_value(sweep.spent)} / {_value(sweep.budget)}"
+        if sweep.hit_budget:
+            budget += " (hit the cap before interior)"
+        rows.append({
+            "group": name, "keys": ", ".join(keys) or "-",
+            "tried": "; ".join(f"{k}: " + ", ".join(str(v) for v in sweep.tried(k)) for k in keys) or "-",
+            "chosen": ", ".join(f"{k} = {v}" for k, v in (sweep.best or {}).items()) or "none",
+            "interior": ", ".join(f"{k} {'yes' if sweep.interior.get(k) else 'no'}" for k in keys) or "-",
+            "budget": budget, "stopped": sweep.stopped or ("not recorded" if sweep.legacy else "-"),
+            "horizon": f"{sweep.horizon or 'unknown'} ({_value(sweep.max_steps)} steps)",
+            "seed": _value(sweep.seed), "resolution": _f(sweep.resolution), "inherited": inherited or "-"})
+    return rows
+
+
+def step_rows(analysis: Analysis) -> list[tuple[str, str, str, list[str]]]:
+    """(where, arm, tag, [intended, realized, decay applied]) per non-baseline group."""
+    rows = []
+    for g in analysis.groups:
+        values = analysis.step_sizes.get(g.key, {})
+        cells = []
+        for key in STEP_METRICS:
+            v = values.get(key, {})
+            cells.append(f"{_f(v.get('mean', math.nan), '.3g')} (n={v.get('n', 0)})" if v.get("n") else "n/a")
+        rows.append((g.format + layer_suffix(g.layers, " ({})"), g.arm, g.arm_tag, cells))
+    return rows
+
+
 def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) -> str:
     lines = ["# Which FP8 format benefits most from geometry-aware weight updates?", ""]
     if data.get("matrix"):
@@ -34,23 +73,69 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
         lines += [f"Matrix `{data['matrix']}`, runs in `{data['runs_dir']}`. Reproduce with "
                   f"`altgrad matrix run {data['matrix']}{on} --jobs 2`, then "
                   f"`altgrad report {data['runs_dir']} --out DIR`.", ""]
-    lines += ["## Answer", "", analysis.answer, "", analysis.limits, ""]
+    lines += ["## Answer", "", analysis.answer, ""]
     if analysis.notes:
         lines += ["Notes:", "", *[f"- {note}" for note in analysis.notes], ""]
-    lines += ["## Method", "", data["method"] + ". Negative differences are lower (better) losses. A geometry "
-              "benefit counts as real only when its interval excludes zero and its size exceeds the noise floor, "
-              "the BF16 seed-to-seed standard deviation of the final validation loss "
-              f"({_f(analysis.noise_floor)}; per seed: "
-              + ", ".join(f"{k}: {_f(v)}" for k, v in data["noise_floor"]["bf16_losses"].items()) + ").", ""]
-    lines += ["## Geometry benefit", "",
-              "Paired difference of each geometry arm against the stochastic-rounding control (C) and against "
-              f"round-to-nearest (B), same format and seed; {CONFIDENCE:.0%} interval.", "",
-              "| format | geometry arm | vs | difference [interval] | beyond noise |", "|---|---|---|---|---|"]
-    for b in analysis.benefits:
-        lines.append(f"| {b.format}{layer_suffix(b.layers, ' ({})')} | {b.arm} | {b.control} | {interval(b.paired)} | "
-                     f"{'yes' if b.real(analysis.noise_floor) else 'no'} |")
-    if not analysis.benefits:
-        lines.append("| - | - | - | no format has a geometry arm and a control | - |")
+    base = data["noise_floor"]
+    lines += ["## Method", "", data["method"] + ". Negative differences are lower (better) losses. The question "
+              "is answered on the interaction (geometry stored - C) - (geometry on masters - A), per format and "
+              "geometry optimizer, paired by seed (DESIGN 5.2). A comparison is established only when every "
+              "check holds: " + ", ".join(f"`{c}`" for c in CHECKS) + ". Its noise floor is its own interval "
+              "plus the tuning resolution (the largest, over its four groups, of the smaller loss gap between a "
+              "group's chosen value and its tried neighbours). For context only, the BF16 seed-to-seed standard "
+              f"deviation of the final validation loss is {_f(analysis.noise_floor)} (per seed: "
+              + (", ".join(f"{k}: {_f(v)}" for k, v in base["bf16_losses"].items()) or "none") + ").", ""]
+    lines += ["## The question: the format-specific benefit of geometry", "",
+              f"Interaction (gs - C) - (gm - A) with its {CONFIDENCE:.0%} interval, Holm-adjusted p, the tuning "
+              "resolution; beside it the update-rule effect on masters (gm - A) and the storage effects (C - A, "
+              "gs - gm). gs: the geometry optimizer with weights stored on the grid; gm: the same on FP32 masters.",
+              "", "| format | geometry optimizer | interaction [interval] | Holm p | resolution | update rule gm - A | "
+              "storage C - A | storage gs - gm | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in analysis.comparisons:
+        lines.append(f"| {c.where} | {c.optimizer_name} ({c.groups['gs'].arm}, {c.groups['gm'].arm}) | "
+                     f"{interval(c.interaction)} | {_f(c.holm_p, '.3g')} | {_f(c.resolution)} | "
+                     f"{interval(c.update_rule)} | {interval(c.storage_adamw)} | {interval(c.storage_geometry)} | "
+                     f"{'established' if c.established else 'not established'} |")
+    if not analysis.comparisons:
+        lines.append("| - | - | no format has all four groups | - | - | - | - | - | - |")
+    blocked = [c for c in analysis.comparisons if not c.established]
+    if blocked:
+        lines += ["", "Why not established:", ""]
+        for c in blocked:
+            lines.append(f"- {c.where} {c.optimizer_name}: " + "; ".join(
+                f"`{check.name}`: {check.detail}" for check in c.checks if not check.ok))
+    if analysis.not_compared:
+        lines += ["", "Not compared (a group of the four is missing; never ranked): "
+                  + "; ".join(n.text for n in analysis.not_compared) + "."]
+    null = analysis.null_control
+    lines += ["", "## Null control", "",
+              "On a uniform grid (E0M7, E1M6) ManifoldAdamW is AdamW with a rescaled lr: tuned D (ManifoldAdamW "
+              "stored) and tuned C must agree within the interval of D - C plus the tuning resolution, with "
+              f"interior optima. Result: **{null.status}** ({null.summary}).", ""]
+    if null.checks:
+        lines += ["| format | D - C [interval] | resolution | result | why |", "|---|---|---|---|---|"]
+        for n in null.checks:
+            lines.append(f"| {n.where} | {interval(n.paired)} | {_f(n.resolution)} | {n.status} | "
+                         f"{'; '.join(n.reasons) or '-'} |")
+    lines += ["", "## Tuning", "", _protocol_line(analysis), ""]
+    rows = tuning_rows(analysis)
+    if rows:
+        lines += ["| group | tuned keys | values tried (in order) | chosen | interior | runs / budget | stopped | "
+                  "horizon | seed | resolution | inherited |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append("| " + " | ".join(r[k] for k in ("group", "keys", "tried", "chosen", "interior", "budget",
+                                                          "stopped", "horizon", "seed", "resolution", "inherited"))
+                         + " |")
+    else:
+        lines.append("No group was tuned.")
+    lines += ["", "## Step sizes", "",
+              "Per group, the mean over seeds of each run's mean over its stats steps (a mean over layers): the "
+              "intended relative update RMS(step)/RMS(w) before the step lands on the grid, the realized one "
+              "(the change of the on-grid weight), and the fraction of the intended weight decay that landed. "
+              "n/a: runs from before these were measured.", "",
+              "| format | arm | tag | intended | realized | decay applied |", "|---|---|---|---|---|---|"]
+    for where, arm, tag, cells in step_rows(analysis):
+        lines.append(f"| {where} | {arm} | {tag} | " + " | ".join(cells) + " |")
     lines += ["", "## Every cell", "",
               "Final validation loss: mean over the seeds that completed with a finite loss; differences paired "
               "by seed.", "",
@@ -64,15 +149,6 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
                      f"(n={len(g.losses())}) | {interval(analysis.vs_baseline.get(g.key))} | "
                      f"{interval(analysis.vs_arm_a.get(g.key))} | {_f(run_stall_ratio(g), '.3f')} | "
                      f"{g.diverged}/{len(g.cells)} | {note} |")
-    sweeps = data.get("sweeps") or {}
-    if sweeps:
-        lines += ["", "## Learning-rate sweeps", "",
-                  "One seed, shorter runs; the value with the lowest final validation loss is used for all seeds.", "",
-                  "| group | key | seed | steps | final val loss per value | chosen |", "|---|---|---|---|---|---|"]
-        for group, sweep in sweeps.items():
-            losses = ", ".join(f"{v}: {_f(loss) if loss is not None else 'n/a'}" for v, loss in sweep["losses"].items())
-            lines.append(f"| {group} | {sweep['key']} | {sweep.get('seed')} | {sweep.get('max_steps')} | {losses} | "
-                         f"{sweep.get('best')} |")
     collapsed = [(g, c) for g in analysis.groups for c in g.cells
                  if c.run is not None and c.run.summary.get("collapse")]
     lines += ["", "## Failures", ""]
@@ -90,10 +166,23 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
     return "\n".join(lines) + "\n"
 
 
+def _protocol_line(analysis: Analysis) -> str:
+    p = analysis.protocol
+    if not p.recorded:
+        return ("The manifest predates the tuning protocol: horizon, interior optima and resolution are derived "
+                "from its sweeps; budget, stop reasons and inheritance were not recorded and count as failed "
+                "conditions.")
+    return (f"Protocol: tuning seed {_value(p.tuning_seed)}, evaluation seeds {', '.join(map(str, p.eval_seeds))}; "
+            f"budget {_value(p.budget)} runs per tuned group; horizon {_value(p.horizon)} (sweeps "
+            f"{_value(p.sweep_max_steps)} steps, cells {_value(p.cell_max_steps)}); max_extensions "
+            f"{_value(p.max_extensions)}, refine {_value(p.refine)}, rounds {_value(p.rounds)}; grid_lr unit "
+            f"{_value(p.grid_lr_unit)}.")
+
+
 def write_report(source: Path, out: Path) -> tuple[Analysis, dict[str, Path]]:
     """Collect, analyse, draw and write; returns the analysis and the written files."""
     runs_dir, groups, manifest = collect(source)
-    analysis = analyse(groups, manifest.get("sweeps"))
+    analysis = analyse(groups, manifest)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(analysis, out)
