@@ -152,8 +152,10 @@ def tiny_matrix(tmp_path_factory, tiny_data):
             "arms": {"A": {"optimizer": "adamw"},
                      "B": {"optimizer": "adamw", "weight_storage": "format", "update_rounding": "nearest"},
                      "C": {"optimizer": "adamw", "weight_storage": "format", "update_rounding": "stochastic"},
+                     "D": {"optimizer": "manifold"}, "Dm": {"optimizer": "manifold", "weight_storage": "master"},
                      "E": {"optimizer": "grid"}},
-            "cells": [{"formats": ["bf16"], "arms": ["A"]}, {"formats": ["E5M2"], "arms": ["A", "B", "C", "E"]}]}
+            "cells": [{"formats": ["bf16"], "arms": ["A"]},
+                      {"formats": ["E5M2"], "arms": ["A", "B", "C", "D", "Dm", "E"]}]}
     path = root / "matrix.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     MatrixRunner(load_matrix(path), jobs=2).run()
@@ -167,7 +169,8 @@ def test_the_report_on_a_tiny_real_matrix(tiny_matrix, tmp_path):
     assert "answer:" in result.output
     data = json.loads((out / "report.json").read_text())
     groups = {(g["format"], g["arm"]): g for g in data["groups"]}
-    assert set(groups) == {("bf16", "A"), ("E5M2", "A"), ("E5M2", "B"), ("E5M2", "C"), ("E5M2", "E")}
+    assert set(groups) == {("bf16", "A"), ("E5M2", "A"), ("E5M2", "B"), ("E5M2", "C"), ("E5M2", "D"), ("E5M2", "Dm"),
+                           ("E5M2", "E")}
     for g in data["groups"]:  # every number is backed by its per-seed values
         losses = {r["seed"]: r["final_val_loss"] for r in g["runs"]}
         assert g["mean_final_val_loss"] == pytest.approx(sum(losses.values()) / 3)
@@ -176,11 +179,19 @@ def test_the_report_on_a_tiny_real_matrix(tiny_matrix, tmp_path):
             diffs = {str(s): losses[s] - base[s] for s in losses}
             assert g["vs_bf16"]["per_seed"] == pytest.approx(diffs)
             assert g["vs_bf16"]["mean"] == pytest.approx(sum(diffs.values()) / 3)
-    assert data["comparisons"] == []  # E5M2 has no GridOptim on masters: not compared, never ranked
+    (comparison,) = data["comparisons"]  # ManifoldAdamW: all four groups; GridOptim lacks its masters arm
+    assert (comparison["format"], comparison["optimizer"]) == ("E5M2", "manifold")
+    per = {arm: {r["seed"]: r["final_val_loss"] for r in groups[("E5M2", arm)]["runs"]} for arm in ("A", "C", "D", "Dm")}
+    assert comparison["interaction"]["per_seed"] == pytest.approx(
+        {str(s): (per["D"][s] - per["C"][s]) - (per["Dm"][s] - per["A"][s]) for s in (1, 2, 3)})
+    assert comparison["groups"]["gm"]["arm_tag"] == "manifold-master"
+    assert not comparison["established"]  # nothing was tuned, and there is no null control
+    assert {c["name"] for c in comparison["checks"] if not c["ok"]} >= {"tuned_interior", "null_control"}
     assert data["not_compared"] == [{"format": "E5M2", "layers": "uniform", "optimizer": "grid",
                                      "missing": ["GridOptim on FP32 masters"]}]
     assert data["null_control"]["status"] == "absent" and data["tuning"] == []
-    assert data["answer"].startswith("No answer: no format has the four groups")
+    assert data["answer"].startswith("Not established for any format: E5M2 ManifoldAdamW")
+    assert groups[("E5M2", "D")]["step_sizes"]["optim/rel_update_intended"]["n"] == 3  # measured by the runs
     assert data["noise_floor"]["bf16_seed_sd"] == pytest.approx(
         sample_sd([r["final_val_loss"] for r in groups[("bf16", "A")]["runs"]]))
     markdown = (out / "report.md").read_text()
@@ -189,7 +200,7 @@ def test_the_report_on_a_tiny_real_matrix(tiny_matrix, tmp_path):
         assert (out / name).stat().st_size > 1000 and f"]({name})" in markdown
     assert "20 steps" in data["limits"] and "byte tokens" in data["limits"]
     same = collect(load_matrix(tiny_matrix).runs_dir)  # the runs directory works as well as the file
-    assert len(same[1]) == 5
+    assert len(same[1]) == 7
 
 
 def test_a_completed_cell_whose_folder_is_gone_is_missing_not_a_crash(tiny_matrix, tmp_path):

@@ -235,6 +235,11 @@ def test_an_inherited_value_counts_with_its_sources_interior_flag():
         return mutate
     _, c = broken(inherit(True))
     assert c.established
+    def inherit_only(groups, manifest):  # a group that tunes nothing of its own: best is None, settled
+        inherit(True)(groups, manifest)
+        manifest["sweeps"]["e3m4-D"].update(keys=[], interior={}, best=None, trials=[], resolution=math.nan)
+    _, c = broken(inherit_only)
+    assert c.established and c.resolution == 0.01  # its resolution is its source's, already in the comparison
     _, c = broken(inherit(False))
     assert failed(c) == {"tuned_interior"}
     assert detail(c, "tuned_interior") == ("D (stored)'s lr = 0.003, inherited from e3m4-C, is not interior "

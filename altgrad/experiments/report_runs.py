@@ -383,7 +383,7 @@ def read_sweep(group: str, raw: Any, cell_max_steps: int | None = None) -> Sweep
                  horizon=horizon, budget=_int(raw.get("budget")), spent=_int(raw.get("spent")),
                  hit_budget=hit if isinstance(hit, bool) else None,
                  stopped=str(raw["stopped"]) if raw.get("stopped") is not None else None, inherited=inherited,
-                 settled=bool(raw.get("settled", False)) and best is not None)
+                 settled=bool(raw.get("settled", False)) and (best is not None or not keys))  # inherited only
 
 
 def read_sweeps(manifest: dict[str, Any], groups: list[Group]) -> dict[str, Sweep]:
