@@ -181,7 +181,8 @@ def test_the_report_on_a_tiny_real_matrix(tiny_matrix, tmp_path):
             assert g["vs_bf16"]["mean"] == pytest.approx(sum(diffs.values()) / 3)
     (comparison,) = data["comparisons"]  # ManifoldAdamW: all four groups; GridOptim lacks its masters arm
     assert (comparison["format"], comparison["optimizer"]) == ("E5M2", "manifold")
-    per = {arm: {r["seed"]: r["final_val_loss"] for r in groups[("E5M2", arm)]["runs"]} for arm in ("A", "C", "D", "Dm")}
+    per = {arm: {r["seed"]: r["final_val_loss"] for r in groups[("E5M2", arm)]["runs"]}
+           for arm in ("A", "C", "D", "Dm")}
     assert comparison["interaction"]["per_seed"] == pytest.approx(
         {str(s): (per["D"][s] - per["C"][s]) - (per["Dm"][s] - per["A"][s]) for s in (1, 2, 3)})
     assert comparison["groups"]["gm"]["arm_tag"] == "manifold-master"

@@ -391,6 +391,37 @@ def test_the_null_control_passes_fails_or_is_not_evaluable():
     assert analyse(groups, manifest).null_control.status == "passes"
 
 
+def test_one_established_and_one_blocked_comparison_are_both_said():
+    """The issue's closing case: E3M4 established, E5M2 blocked by an optimum at the edge."""
+    def add_e5m2(groups, manifest):
+        base = {1: 2.1, 2: 2.12, 3: 2.09}
+        losses = {"A": base, "C": {s: v + 0.05 for s, v in base.items()}, "Dm": base,
+                  "D": {1: 2.1, 2: 2.121, 3: 2.089}}
+        for arm, values in losses.items():
+            groups.append(make_group("E5M2", arm, values))
+            manifest["sweeps"][name("E5M2", arm)] = sweep_entry("E5M2", arm)
+        manifest["sweeps"]["e5m2-D"]["interior"] = {"grid_lr": False, "lr": True}
+    analysis, c = broken(add_e5m2)
+    assert c.established
+    e5m2 = the_comparison(analysis, "E5M2")
+    assert failed(e5m2) == {"tuned_interior"}
+    assert [x.format for x in analysis.comparisons] == ["E3M4", "E5M2"]  # the established first
+    assert analysis.answer.startswith("E3M4 benefits from geometry-aware updates (ManifoldAdamW)")
+    assert "Not established: E5M2 ManifoldAdamW, interaction -0.0500" in analysis.answer
+    assert "D (stored)'s grid_lr = 0.5 is not interior" in analysis.answer
+
+
+def test_geometry_that_hurts_beyond_noise_is_established_as_harm_not_benefit():
+    def flip(groups, manifest):
+        for cell in groups[3].cells:  # D: +0.06 above C instead of at A
+            cell.final_val_loss += 0.11
+    analysis, c = broken(flip)
+    assert c.established and c.interaction.mean == pytest.approx(0.05)
+    assert analysis.answer.startswith("E3M4 is hurt by storing weights on its grid under geometry-aware updates, "
+                                      "more than under AdamW (ManifoldAdamW)")
+    assert "benefits" not in analysis.answer
+
+
 def test_formats_without_a_group_of_the_four_are_not_compared():
     groups, manifest = established_case()
     e5m2 = [make_group("E5M2", "C", {1: 2.1, 2: 2.2}), make_group("E5M2", "E", {1: 2.0, 2: 2.1}),
