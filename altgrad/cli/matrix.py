@@ -33,7 +33,7 @@ def cells_table(cells: list[Cell], title: str) -> Table:
         table.add_column(column, no_wrap=column != "note")
     for c in cells:
         config = c.config
-        note = f"{c.sweep[0]}={c.sweep[1]}" if c.sweep else ("expected to fail" if c.expected_failure else "")
+        note = ", ".join(f"{k}={v:g}" for k, v in c.sweep.items()) if c.sweep else ("expected to fail" if c.expected_failure else "")
         table.add_row(c.folder, c.format, c.arm, c.layers, str(c.seed), str(config.max_steps), note)
     return table
 
@@ -68,10 +68,12 @@ def run(
         if dry_run:
             sweeps = matrix.sweep_cells()
             if sweeps:
-                console.print(cells_table(sweeps, f"learning-rate sweep: {len(sweeps)} runs (best value -> all seeds)"))
+                console.print(cells_table(sweeps, f"tuning: {len(sweeps)} first runs on seed {matrix.tuning_seed} "
+                                                  f"(grids extend at an edge, at most {matrix.budget} runs a group; "
+                                                  "the chosen values -> all seeds)"))
             cells = matrix.cells()
             console.print(cells_table(cells, f"{len(cells)} cells of {file} -> {matrix.runs_dir}"
-                                             + (" (swept values not yet known: the arms' own)" if sweeps else "")))
+                                             + (" (tuned values not yet known: the arms' own)" if sweeps else "")))
             return
         runner = MatrixRunner(matrix, jobs=jobs, launcher=launcher, retry_failed=retry_failed, threads=threads,
                               executor_options=_options(slurm or []))
@@ -95,7 +97,8 @@ def run(
                                   + (f" (log: {payload['log']})" if status == "failed" else ""))
             elif kind == "message":
                 bar.console.print(f"[yellow]{payload['text']}[/]")
-            bar.update(task, completed=progress.done, running=progress.running, failed=progress.failed)
+            bar.update(task, total=progress.total, completed=progress.done, running=progress.running,
+                       failed=progress.failed)
 
         try:
             with bar:

@@ -226,9 +226,17 @@ def sweep_note(matrix: Matrix) -> str:
     runs = matrix.sweep_cells()
     if not runs:
         return "No arm of this matrix has a sweep."
-    return (f"A group with a sweep (column sweep under Combinations) first runs one short run per value on seed "
-            f"{runs[0].seed} ({runs[0].config.max_steps} steps); the value with the lowest final validation loss "
-            "is then used for all its seeds.")
+    protocol = matrix.protocol
+    steps = matrix.sweep.get("max_steps")
+    horizon = (f"{steps} steps, shorter than the cells' (the answer then rests on that horizon)" if steps
+               else "the cells' own steps and schedule")
+    return (f"A group with a sweep (column sweep under Combinations) is tuned first, on seed {runs[0].seed} (not an "
+            f"evaluation seed), at {horizon}: each key's log grid extends itself at an edge (up to "
+            f"{protocol.max_extensions} values) until the best value has a worse neighbour on both sides"
+            + (", then the midpoints around it are tried" if protocol.refine else "")
+            + f"; several keys by coordinate descent ({protocol.rounds} rounds); at most {protocol.budget} runs "
+            "a group, the same for every group. A value `{from: ARM}` is the one ARM's tuning chose in the same "
+            "format and layers. The chosen values are then used for all seeds.")
 
 
 def arms_section(matrix: Matrix, cells: list[Cell]) -> str:
@@ -322,11 +330,12 @@ def group_key(cell: Cell) -> tuple[str, str, str]:
 
 
 def group_sweeps(matrix: Matrix) -> dict[tuple[str, str, str], str]:
-    """(format, arm, layers) -> its sweep: the swept key and how many short runs tune it."""
+    """(format, arm, layers) -> its tuning: the tuned keys and the runs of their first grid."""
     runs: dict[tuple[str, str, str], list[Cell]] = {}
     for cell in matrix.sweep_cells():
         runs.setdefault(group_key(cell), []).append(cell)
-    return {key: f"{code(cells[0].sweep[0])} ({len(cells)} runs)" for key, cells in runs.items()}
+    return {key: f"{', '.join(code(k) for k in cells[0].sweep)} ({len(cells)} runs first)"
+            for key, cells in runs.items()}
 
 
 def combination_row(group: list[Cell], sweep: str) -> tuple[Any, ...]:
@@ -349,8 +358,9 @@ def combinations_section(matrix: Matrix, cells: list[Cell]) -> str:
                    f"Every (format, arm, layers) group of `{source_path(matrix)}`; layers `-`: the baseline, no "
                    "layer in an 8-bit format.",
                    table(header, rows),
-                   f"{len(groups)} groups, {len(cells)} cells, {sweep_runs} sweep runs: "
-                   f"{len(cells) + sweep_runs} runs in all.")
+                   f"{len(groups)} groups, {len(cells)} cells, {sweep_runs} first tuning runs (extensions "
+                   f"follow as needed, at most {matrix.budget} a tuned group): at least {len(cells) + sweep_runs} "
+                   "runs in all.")
 
 
 # ---- metrics -----------------------------------------------------------------------------------

@@ -13,24 +13,37 @@ run (``cells``)::
               {name: E4M3-g4, format: E4M3, grad_format: E4M3},   # a format with other settings
               {name: mixed, config: ../mixed_precision.yaml}]     # a policy file's precision policy
     arms:                                  # DESIGN §4; any config keys, plus an optional sweep
-      A: {optimizer: adamw}
-      D: {optimizer: manifold, sweep: {grid_lr: [0.25, 0.5, 1.0]}}
+      A: {optimizer: adamw, sweep: {lr: [0.0005, 0.001, 0.002]}}
+      C: {optimizer: adamw, weight_storage: format, update_rounding: stochastic, sweep: {lr: [0.0005, 0.001, 0.002]}}
+      D: {optimizer: manifold, lr: {from: C}, sweep: {grid_lr: [0.25, 0.5, 1.0]}}
     layers:                                # layer policies; "{format}" stands for the cell's format
       uniform: {format: "{format}"}
       post-ln: {policy: [{layers: ["*.attn.c_attn", "*.mlp.c_fc"], format: "{format}"}]}
-    sweep: {seed: 1337, max_steps: 500}    # the learning-rate sweep: one seed, shorter
+    sweep: {seed: 1340, budget: 8, refine: true}  # tuning: its own seed, the same budget for every group
     cells:
       - {formats: [bf16], arms: [A]}
-      - {formats: [E5M2, E3M4], arms: [A, D], layers: [uniform]}
+      - {formats: [E5M2, E3M4], arms: [A, C, D], layers: [uniform]}
       - {formats: [E7M0], arms: [A], expected_failure: "powers of two only"}
     launcher: {slurm: {timeout_min: 60}}   # submitit executor options (--launcher slurm)
 
 A cell's config is resolved in that order: preset < config file < settings < layer policy <
-arm < seed (< the swept value). An arm with a ``sweep`` first runs one short run per value on
-the sweep seed for every (format, arm, layers) group it is in; the value with the lowest final
-validation loss is recorded and used for all seeds. Unknown keys, unknown names and impossible
-cells (an optimizer that needs a weight format on the baseline, a bad format) are errors that
-name the cell, before anything runs.
+arm < seed (< the tuned values). An arm with a ``sweep`` is tuned for every (format, arm,
+layers) group it is in, on the tuning seed, by bracketing log grids (`tuning`: each key's grid
+extends itself at an edge until the best value has a worse neighbour on both sides; several
+keys by coordinate descent); the chosen values are recorded and used for all seeds. An arm value
+``{from: C}`` (e.g. ``lr: {from: C}``) is inherited: the value arm C's tuning chose in the same
+format and layers, resolved once that tuning has settled (its trials wait for it).
+
+The ``sweep`` settings are the protocol of DESIGN §5.1, the same for every group: ``seed`` (the
+tuning seed; default one above the largest evaluation seed, and never one of them),
+``max_steps`` (default: the cells' own, so tuning runs at the final horizon with the cells'
+schedule; fewer steps only when asked, and the report then says the answer rests on it),
+``max_extensions`` (4), ``refine`` (false), ``rounds`` (2, for several keys) and ``budget`` (the
+cap on runs per group; default: the largest grid plus every extension and the refinement).
+
+Unknown keys, unknown names and impossible cells (an optimizer that needs a weight format on the
+baseline, a bad format, an inherited value nobody tunes) are errors that name the cell, before
+anything runs.
 
 Every cell is one ordinary training run in ``runs_dir/<cell>-<hash>``: the cell's name and the
 first 8 hex digits of a hash of its resolved config (places and W&B settings left out), so a
@@ -42,7 +55,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -51,12 +64,14 @@ import yaml
 
 from ..errors import UserError
 from ..training.config import FIELD_NAMES, PRESETS, TrainConfig, coerce, read_yaml
+from . import tuning
 
 BASELINES = ("bf16", "fp32")
 TOP_KEYS = ("preset", "config", "settings", "runs_dir", "seeds", "formats", "arms", "layers", "sweep", "cells",
             "launcher", "description")
 CELL_KEYS = ("formats", "arms", "layers", "seeds", "expected_failure", "sweep")
-SWEEP_KEYS = ("seed", "max_steps")
+SWEEP_KEYS = ("seed", "max_steps", "max_extensions", "refine", "rounds", "budget")
+INHERIT = "from"  # an arm value {from: C}: the value arm C's tuning chose
 #: Config keys that do not change what a run computes: left out of the hash.
 UNHASHED = ("run_name", "runs_dir", "wandb", "wandb_project", "tags", "adapt_threads")  # nothing a run computes
 PLACEHOLDER = "{format}"
@@ -66,14 +81,14 @@ PLACEHOLDER = "{format}"
 class Cell:
     """One run of the matrix."""
 
-    name: str  # e5m2-D-uniform-s1337, or sweep-e5m2-D-uniform-grid_lr0.5
+    name: str  # e5m2-D-post-ln-s1337, or sweep-e5m2-D-post-ln-grid_lr0.5 (a tuning trial)
     format: str  # E5M2, or bf16 / fp32 for the baseline
     arm: str
     layers: str  # the layer policy's name; "-" for the baseline
     seed: int
-    overrides: dict[str, Any]  # on top of the matrix's base: layer policy, arm, seed, swept value
+    overrides: dict[str, Any]  # on top of the matrix's base: layer policy, arm, seed, tuned values
     expected_failure: str | None = None
-    sweep: tuple[str, Any] | None = None  # (key, value) of a sweep run
+    sweep: dict[str, float] | None = None  # a tuning trial's values of the tuned keys
     config: TrainConfig | None = field(default=None, compare=False)
 
     @property
@@ -88,7 +103,21 @@ class Cell:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "format": self.format, "arm": self.arm, "layers": self.layers, "seed": self.seed,
                 "group": self.group, "expected_failure": self.expected_failure,
-                "sweep": list(self.sweep) if self.sweep else None}
+                "sweep": dict(self.sweep) if self.sweep else None}
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """One group's tuning: the log grid of each key it searches (in coordinate order; none when it
+    only inherits), and the keys it takes from another group's tuning (key -> that group)."""
+
+    group: str
+    format: str
+    arm: str
+    layers: str
+    grids: dict[str, tuple[float, ...]]
+    inherits: dict[str, str]
+    expected_failure: str | None = None
 
 
 def group_name(fmt: str, arm: str, layers: str) -> str:
@@ -181,7 +210,7 @@ class Matrix:
         return fmt.lower() in BASELINES or "policy" in self.formats[fmt]
 
     def _overrides(self, fmt: str, arm: str, layers: str, seed: int) -> dict[str, Any]:
-        arm_values = {k: v for k, v in self.arms[arm].items() if k != "sweep"}
+        arm_values = {k: v for k, v in self.arms[arm].items() if k != "sweep" and not _inherited(v)}
         spec = self.formats[fmt]
         if fmt.lower() in BASELINES:
             policy = {"precision": fmt.lower(), "format": None, "policy": []}
@@ -225,44 +254,134 @@ class Matrix:
                         combos.append((fmt, arm, policy, seeds, entry.get("expected_failure"), swept))
         return combos
 
-    def sweep_cells(self) -> list[Cell]:
-        """The short one-seed runs of every group whose arm has a sweep."""
-        cells = []
-        seed, steps = int(self.sweep.get("seed", self.seeds[0])), self.sweep.get("max_steps")
+    # ---- tuning ---------------------------------------------------------------------------
+    @property
+    def tuning_seed(self) -> int:
+        return int(self.sweep["seed"]) if "seed" in self.sweep else max(self.evaluation_seeds) + 1
+
+    @property
+    def evaluation_seeds(self) -> tuple[int, ...]:
+        return tuple(sorted({s for *_, seeds, _, _ in self._combinations() for s in seeds}))
+
+    @property
+    def protocol(self) -> tuning.Protocol:
+        return tuning.Protocol(budget=self.budget, max_extensions=int(self.sweep.get("max_extensions", 4)),
+                               refine=bool(self.sweep.get("refine", False)), rounds=int(self.sweep.get("rounds", 2)))
+
+    @property
+    def budget(self) -> int:
+        """The cap on tuning runs per group, the same for every group: the file's, or the largest
+        grid of any arm plus every extension and the refinement."""
+        if "budget" in self.sweep:
+            return int(self.sweep["budget"])
+        grids = [sum(len(v) for v in arm.get("sweep", {}).values()) for arm in self.arms.values()]
+        return max(grids, default=0) + int(self.sweep.get("max_extensions", 4)) + 2 * bool(self.sweep.get("refine"))
+
+    def tunings(self) -> list[Tuning]:
+        """Every group that is tuned or inherits a tuned value, in file order."""
+        out = []
         for fmt, arm, layers, _, expected, swept in self._combinations():
-            for key, values in (self.arms[arm].get("sweep", {}) if swept else {}).items():
-                for value in values:
-                    name = f"sweep-{group_name(fmt, arm, layers)}-{key}{value}"
-                    overrides = {**self._overrides(fmt, arm, layers, seed), key: value}
-                    if steps is not None:
-                        overrides["max_steps"] = int(steps)
-                    cells.append(Cell(name, fmt, arm, layers, seed, overrides, expected, (key, value),
-                                      self._resolve(name, overrides)))
+            grids = {k: tuple(v) for k, v in self.arms[arm].get("sweep", {}).items()} if swept else {}
+            inherits = {k: group_name(fmt, v[INHERIT], layers) for k, v in self.arms[arm].items() if _inherited(v)}
+            if grids or inherits:
+                out.append(Tuning(group_name(fmt, arm, layers), fmt, arm, layers, grids, inherits, expected))
+        return out
+
+    def trial_cell(self, tuned: Tuning, values: dict[str, float], inherited: dict[str, Any] | None = None) -> Cell:
+        """One tuning run of a group: its values of the tuned keys, on the tuning seed."""
+        values = {k: tuning.canonical(v) for k, v in values.items()}
+        name = f"sweep-{tuned.group}-" + "-".join(f"{k}{v:g}" for k, v in values.items())
+        seed = self.tuning_seed
+        overrides = {**self._overrides(tuned.format, tuned.arm, tuned.layers, seed), **(inherited or {}), **values}
+        if self.sweep.get("max_steps") is not None:
+            overrides["max_steps"] = int(self.sweep["max_steps"])
+        return Cell(name, tuned.format, tuned.arm, tuned.layers, seed, overrides, tuned.expected_failure, values,
+                    self._resolve(name, overrides))
+
+    def sweep_cells(self, tuned: dict[str, dict[str, Any]] | None = None) -> list[Cell]:
+        """The first tuning runs of every group (its first key's grid; extensions follow as the
+        outcomes come in). ``tuned``: group -> chosen values, for the inherited ones known."""
+        cells = []
+        for group in self.tunings():
+            if group.grids:
+                inherited = {k: (tuned or {}).get(source, {}).get(k) for k, source in group.inherits.items()}
+                first = tuning.plan(group.grids, self.protocol, {}).next
+                cells += [self.trial_cell(group, values, {k: v for k, v in inherited.items() if v is not None})
+                          for values in first]
         return cells
 
-    def cells(self, swept: dict[str, dict[str, Any]] | None = None) -> list[Cell]:
-        """The main runs: every combination and seed. ``swept``: group -> {key: best value} (the
-        sweep's results); a group whose sweep has not run yet gets the arm's own value."""
+    def cells(self, tuned: dict[str, dict[str, Any]] | None = None) -> list[Cell]:
+        """The main runs: every combination and seed. ``tuned``: group -> {key: value} (tuning's
+        choices and inherited values); a group whose tuning has not settled gets the arm's own."""
         cells = []
         for fmt, arm, layers, seeds, expected, _ in self._combinations():
             group = group_name(fmt, arm, layers)
             for seed in seeds:
                 name = f"{group}-s{seed}"
-                overrides = {**self._overrides(fmt, arm, layers, seed), **(swept or {}).get(group, {})}
+                overrides = {**self._overrides(fmt, arm, layers, seed), **(tuned or {}).get(group, {})}
                 cells.append(Cell(name, fmt, arm, layers, seed, overrides, expected, None,
                                   self._resolve(name, overrides)))
         return cells
 
+    def check_tuning(self) -> None:
+        """The protocol's rules that need the whole matrix: the tuning seed apart from the evaluation
+        seeds, every grid within the budget, every inherited value tuned by a group of the matrix."""
+        where = f"matrix {self.path}"
+        seed = self.tuning_seed
+        if seed in self.evaluation_seeds:
+            raise UserError(f"{where}: sweep seed {seed} is also an evaluation seed; tune on a seed apart "
+                            "(DESIGN 5.1), e.g. leave sweep.seed out for one above the largest seed")
+        tunings = self.tunings()
+        searched = {t.group: t for t in tunings if t.grids}
+        for t in tunings:
+            if sum(len(g) for g in t.grids.values()) > self.budget:
+                raise UserError(f"{where}: arm {t.arm}: its grids have {sum(len(g) for g in t.grids.values())} "
+                                f"values, more than the tuning budget of {self.budget} runs a group")
+            for key, source in t.inherits.items():
+                if key not in searched.get(source, Tuning("", "", "", "", {}, {})).grids:
+                    raise UserError(f"{where}: cell {t.group}: {key}: {{from: {self.arms[t.arm][key][INHERIT]}}} needs "
+                                    f"group {source} in the matrix, tuning {key}")
 
-def _sweep_values(arm: str, spec: Any, where: str) -> dict[str, list[Any]]:
+
+def _inherited(value: Any) -> bool:
+    return isinstance(value, dict) and INHERIT in value
+
+
+def _check_inherits(arm: str, values: dict[str, Any], arms: dict[str, dict[str, Any]], where: str) -> None:
+    for key, value in values.items():
+        if not isinstance(value, dict) or key == "sweep":
+            continue
+        source = value.get(INHERIT)
+        if set(value) != {INHERIT} or not isinstance(source, str):
+            raise UserError(f"{where}: arm {arm}: {key} is a value or {{from: ARM}} (the value ARM's tuning chose)")
+        if source not in arms or source == arm:
+            raise UserError(f"{where}: arm {arm}: {key}: {{from: {source}}} names no other arm; "
+                            f"arms: {', '.join(a for a in arms if a != arm)}")
+        if key not in arms[source].get("sweep", {}):
+            raise UserError(f"{where}: arm {arm}: {key}: {{from: {source}}}, but arm {source} does not tune {key}")
+        if key in values.get("sweep", {}):
+            raise UserError(f"{where}: arm {arm}: {key} is both tuned and inherited")
+
+
+def _sweep_values(arm: str, spec: Any, where: str) -> dict[str, tuple[float, ...]]:
+    """An arm's tuned keys and their log grids (several keys: coordinate descent, in this order)."""
     spec = _mapping(spec, f"{where}: arm {arm}: sweep")
-    if len(spec) != 1:
-        raise UserError(f"{where}: arm {arm}: sweep takes one key and its values, e.g. {{grid_lr: [0.25, 0.5, 1]}}")
-    key, values = next(iter(spec.items()))
-    _check_config_keys({key: None}, f"{where}: arm {arm}: sweep")
-    if not isinstance(values, list) or len(values) < 2:
-        raise UserError(f"{where}: arm {arm}: sweep {key} needs a list of at least two values")
-    return {key: values}
+    if not spec:
+        raise UserError(f"{where}: arm {arm}: sweep takes keys and their log grids, e.g. {{grid_lr: [0.25, 0.5, 1]}}")
+    _check_config_keys(spec, f"{where}: arm {arm}: sweep")
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    grids = {}
+    for key, values in spec.items():
+        if not types[key].startswith("float"):
+            raise UserError(f"{where}: arm {arm}: sweep {key}: only real-valued settings are tuned (lr, grid_lr, ...)")
+        if not isinstance(values, list) or len(values) < 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+            raise UserError(f"{where}: arm {arm}: sweep {key} needs a log grid of at least two positive numbers")
+        grid = tuple(sorted(tuning.canonical(v) for v in values))
+        if len(set(grid)) != len(grid):
+            raise UserError(f"{where}: arm {arm}: sweep {key} lists a value twice")
+        grids[key] = grid
+    return grids
 
 
 def _formats(entries: Any, path: Path, where: str) -> dict[str, dict[str, Any]]:
@@ -293,6 +412,20 @@ def _formats(entries: Any, path: Path, where: str) -> dict[str, dict[str, Any]]:
     return formats
 
 
+def _sweep_settings(sweep: dict[str, Any], where: str) -> dict[str, Any]:
+    unknown = sorted(set(sweep) - set(SWEEP_KEYS))
+    if unknown:
+        raise UserError(f"{where}: sweep: unknown key(s) {', '.join(unknown)}; valid: {', '.join(SWEEP_KEYS)}")
+    for key in ("seed", "max_steps", "max_extensions", "rounds", "budget"):
+        value = sweep.get(key)
+        least = 0 if key in ("seed", "max_extensions") else 1
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise UserError(f"{where}: sweep: {key} must be an integer >= {least}")
+    if not isinstance(sweep.get("refine", False), bool):
+        raise UserError(f"{where}: sweep: refine must be true or false")
+    return {k: v for k, v in sweep.items() if v is not None}
+
+
 def load_matrix(path: Path) -> Matrix:
     """A matrix file, checked (see the module doc); every cell's config is resolved here."""
     path = Path(path)
@@ -319,15 +452,15 @@ def load_matrix(path: Path) -> Matrix:
         _check_config_keys(values, f"{where}: arm {name}", extra=("sweep",))
         if "sweep" in values:
             values["sweep"] = _sweep_values(name, values["sweep"], where)
+    for name, values in arms.items():
+        _check_inherits(name, values, arms, where)
     layers = {str(k): _mapping(v, f"{where}: layer policy {k}")
               for k, v in _mapping(data.get("layers") or {"uniform": {"format": PLACEHOLDER}}, where).items()}
     for name, values in layers.items():
         _check_config_keys(values, f"{where}: layer policy {name}")
         if PLACEHOLDER not in json.dumps(values):
             raise UserError(f"{where}: layer policy {name} never uses {PLACEHOLDER}: where does the cell's format go?")
-    sweep = _mapping(data.get("sweep"), f"{where}: sweep")
-    if set(sweep) - set(SWEEP_KEYS):
-        raise UserError(f"{where}: sweep takes {', '.join(SWEEP_KEYS)}")
+    sweep = _sweep_settings(_mapping(data.get("sweep"), f"{where}: sweep"), where)
     seeds = data.get("seeds", [TrainConfig.seed])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise UserError(f"{where}: seeds must be a non-empty list of integers")
@@ -342,6 +475,7 @@ def load_matrix(path: Path) -> Matrix:
     if not isinstance(data["cells"], list) or not all(isinstance(c, dict) for c in data["cells"]):
         raise UserError(f"{where}: cells must be a list of mappings {{formats: [...], arms: [...]}}")
     matrix.cells()  # every cell resolves, or the error names it
+    matrix.check_tuning()
     matrix.sweep_cells()
     return matrix
 

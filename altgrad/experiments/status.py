@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..training.checkpoint import list_checkpoints
-from .launch import LOG_FILE, finished, read_manifest, read_summary, swept_values
+from .launch import LOG_FILE, finished, known_trials, read_manifest, read_summary, swept_values
 from .matrix import Cell, Matrix
 
 
@@ -29,7 +29,7 @@ def cell_status(matrix: Matrix) -> list[dict[str, Any]]:
     """One row per cell (sweep runs first): status, steps, final validation loss, log."""
     manifest = read_manifest(matrix.runs_dir)
     rows = []
-    for cell in [*matrix.sweep_cells(), *matrix.cells(swept_values(manifest))]:
+    for cell in [*known_trials(matrix, manifest), *matrix.cells(swept_values(manifest))]:
         run_dir = Path(matrix.runs_dir) / cell.folder
         entry = manifest.get("cells", {}).get(cell.folder, {})
         summary = read_summary(run_dir)
