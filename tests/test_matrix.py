@@ -40,7 +40,7 @@ def write_matrix(tmp_path, data, **changes):
                  "E": {"optimizer": "grid", "sweep": {"grid_lr": [0.5, 1.0]}}},
         "layers": {"uniform": {"format": "{format}"},
                    "post-ln": {"policy": [{"layers": ["*.attn.c_attn", "*.mlp.c_fc"], "format": "{format}"}]}},
-        "sweep": {"seed": 1, "max_steps": 6},
+        "sweep": {"max_steps": 6},
         "cells": [{"formats": ["bf16"], "arms": ["A"]},
                   {"formats": ["E5M2"], "arms": ["A", "C", "E"]},
                   {"formats": ["E3M4"], "arms": ["E"], "layers": ["post-ln"], "expected_failure": "a test"}],
@@ -75,8 +75,8 @@ def test_cells_are_every_combination_and_seed_with_their_resolved_configs(tmp_pa
     assert {c.name: c.config.grid_lr for c in swept}["e5m2-E-s2"] == 1.0
     sweeps = matrix.sweep_cells()
     assert [(c.name, c.seed, c.config.max_steps, c.config.grid_lr) for c in sweeps] == [
-        ("sweep-e5m2-E-grid_lr0.5", 1, 6, 0.5), ("sweep-e5m2-E-grid_lr1.0", 1, 6, 1.0),
-        ("sweep-e3m4-E-post-ln-grid_lr0.5", 1, 6, 0.5), ("sweep-e3m4-E-post-ln-grid_lr1.0", 1, 6, 1.0)]
+        ("sweep-e5m2-E-grid_lr0.5", 3, 6, 0.5), ("sweep-e5m2-E-grid_lr1", 3, 6, 1.0),
+        ("sweep-e3m4-E-post-ln-grid_lr0.5", 3, 6, 0.5), ("sweep-e3m4-E-post-ln-grid_lr1", 3, 6, 1.0)]
 
 
 def test_a_folder_is_named_by_the_cell_and_a_hash_of_what_it_computes(tmp_path, tiny_data):
@@ -100,7 +100,7 @@ def test_a_folder_is_named_by_the_cell_and_a_hash_of_what_it_computes(tmp_path, 
     ({"cells": [{"formats": ["bf16"], "arms": ["E"]}]}, "cell bf16-E-s1: optimizer grid moves weights"),
     ({"cells": [{"formats": ["E5M2"], "arms": ["A"]}, {"formats": ["E5M2"], "arms": ["A"]}]}, "listed twice"),
     ({"layers": {"uniform": {"format": "E4M3"}}}, "never uses {format}"),
-    ({"arms": {"A": {"optimizer": "adamw", "sweep": {"lr": 0.1}}}}, "at least two values"),
+    ({"arms": {"A": {"optimizer": "adamw", "sweep": {"lr": 0.1}}}}, "at least two positive numbers"),
     ({"cells": [{"formats": ["E5M2"], "arms": ["A"], "color": 1}]}, "unknown key(s) color"),
     ({"cells": None}, "no cells"),
     ({"formats": ["bf16", "E5M2", "E3M4", "E10M9"], "cells": [{"formats": ["E10M9"], "arms": ["A"]}]},
@@ -116,13 +116,21 @@ def test_the_shipped_matrices_load():
     small = load_matrix(CONFIGS / "matrix" / "small.yaml")
     groups = {(c.format, c.arm, c.layers) for c in small.cells()}
     for fmt in ("E5M2", "E3M4"):
-        assert {(fmt, arm, "uniform") for arm in "ABCDE"} <= groups
-    assert {("E4M3", "A", "uniform"), ("E7M0", "A", "uniform"), ("E7M0", "E", "uniform"), ("bf16", "A", "-"),
-            ("E1M6", "E", "post-ln"), ("E0M7", "E", "post-ln")} <= groups
+        assert {(fmt, arm, "uniform") for arm in ("A", "B", "C", "D", "Dm", "E", "Em")} <= groups
+    assert {("E4M3", "A", "uniform"), ("E4M3", "Dm", "uniform"), ("E7M0", "A", "uniform"), ("bf16", "A", "-"),
+            ("E1M6", "C", "post-ln"), ("E1M6", "D", "post-ln"), ("E0M7", "D", "post-ln")} <= groups
+    arms = {c.arm: c.config.arm for c in small.cells() if c.format == "E5M2"}
+    assert arms == {"A": "adamw", "B": "adamw-rtn", "C": "adamw-sr", "D": "manifold-sr", "Dm": "manifold-master",
+                    "E": "grid-sr", "Em": "grid-master"}
+    for name in ("small", "paper", "tiny"):  # the protocol: a tuning seed apart, the cells' horizon, inherited lr
+        shipped = load_matrix(CONFIGS / "matrix" / f"{name}.yaml")
+        assert shipped.tuning_seed not in shipped.evaluation_seeds and "max_steps" not in shipped.sweep
+        sources = {arm: values["lr"]["from"] for arm, values in shipped.arms.items() if isinstance(values.get("lr"), dict)}
+        assert sources.get("D") == "C" and sources.get("Dm") == "A"  # each geometry arm beside its AdamW partner
     assert {c.seed for c in small.cells()} == {1337, 1338, 1339}
     assert all(c.expected_failure for c in small.cells() if c.format == "E7M0")
     assert {c.config.lr for c in small.sweep_cells() if c.format == "bf16"} == {0.0005, 0.001, 0.002}  # every arm
-    assert len(load_matrix(CONFIGS / "matrix" / "tiny.yaml").cells()) == 8
+    assert len(load_matrix(CONFIGS / "matrix" / "tiny.yaml").cells()) == 27
     assert load_matrix(CONFIGS / "matrix" / "paper.yaml").preset == "paper"
 
 
@@ -156,14 +164,16 @@ def test_sweeps_run_first_and_their_best_value_is_used_for_every_seed(tmp_path, 
     matrix = load_matrix(write_matrix(tmp_path, tiny_data, cells=[{"formats": ["E5M2"], "arms": ["E"]}]))
     manifest = MatrixRunner(matrix, jobs=2).run()
     sweep = manifest["sweeps"]["e5m2-E"]
-    assert sweep["key"] == "grid_lr" and set(sweep["losses"]) == {"0.5", "1.0"}
-    best = min(sweep["losses"], key=sweep["losses"].get)
-    assert sweep["best"] == float(best)
+    assert sweep["keys"] == ["grid_lr"] and sweep["settled"] and sweep["horizon"] == "short"
+    tried = {t["values"]["grid_lr"]: t["final_val_loss"] for t in sweep["trials"]}
+    assert {0.5, 1.0} <= set(tried) and len(tried) == sweep["spent"] <= sweep["budget"]
+    best = min(tried, key=tried.get)
+    assert sweep["best"] == {"grid_lr": best}
     main = [e for e in manifest["cells"].values() if not e.get("sweep")]
     assert len(main) == 2 and all(e["status"] == "completed" for e in main)
     for entry in main:
         config = yaml.safe_load((matrix.runs_dir / entry["folder"] / "config.yaml").read_text())
-        assert config["grid_lr"] == sweep["best"] and config["max_steps"] == 12
+        assert config["grid_lr"] == sweep["best"]["grid_lr"] and config["max_steps"] == 12
 
 
 def test_a_failing_cell_is_recorded_and_never_stops_the_others(tmp_path, tiny_data):
@@ -237,7 +247,7 @@ def test_the_cli_dry_run_shows_cells_and_runs_nothing(tmp_path, tiny_data):
     result = runner.invoke(app, ["matrix", "run", str(path), "--dry-run"])
     assert result.exit_code == 0
     text = " ".join(result.output.split())
-    assert "learning-rate sweep: 4 runs" in text and "10 cells" in text and "e3m4-E-post-ln-s2" in text
+    assert "tuning: 4 first runs on seed 3" in text and "10 cells" in text and "e3m4-E-post-ln-s2" in text
     assert not (tmp_path / "runs").exists()
     bad = runner.invoke(app, ["matrix", "run", str(tmp_path / "nope.yaml")])
     assert bad.exit_code == 2 and "not found" in bad.output and "Traceback" not in bad.output

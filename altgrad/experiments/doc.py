@@ -45,6 +45,7 @@ OPTIMIZER_PARAMETERS = {
     "max_stiffness": "manifold: cap on the stiffness S(w), absolute (none: uncapped)",
     "rung_clip": "grid: most rungs one step moves a weight",
     "grid_direction": "grid: the direction in rungs, adam (Adam-normalised) or momentum",
+    "grid_lr_unit": "ulp: grid_lr counts ULPs or rungs; binade: grid_lr x 2^M of them (one range for every M)",
 }
 
 #: The monitoring settings documented, with one-line meanings (defaults come from `TrainConfig`).
