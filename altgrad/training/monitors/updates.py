@@ -118,6 +118,8 @@ def code_moments(code_sum: int, code_squares: int, n: int) -> tuple[float, float
 
 
 def _norm(x: torch.Tensor) -> float:
+    """The L2 norm in float64. A parallel sum: its last bits follow the thread count (as the
+    signal-to-noise ratios'), while everything the run computes stays bit for bit."""
     return float(torch.linalg.vector_norm(x.detach().double()))
 
 
