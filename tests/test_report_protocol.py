@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from altgrad.cli import app
 from altgrad.experiments.report import CHECKS, Cell, Group, analyse, uniform_grid
 from altgrad.experiments.report_files import write_report
-from altgrad.experiments.report_runs import read_protocol, read_sweep
+from altgrad.experiments.report_sweeps import read_protocol, read_sweep
 from altgrad.experiments.runs import RunRecord
 from altgrad.experiments.stats import holm, interaction, paired_difference, t_test_p
 

@@ -1,7 +1,8 @@
 """The report: what a matrix found, and the answer its protocol supports (DESIGN §5).
 
 The runs come grouped from `report_runs` (a matrix's manifest, or a directory's run folders),
-with each group's tuning record (`Sweep`) and the matrix's tuning protocol (`Protocol`).
+with each group's tuning record (`Sweep`) and the matrix's tuning protocol (`Protocol`) from
+`report_sweeps`; the comparisons and the checks that gate their claims are `report_checks`.
 
 - Per (format, arm, layers) group: the final validation loss per seed, its mean over the seeds
   that completed with a finite loss, and the divergence rate (a diverged run is counted, never
@@ -28,124 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from ..errors import UserError
-from ..quantization.formats import FormatError, get_format
-from .compare import PRECISION_KEYS, pairing_difference
+from .compare import pairing_difference
 from .matrix import layer_suffix
-from .report_runs import (OPTIMIZER_NAMES, Cell, Group, Protocol, Sweep, collect, read_protocol, read_sweeps,
-                          role)
-from .stats import ALPHA, CONFIDENCE, Paired, holm, interaction, mean, paired_difference, sample_sd
+from .report_checks import (ARM_OWN_KEYS, CHECKS, Check, Comparison, NotCompared, NullCheck, NullControl,
+                            compare_formats, find_group, null_control, number_text, same_grid, uniform_grid)
+from .report_runs import Cell, Group, collect, role
+from .report_sweeps import Protocol, Sweep, read_protocol, read_sweeps
+from .stats import CONFIDENCE, Paired, mean, paired_difference, sample_sd
 
 __all__ = ["ARM_OWN_KEYS", "CHECKS", "Analysis", "Cell", "Check", "Comparison", "Group", "NotCompared",
            "NullCheck", "NullControl", "analyse", "collect", "role", "same_grid", "to_json", "uniform_grid"]
 
-#: The config keys each arm sets for itself: two groups of a comparison may differ in these.
-ARM_OWN_KEYS = frozenset({"optimizer", "weight_storage", "update_rounding", "grid_lr", "grid_lr_unit",
-                          "grid_direction", "rung_clip", "max_stiffness"})
-#: The four groups of a comparison, in the order text names them.
-PARTS = ("gs", "C", "gm", "A")
-PART_NAMES = {"gs": "geometry stored", "C": "arm C", "gm": "geometry on masters", "A": "arm A"}
-#: The pairs whose runs must differ only in what is compared.
-PAIRS = (("gs", "C"), ("gm", "A"), ("gs", "gm"), ("C", "A"))
-#: The conditions of an established claim, in the order they are checked and named.
-CHECKS = ("tuned_interior", "same_horizon", "equal_budget", "tuning_seed_apart", "paired", "enough_seeds",
-          "significant", "beyond_noise", "null_control")
 #: The per-layer step-size metrics (layer means) the report shows per group.
 STEP_METRICS = ("optim/rel_update_intended", "optim/rel_update_realized", "optim/decay_applied")
-
-
-# ---- the parts ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Check:
-    """One condition of an established claim: whether it holds, and why not (or what held)."""
-
-    name: str
-    ok: bool
-    detail: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "detail": self.detail}
-
-
-@dataclass
-class Comparison:
-    """One format, layer policy and geometry optimizer with all four groups (DESIGN §5.2)."""
-
-    format: str
-    layers: str
-    optimizer: str  # manifold | grid | grid-momentum
-    groups: dict[str, Group]  # gs, C, gm, A
-    interaction: Paired  # (gs - C) - (gm - A)
-    update_rule: Paired  # gm - A: the update rule on masters
-    storage_adamw: Paired  # C - A: storing on the grid, under AdamW
-    storage_geometry: Paired  # gs - gm: storing on the grid, under the geometry rule
-    stored_vs_control: Paired  # gs - C: the stored geometry arm against the control
-    resolution: float  # the tuning resolution: max over the groups' sweeps; NaN when unknown
-    holm_p: float = math.nan
-    checks: list[Check] = field(default_factory=list)
-
-    @property
-    def where(self) -> str:
-        return self.format + layer_suffix(self.layers, " ({})")
-
-    @property
-    def optimizer_name(self) -> str:
-        return OPTIMIZER_NAMES.get(self.optimizer, self.optimizer)
-
-    @property
-    def noise_floor(self) -> float:
-        """Its own interval's half-width plus the tuning resolution."""
-        return self.interaction.half_width + self.resolution
-
-    @property
-    def established(self) -> bool:
-        return bool(self.checks) and all(c.ok for c in self.checks)
-
-    @property
-    def reasons(self) -> list[str]:
-        return [c.detail for c in self.checks if not c.ok]
-
-
-@dataclass(frozen=True)
-class NotCompared:
-    """A format (and geometry optimizer) that lacks a group of the four: never ranked."""
-
-    format: str
-    layers: str
-    optimizer: str | None  # None: the format has no geometry arm at all
-    missing: tuple[str, ...]
-
-    @property
-    def text(self) -> str:
-        name = OPTIMIZER_NAMES.get(self.optimizer, self.optimizer) if self.optimizer else "geometry"
-        return f"{self.format}{layer_suffix(self.layers, ' ({})')} {name} (no {', no '.join(self.missing)})"
-
-
-@dataclass
-class NullCheck:
-    """Tuned ManifoldAdamW stored (D) against tuned arm C on one uniform-grid format."""
-
-    format: str
-    layers: str
-    geometry: Group
-    control: Group
-    paired: Paired  # D - C
-    resolution: float  # max of the two groups' tuning resolutions; NaN when unknown
-    status: str  # passes | fails | not evaluable
-    reasons: list[str]
-
-    @property
-    def where(self) -> str:
-        return self.format + layer_suffix(self.layers, " ({})")
-
-
-@dataclass
-class NullControl:
-    status: str  # passes | fails | not evaluable | absent
-    checks: list[NullCheck]
-    summary: str
 
 
 @dataclass
@@ -169,293 +65,6 @@ class Analysis:
         return self.sweeps.get(group.name)
 
 
-# ---- finding groups -----------------------------------------------------------------------------
-def _find(groups: list[Group], fmt: str, layers: str, wanted: str, optimizer: str | None = None) -> Group | None:
-    """The group of one role (and geometry optimizer) in a format and layer policy; two are an
-    error (which to compare?)."""
-    found = [g for g in groups if g.format == fmt and g.layers == layers and g.role == wanted
-             and (optimizer is None or g.optimizer == optimizer)]
-    if len(found) > 1:
-        what = wanted if optimizer is None else f"{wanted} {OPTIMIZER_NAMES.get(optimizer, optimizer)}"
-        raise UserError(f"{fmt}{layer_suffix(layers)}: arms "
-                        f"{', '.join(g.arm for g in found)} are all arm {what}; the report compares one of each")
-    return found[0] if found else None
-
-
-def uniform_grid(name: str) -> bool:
-    """Whether a format's non-negative values (zero included) are equally spaced (E0M7, E1M6):
-    there ManifoldAdamW's stiffness is constant and it is AdamW with a rescaled lr."""
-    try:
-        values = np.asarray(get_format(name).positive_values, dtype=np.float64)
-    except (FormatError, UserError, ValueError, KeyError):
-        return False
-    values = np.unique(values)  # zero among them (the registry lists it): its gap to 1 ulp counts too
-    if len(values) < 3:
-        return False
-    gaps = np.diff(values)
-    return bool(np.all(gaps == gaps[0]))
-
-
-def same_grid(a: str, b: str) -> bool:
-    """Whether two formats' grids are the same up to a power of two (which power-of-two scaling
-    absorbs: E0M7 and E1M6 are k/128 and k/32)."""
-    try:
-        x, y = get_format(a).positive_values, get_format(b).positive_values
-    except (FormatError, UserError):
-        return False
-    if len(x) != len(y) or len(x) < 2:
-        return False
-    ratio = y[1] / x[1]
-    return bool(np.all(y == x * ratio)) and math.log2(ratio).is_integer()
-
-
-# ---- the checks ----------------------------------------------------------------------------------
-def part_label(part: str, arm: str) -> str:
-    """How reasons name a group of a comparison: ``D (stored)``, ``Dm (on masters)``, ``C``, ``A``
-    (an AdamW arm under another matrix name: ``C2 (arm C)``)."""
-    if part == "gs":
-        return f"{arm} (stored)"
-    if part == "gm":
-        return f"{arm} (on masters)"
-    return arm if arm == part else f"{arm} (arm {part})"
-
-
-def _f(value: float, spec: str = ".4f") -> str:
-    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
-
-
-def _resolution(sweeps: list[Sweep | None]) -> float:
-    """The tuning resolution of a comparison: the largest of its groups' (NaN when a group's own
-    tuning did not record a finite one; a group whose values were all inherited adds none)."""
-    values = []
-    for sweep in sweeps:
-        if sweep is None:
-            return math.nan
-        if sweep.keys:
-            values.append(sweep.resolution)
-    return max(values) if values and all(math.isfinite(v) for v in values) else math.nan
-
-
-def _tuned(label: str, sweep: Sweep | None) -> list[str]:
-    """Why a group's tuning does not count as tuned (empty: it does)."""
-    if sweep is None:
-        return [f"{label} has no sweep: its values were not tuned"]
-    if not sweep.settled:
-        return [f"{label}'s sweep is not settled (stopped: {sweep.stopped or 'no value chosen'})"]
-    if not sweep.keys and not sweep.inherited:
-        return [f"{label}'s sweep tuned no key"]
-    out = []
-    for key in sweep.keys:
-        if not sweep.interior.get(key, False):
-            value = (sweep.best or {}).get(key)
-            why = ""
-            if sweep.hit_budget or sweep.stopped == "budget":
-                why = f"; the budget cap of {sweep.budget} runs stopped it before its optimum was interior"
-            elif sweep.stopped == "max_extensions":
-                why = "; max_extensions was spent before its optimum was interior"
-            out.append(f"{label}'s {key} = {value} is not interior (tried {sweep.tried(key)}){why}")
-    for key, source in sweep.inherited.items():
-        if not source.get("interior", False):
-            where = source.get("group") or source.get("from")
-            out.append(f"{label}'s {key} = {source.get('value')}, inherited from {where}, is not interior there")
-    return out
-
-
-def _horizon(label: str, group: Group, sweep: Sweep | None, protocol: Protocol) -> list[str]:
-    if sweep is None:
-        return [f"{label} has no sweep, so no tuning horizon"]
-    cells = group.max_steps or protocol.cell_max_steps
-    if sweep.horizon != "final":
-        what = "a short horizon" if sweep.horizon == "short" else "an unknown horizon"
-        return [f"{label} was tuned on {what} ({sweep.max_steps} steps; its cells run {cells})"]
-    if cells is None or sweep.max_steps is None:
-        return [f"{label}: the tuning or the cells' horizon is not recorded"]
-    if sweep.max_steps != cells:
-        return [f"{label} was tuned at {sweep.max_steps} steps, its cells run {cells}"]
-    return []
-
-
-def _config_diff(a: dict[str, Any], b: dict[str, Any], allowed: set[str]) -> str | None:
-    """The first difference of two run configs beyond ``allowed``: `compare.pairing_difference`
-    on the rest, then the precision policy (the same format and layers for all four groups)."""
-    strip = lambda config: {k: v for k, v in config.items() if k not in allowed}  # noqa: E731
-    difference = pairing_difference(strip(a), strip(b))
-    if difference:
-        return difference
-    for key in sorted(PRECISION_KEYS - allowed):
-        if a.get(key) != b.get(key):
-            return f"{key} {a.get(key)!r} vs {b.get(key)!r}"
-    return None
-
-
-def _paired_check(parts: dict[str, Group], sweeps: dict[str, Sweep | None], labels: dict[str, str],
-                  seeds: list[int]) -> list[str]:
-    """Why the runs of a comparison are not paired: each pair of `PAIRS` may differ only in the
-    keys each arm sets for itself (`ARM_OWN_KEYS`) and the keys both groups tuned."""
-    out = []
-    if not seeds:
-        seeds = sorted(set.intersection(*(parts[p].seeds for p in PARTS)))
-    if not seeds:
-        return ["no seed has runs of all four groups to check the pairing on"]
-    for x, y in PAIRS:
-        tuned_x = sweeps[x].tuned_keys if sweeps[x] is not None else set()
-        tuned_y = sweeps[y].tuned_keys if sweeps[y] is not None else set()
-        allowed = set(ARM_OWN_KEYS) | (tuned_x & tuned_y)
-        runs_x = {c.seed: c.run for c in parts[x].cells if c.run is not None}
-        runs_y = {c.seed: c.run for c in parts[y].cells if c.run is not None}
-        for seed in seeds:
-            if seed not in runs_x or seed not in runs_y:
-                missing = labels[x] if seed not in runs_x else labels[y]
-                out.append(f"no run config of {missing} seed {seed} to check its pairing with "
-                           f"{labels[y] if missing == labels[x] else labels[x]}")
-                break
-            difference = _config_diff(runs_x[seed].config, runs_y[seed].config, allowed)
-            if difference:
-                out.append(f"{labels[x]} and {labels[y]} differ in more than their arms and the keys both tuned "
-                           f"(seed {seed}: {difference})")
-                break
-    return out
-
-
-def _checks(c: Comparison, sweeps: dict[str, Sweep | None], protocol: Protocol, family: int,
-            null: NullControl) -> list[Check]:
-    labels = {p: part_label(p, c.groups[p].arm) for p in PARTS}
-    checks = []
-
-    def check(name: str, problems: list[str], fine: str) -> None:
-        checks.append(Check(name, not problems, "; ".join(problems) if problems else fine))
-
-    check("tuned_interior", [r for p in PARTS for r in _tuned(labels[p], sweeps[p])],
-          "every group's tuned values are interior optima")
-    check("same_horizon", [r for p in PARTS for r in _horizon(labels[p], c.groups[p], sweeps[p], protocol)],
-          "every group was tuned at its cells' horizon")
-    budgets = {p: sweeps[p].budget if sweeps[p] is not None else None for p in PARTS}
-    unknown = [f"{labels[p]}'s tuning budget is not recorded" for p in PARTS if budgets[p] is None]
-    if not unknown and len(set(budgets.values())) > 1:
-        unknown = ["unequal tuning budgets: " + ", ".join(f"{labels[p]} {budgets[p]}" for p in PARTS) + " runs"]
-    check("equal_budget", unknown, f"every group had the same tuning budget ({budgets['gs']} runs)")
-    seed_problems = []
-    for p in PARTS:
-        sweep = sweeps[p]
-        seed = sweep.seed if sweep is not None and sweep.seed is not None else protocol.tuning_seed
-        evaluation = c.groups[p].seeds | set(protocol.eval_seeds)
-        if seed is None:
-            seed_problems.append(f"{labels[p]}'s tuning seed is not recorded")
-        elif seed in evaluation:
-            seed_problems.append(f"{labels[p]} was tuned on seed {seed}, an evaluation seed")
-    check("tuning_seed_apart", seed_problems, "tuned on a seed that is not an evaluation seed")
-    check("paired", _paired_check(c.groups, sweeps, labels, sorted(c.interaction.per_seed)),
-          "the pairs differ only in their arms and the keys both tuned")
-    n = c.interaction.n
-    check("enough_seeds", [] if n >= 2 else [f"{n} paired seed{'s' if n != 1 else ''} with all four groups finite "
-                                             "(at least 2 needed)"], f"n = {n} paired seeds")
-    p = c.holm_p
-    if not math.isfinite(p):
-        significant = ["no p-value (fewer than 2 paired seeds)"]
-    elif p >= ALPHA:
-        significant = [f"Holm-adjusted p = {p:.3g}, not below {ALPHA:g} (raw p = {c.interaction.p:.3g}, "
-                       f"over {family} comparison{'s' if family != 1 else ''})"]
-    else:
-        significant = []
-    check("significant", significant, f"Holm-adjusted p = {_f(p, '.3g')} < {ALPHA:g}")
-    size, half = abs(c.interaction.mean), c.interaction.half_width
-    if not math.isfinite(half):
-        noise = ["no interval (fewer than 2 paired seeds)"]
-    elif not math.isfinite(c.resolution):
-        noise = ["the tuning resolution is unknown (a group's sweep recorded no finite neighbour loss)"]
-    elif not size > half + c.resolution:
-        noise = [f"|interaction| {size:.4f} is within its noise floor: interval half-width {half:.4f} + tuning "
-                 f"resolution {c.resolution:.4f}"]
-    else:
-        noise = []
-    check("beyond_noise", noise, f"|interaction| {size:.4f} > interval half-width {_f(half)} + tuning resolution "
-                                 f"{_f(c.resolution)}")
-    check("null_control", [] if null.status == "passes" else [f"the null control {null.status}: {null.summary}"],
-          "the null control passes")
-    return checks
-
-
-# ---- the null control -------------------------------------------------------------------------
-def null_control(groups: list[Group], sweeps: dict[str, Sweep]) -> NullControl:
-    """Tuned ManifoldAdamW stored (D) against tuned arm C on every uniform-grid format and layer
-    policy with both: passes when ``|mean(D - C)|`` <= its 95% half-width + the tuning resolution
-    of the two groups (an unknown resolution counts as 0) and both optima are interior; not
-    evaluable with fewer than 2 paired seeds. Overall: fails when any fails, passes when at least
-    one passes and none fails, else not evaluable; absent without any."""
-    found = []
-    places = list(dict.fromkeys((g.format, g.layers) for g in groups if not g.baseline))
-    for fmt, layers in places:
-        if not uniform_grid(fmt):
-            continue
-        d = _find(groups, fmt, layers, "geometry-stored", "manifold")
-        c = _find(groups, fmt, layers, "C")
-        if d is None or c is None:
-            continue
-        paired = paired_difference(d.losses(), c.losses())
-        resolution = _resolution([sweeps.get(d.name), sweeps.get(c.name)])
-        reasons = [r for g in (d, c) for r in _tuned(f"{g.arm}", sweeps.get(g.name))]
-        floor = paired.half_width + (resolution if math.isfinite(resolution) else 0.0)
-        if paired.n < 2:
-            status = "not evaluable"
-            reasons = [f"{paired.n} paired seed{'s' if paired.n != 1 else ''} (at least 2 needed)"]
-        else:
-            if not abs(paired.mean) <= floor:
-                reasons.insert(0, f"D - C = {paired.mean:+.4f} exceeds its interval half-width "
-                                  f"{paired.half_width:.4f} + tuning resolution {_f(resolution)}")
-            status = "fails" if reasons else "passes"
-        found.append(NullCheck(fmt, layers, d, c, paired, resolution, status, reasons))
-    if not found:
-        return NullControl("absent", [], "the matrix has no uniform-grid format (E0M7, E1M6) with both a "
-                                         "ManifoldAdamW stored arm and arm C")
-    statuses = {n.status for n in found}
-    status = "fails" if "fails" in statuses else "passes" if "passes" in statuses else "not evaluable"
-    summary = "; ".join(f"{n.where} D - C = {_f(n.paired.mean, '+.4f')} [{_f(n.paired.low, '+.4f')}, "
-                        f"{_f(n.paired.high, '+.4f')}] n={n.paired.n}, tuning resolution {_f(n.resolution)}: "
-                        f"{n.status}" + (f" ({'; '.join(n.reasons)})" if n.reasons and n.status != "passes" else "")
-                        for n in found)
-    return NullControl(status, found, summary)
-
-
-# ---- the comparisons -------------------------------------------------------------------------
-def _comparisons(groups: list[Group], sweeps: dict[str, Sweep], protocol: Protocol,
-                 null: NullControl) -> tuple[list[Comparison], list[NotCompared]]:
-    comparisons, missing = [], []
-    places = list(dict.fromkeys((g.format, g.layers) for g in groups if not g.baseline))
-    for fmt, layers in places:
-        optimizers = list(dict.fromkeys(g.optimizer for g in groups if (g.format, g.layers) == (fmt, layers)
-                                        and g.optimizer is not None
-                                        and g.role in ("geometry-stored", "geometry-master")))
-        c, a = _find(groups, fmt, layers, "C"), _find(groups, fmt, layers, "A")
-        if not optimizers:
-            lacking = ("geometry stored", "geometry on masters") + (("arm C",) if c is None else ()) + \
-                      (("arm A",) if a is None else ())
-            missing.append(NotCompared(fmt, layers, None, lacking))
-            continue
-        for optimizer in optimizers:
-            name = OPTIMIZER_NAMES.get(optimizer, optimizer)
-            parts = {"gs": _find(groups, fmt, layers, "geometry-stored", optimizer), "C": c,
-                     "gm": _find(groups, fmt, layers, "geometry-master", optimizer), "A": a}
-            lacking = tuple(f"{name} stored" if p == "gs" else f"{name} on FP32 masters" if p == "gm" else PART_NAMES[p]
-                            for p in PARTS if parts[p] is None)
-            if lacking:
-                missing.append(NotCompared(fmt, layers, optimizer, lacking))
-                continue
-            loss = {p: parts[p].losses() for p in PARTS}
-            comparisons.append(Comparison(
-                fmt, layers, optimizer, parts, interaction(loss["gs"], loss["C"], loss["gm"], loss["A"]),
-                paired_difference(loss["gm"], loss["A"]), paired_difference(loss["C"], loss["A"]),
-                paired_difference(loss["gs"], loss["gm"]), paired_difference(loss["gs"], loss["C"]),
-                _resolution([sweeps.get(parts[p].name) for p in PARTS])))
-    for comparison, p in zip(comparisons, holm([c.interaction.p for c in comparisons])):
-        comparison.holm_p = p
-    for comparison in comparisons:
-        comparison.checks = _checks(comparison, {p: sweeps.get(comparison.groups[p].name) for p in PARTS},
-                                    protocol, len(comparisons), null)
-    comparisons.sort(key=lambda c: (not c.established,
-                                    c.interaction.mean if math.isfinite(c.interaction.mean) else math.inf))
-    return comparisons, missing
-
-
 # ---- the answer ---------------------------------------------------------------------------------
 def _limits(groups: list[Group]) -> str:
     run = next((c.run for g in groups for c in g.cells if c.run is not None), None)
@@ -476,7 +85,7 @@ def _limits(groups: list[Group]) -> str:
 
 def _interval(p: Paired) -> str:
     if p.n < 2:
-        return f"{_f(p.mean, '+.4f')} (n={p.n}, no interval)"
+        return f"{number_text(p.mean, '+.4f')} (n={p.n}, no interval)"
     return f"{p.mean:+.4f} [{p.low:+.4f}, {p.high:+.4f}] over n={p.n} seeds"
 
 
@@ -606,11 +215,11 @@ def analyse(groups: list[Group], manifest: dict[str, Any] | None = None) -> Anal
     for g in groups:
         if g.baseline:
             continue
-        a = _find(groups, g.format, g.layers, "A")
+        a = find_group(groups, g.format, g.layers, "A")
         if a is not None and a is not g:
             vs_arm_a[g.key] = paired_difference(g.losses(), a.losses())
     null = null_control(groups, sweeps)
-    comparisons, not_compared = _comparisons(groups, sweeps, protocol, null)
+    comparisons, not_compared = compare_formats(groups, sweeps, protocol, null)
     limits = _limits(groups)
     answer = _answer(comparisons, not_compared, null, _tuning_sentence(protocol, sweeps), limits)
     return Analysis(groups, baseline, sample_sd(list(base_losses.values())), vs_baseline, vs_arm_a, comparisons,
