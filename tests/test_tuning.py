@@ -13,7 +13,8 @@ import yaml
 
 from altgrad.errors import UserError
 from altgrad.experiments import tuning
-from altgrad.experiments.launch import MatrixRunner, swept_values
+from altgrad.experiments.launch import MatrixRunner
+from altgrad.experiments.tuning_runs import swept_values
 from altgrad.experiments.matrix import load_matrix
 from altgrad.experiments.tuning import COMPLETED, DIVERGED, FAILED, Outcome, Protocol, plan, trial_key
 from altgrad.training.tracking import SUMMARY_FILE

@@ -9,7 +9,7 @@
   at a time, the CPU threads divided among them. On a cluster, `submitit` submits them as one
   job array per batch (each pass of the tuning, then the main cells); its ``local`` and
   ``debug`` executors run the same path on one machine.
-- Tuning comes first (`tuning`): every group's search proposes its next trials, the trials of
+- Tuning comes first (`tuning_runs`, `tuning`): every group's search proposes its next trials, the trials of
   all groups run together, and the searches are replayed from the outcomes until every one has
   settled; a group that inherits a value waits for the group it takes it from. Then the main
   cells run with the chosen values.
@@ -17,7 +17,7 @@
   every cell what ran, when, where (host, job id), how it ended and where its log is; under
   ``sweeps`` for every tuned group every trial, the values chosen, whether each is interior, its
   neighbours, the tuning resolution, the runs spent of the budget and why the search stopped;
-  under ``protocol`` the tuning settings every group shared (see `tuning_entry`).
+  under ``protocol`` the tuning settings every group shared (`tuning_runs`).
 
 Each cell writes ``matrix.log`` in its run folder: the trainer's events as lines of text.
 """
@@ -28,7 +28,6 @@ import concurrent.futures
 import contextlib
 import fcntl
 import json
-import math
 import multiprocessing
 import os
 import shutil
@@ -44,9 +43,9 @@ from typing import Any
 from ..errors import UserError
 from ..io import write_json
 from ..training.checkpoint import list_checkpoints
-from ..training.tracking import SUMMARY_FILE
-from . import tuning
-from .matrix import Cell, Matrix, Tuning
+from .matrix import Cell, Matrix
+from .runs import finished, read_summary
+from .tuning_runs import TuningLoop, protocol_record
 
 MANIFEST = "manifest.json"
 LOG_FILE = "matrix.log"
@@ -68,47 +67,6 @@ def read_manifest(runs_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:  # atomic writes make this a foreign file
         raise UserError(f"{path} is not a matrix manifest ({error}); move it away") from None
-
-
-def swept_values(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """group -> {key: value}: what each settled tuning chose, with the values it inherited (a
-    manifest from before bracketing sweeps: ``key`` and a scalar ``best``)."""
-    out = {}
-    for group, sweep in manifest.get("sweeps", {}).items():
-        if "keys" not in sweep:  # the earlier one-key sweeps
-            if sweep.get("best") is not None:
-                out[group] = {sweep["key"]: sweep["best"]}
-            continue
-        if sweep.get("settled"):
-            inherited = {k: v["value"] for k, v in sweep.get("inherited", {}).items() if v.get("value") is not None}
-            out[group] = {**(sweep.get("best") or {}), **inherited}
-    return out
-
-
-def known_trials(matrix: Matrix, manifest: dict[str, Any]) -> list[Cell]:
-    """Every tuning run the manifest records, then the first ones of groups it does not know yet."""
-    tuned, trials = swept_values(manifest), []
-    for group in matrix.tunings():
-        sweep = manifest.get("sweeps", {}).get(group.group, {})
-        inherited = {k: v["value"] for k, v in sweep.get("inherited", {}).items() if v.get("value") is not None}
-        trials += [matrix.trial_cell(group, t["values"], inherited) for t in sweep.get("trials", [])]
-    seen = {c.folder for c in trials}
-    return trials + [c for c in matrix.sweep_cells(tuned) if c.folder not in seen]
-
-
-def read_summary(run_dir: Path) -> dict[str, Any]:
-    """A run's summary.json, {} when there is none (yet) or it is unreadable."""
-    path = Path(run_dir) / SUMMARY_FILE
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError:
-        return {}
-
-
-def finished(summary: dict[str, Any], max_steps: int) -> bool:
-    """Diverged, or completed all its steps (a completed shorter run can be continued)."""
-    return summary.get("status") == "diverged" or (summary.get("status") == "completed"
-                                                   and summary.get("steps") == max_steps)
 
 
 def run_state(run_dir: Path, max_steps: int) -> str:
@@ -219,7 +177,7 @@ class MatrixRunner:
         self.manifest.setdefault("sweeps", {})
 
     # ---- manifest ---------------------------------------------------------------------------
-    def _save(self) -> None:
+    def save(self) -> None:
         self.manifest |= {"matrix": str(self.matrix.path), "runs_dir": str(self.runs_dir), "updated": now()}
         write_json(self.runs_dir / MANIFEST, self.manifest)
 
@@ -253,102 +211,6 @@ class MatrixRunner:
             out.append(cell)
         return out
 
-    def _outcome(self, cell: Cell) -> tuning.Outcome:
-        """How a tuning trial ended, from its folder (a failed one is retried once with --retry-failed)."""
-        summary = read_summary(self.runs_dir / cell.folder)
-        if finished(summary, cell.config.max_steps):
-            loss = summary.get("final_val_loss")
-            if summary["status"] == "completed" and isinstance(loss, (int, float)) and math.isfinite(loss):
-                return tuning.Outcome(tuning.COMPLETED, float(loss))
-            return tuning.Outcome(tuning.DIVERGED)
-        if self.manifest["cells"].get(cell.folder, {}).get("status") == "failed" and (
-                not self.retry_failed or cell.folder in self._attempted):
-            return tuning.Outcome(tuning.FAILED)
-        return tuning.Outcome(tuning.PENDING)
-
-    def _search(self, group: Tuning, inherited: dict[str, Any]) -> tuple[tuning.Plan, dict[tuple, Cell]]:
-        """Replay one group's search over its trials' folders; also the trial cells it used."""
-        cells: dict[tuple, Cell] = {}
-        runner = self
-
-        class Outcomes(dict):
-            def get(self, key, default=None):  # noqa: ARG002 - every trial has an outcome, pending at least
-                if key not in cells:
-                    cells[key] = runner.matrix.trial_cell(group, dict(key), inherited)
-                return runner._outcome(cells[key])
-
-        return tuning.plan(group.grids, self.matrix.protocol, Outcomes()), cells
-
-    def tuning_entry(self, group: Tuning, search: tuning.Plan | None, cells: dict[tuple, Cell],
-                     inherited: dict[str, Any], settled: bool) -> dict[str, Any]:
-        """A group's record under ``sweeps``: what it tuned and how well (the schema the report reads)."""
-        trial_steps = self.matrix.sweep.get("max_steps") or self._cell_steps.get(group.group)
-        cell_steps = self._cell_steps.get(group.group)
-        entry: dict[str, Any] = {
-            "format": group.format, "arm": group.arm, "layers": group.layers, "keys": list(group.grids),
-            "grids": {k: list(v) for k, v in group.grids.items()}, "seed": self.matrix.tuning_seed,
-            "max_steps": trial_steps, "horizon": "final" if trial_steps == cell_steps else "short",
-            "budget": self.matrix.budget, "spent": 0, "hit_budget": False, "trials": [], "best": None,
-            "best_loss": None, "interior": {}, "neighbours": {}, "resolution": math.nan,
-            "stopped": "running", "inherited": {}, "settled": settled}
-        for key, source in group.inherits.items():
-            chosen = self.manifest["sweeps"].get(source, {})
-            entry["inherited"][key] = {"from": self.matrix.arms[group.arm][key]["from"], "group": source,
-                                       "value": inherited.get(key),
-                                       "interior": bool(chosen.get("interior", {}).get(key, False))}
-        if search is None:
-            entry["stopped"] = "interior" if settled else "running"
-            return entry
-        for values in search.trials:
-            cell = cells[tuning.trial_key(values)]
-            outcome = self._outcome(cell)
-            entry["trials"].append({"values": values, "folder": cell.folder, "status": outcome.status,
-                                    "final_val_loss": outcome.loss})
-        entry |= {"spent": search.spent, "hit_budget": search.hit_budget, "best": search.best,
-                  "best_loss": search.best_loss, "interior": search.interior, "resolution": search.resolution,
-                  "neighbours": {k: {side: n.to_dict() if n else None for side, n in sides.items()}
-                                 for k, sides in search.neighbours.items()},
-                  "stopped": search.stopped}
-        return entry
-
-    def _tune(self, progress: Progress, notify: Callback) -> dict[str, dict[str, Any]]:
-        """Every group's tuning, to the end: group -> the values its cells use (chosen and inherited)."""
-        groups = self.matrix.tunings()
-        chosen: dict[str, dict[str, Any]] = {}
-        self._trials: dict[str, Cell] = {}
-        last: set[str] | None = None
-        while True:
-            batch: dict[str, Cell] = {}
-            for group in groups:
-                if group.group in chosen:
-                    continue
-                if any(source not in chosen for source in group.inherits.values()):
-                    continue  # waits for the tuning it inherits from
-                inherited = {k: chosen[source][k] for k, source in group.inherits.items() if k in chosen[source]}
-                search, cells = self._search(group, inherited) if group.grids else (None, {})
-                settled = search is None or search.settled
-                self.manifest["sweeps"][group.group] = self.tuning_entry(group, search, cells, inherited, settled)
-                self._trials |= {c.folder: c for c in cells.values()}
-                if settled:
-                    chosen[group.group] = {**((search.best if search else None) or {}), **inherited}
-                else:
-                    batch |= {cells[tuning.trial_key(v)].folder: cells[tuning.trial_key(v)] for v in search.next}
-            self._save()
-            if not batch or set(batch) == last:
-                break
-            last = set(batch)
-            progress.total = max(progress.total, progress.done + len(batch) + self._main_total)
-            self._phase("tuning", list(batch.values()), progress, notify)
-        unsettled = [g.group for g in groups if g.group not in chosen]
-        if unsettled:
-            notify("message", None, {"text": f"tuning did not settle for {', '.join(unsettled)} (a cycle of "
-                                             "inherited values?): their cells keep their arms' own values"}, progress)
-        empty = [g for g, s in self.manifest["sweeps"].items() if s.get("settled") and s.get("keys") and not s["best"]]
-        if empty:
-            notify("message", None, {"text": f"tuning without a usable result for {', '.join(empty)}: "
-                                             "those groups keep their arm's own value"}, progress)
-        return chosen
-
     # ---- running ----------------------------------------------------------------------------
     def _spec(self, cell: Cell) -> dict[str, Any]:
         config = cell.config.to_dict() | {"run_name": cell.folder, "runs_dir": str(self.runs_dir)}
@@ -369,32 +231,17 @@ class MatrixRunner:
     def _run(self, on_event: Callback | None) -> dict[str, Any]:
         notify = on_event or (lambda *args: None)
         main = self.matrix.cells()
-        self._main_total = len(main)
-        self._cell_steps = {c.group: c.config.max_steps for c in main}
-        self._attempted: set[str] = set()
+        self.attempted: set[str] = set()  # cells run by this invocation (a failed one is retried once)
         progress = Progress(total=len(self.matrix.sweep_cells()) + len(main))
-        self.manifest["protocol"] = self.protocol()
-        self._save()
-        chosen = self._tune(progress, notify)
+        self.manifest["protocol"] = protocol_record(self.matrix, main)
+        self.save()
+        loop = TuningLoop(self, main)
+        chosen = loop.run(progress, notify)
         cells = self.matrix.cells(chosen)
-        self._retire({c.folder for c in [*self._trials.values(), *cells]})
+        self._retire({c.folder for c in [*loop.trials.values(), *cells]})
         progress.total = progress.done + len(cells)
-        self._phase("main", cells, progress, notify)
+        self.phase("main", cells, progress, notify)
         return self.manifest
-
-    def protocol(self) -> dict[str, Any]:
-        """The tuning settings every group shares (DESIGN §5.1), as the manifest records them."""
-        matrix, protocol = self.matrix, self.matrix.protocol
-        units = {c.config.grid_lr_unit for c in matrix.cells() if c.config.optimizer != "adamw"}
-        cell_steps = sorted({c.config.max_steps for c in matrix.cells()})
-        sweep_steps = matrix.sweep.get("max_steps")
-        return {"tuning_seed": matrix.tuning_seed, "eval_seeds": list(matrix.evaluation_seeds),
-                "budget": protocol.budget, "max_extensions": protocol.max_extensions, "refine": protocol.refine,
-                "rounds": protocol.rounds, "sweep_max_steps": sweep_steps or (cell_steps[0] if len(cell_steps) == 1
-                                                                              else None),
-                "cell_max_steps": cell_steps[0] if len(cell_steps) == 1 else cell_steps,
-                "horizon": "final" if sweep_steps is None or cell_steps == [sweep_steps] else "short",
-                "grid_lr_unit": (units.pop() if len(units) == 1 else "mixed") if units else None}
 
     def _retire(self, current: set[str]) -> None:
         """Cells of an earlier version of the matrix (another config, another swept value) move to
@@ -404,9 +251,9 @@ class MatrixRunner:
             old = self.manifest.setdefault("superseded", {})
             for folder in stale:
                 old[folder] = self.manifest["cells"].pop(folder)
-            self._save()
+            self.save()
 
-    def _phase(self, phase: str, cells: list[Cell], progress: Progress, notify: Callback) -> None:
+    def phase(self, phase: str, cells: list[Cell], progress: Progress, notify: Callback) -> None:
         todo = self.todo(cells)
         skipped = len(cells) - len(todo)
         progress.done += skipped
@@ -414,15 +261,15 @@ class MatrixRunner:
         for cell in cells:
             if cell.folder not in waiting:
                 self._record(cell, {"status": "skipped"})
-        self._save()
+        self.save()
         notify("phase", None, {"phase": phase, "cells": len(cells), "todo": len(todo)}, progress)
         if not todo:
             return
         run = self._run_local if self.launcher == "local" else self._run_submitit
-        self._attempted |= {cell.folder for cell in todo}
+        self.attempted |= {cell.folder for cell in todo}
         for cell, outcome in run(todo, progress, notify):
             self._record(cell, outcome)
-            self._save()
+            self.save()
             progress.done += 1
             progress.failed += outcome.get("status") == "failed"
             notify("cell", cell, outcome, progress)
@@ -438,7 +285,7 @@ class MatrixRunner:
             for cell in cells:
                 futures[pool.submit(run_cell, self._spec(cell))] = cell
                 self._record(cell, {"status": "queued"})
-            self._save()
+            self.save()
             progress.running = min(self.jobs, len(cells))
             notify("running", None, None, progress)
             try:
@@ -474,7 +321,7 @@ class MatrixRunner:
             jobs = [(cell, executor.submit(run_cell, self._spec(cell))) for cell in cells]
         for cell, job in jobs:
             self._record(cell, {"status": "queued", "job_id": str(job.job_id)})
-        self._save()
+        self.save()
         progress.running = len(jobs)
         notify("running", None, None, progress)
         pending = list(jobs)

@@ -22,7 +22,8 @@ from typing import Any
 from ..errors import UserError
 from ..training.config import CONFIG_FILE_NAME, TrainConfig
 from .compare import PLACE_AND_MONITORING_KEYS
-from .launch import MANIFEST, finished, read_manifest
+from .launch import MANIFEST, read_manifest
+from .runs import finished
 from .matrix import BASELINES, group_name, layer_suffix
 from .runs import RunRecord, available_runs, load_run
 from .stats import mean

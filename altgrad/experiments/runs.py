@@ -15,6 +15,21 @@ from ..training.config import CONFIG_FILE_NAME
 from ..training.tracking import METRICS_FILE, SUMMARY_FILE, read_metrics
 
 
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A run's summary.json, {} when there is none (yet) or it is unreadable."""
+    path = Path(run_dir) / SUMMARY_FILE
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def finished(summary: dict[str, Any], max_steps: int) -> bool:
+    """Diverged, or completed all its steps (a completed shorter run can be continued)."""
+    return summary.get("status") == "diverged" or (summary.get("status") == "completed"
+                                                   and summary.get("steps") == max_steps)
+
+
 @dataclass(frozen=True)
 class RunRecord:
     name: str

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from ..training.checkpoint import list_checkpoints
-from .launch import LOG_FILE, finished, known_trials, read_manifest, read_summary, swept_values
+from .launch import LOG_FILE, read_manifest
+from .runs import finished, read_summary
+from .tuning_runs import known_trials, swept_values
 from .matrix import Cell, Matrix
 
 
