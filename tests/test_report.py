@@ -162,7 +162,7 @@ def tiny_matrix(tmp_path_factory, tiny_data):
     return path
 
 
-def test_the_report_on_a_tiny_real_matrix(tiny_matrix, tmp_path):
+def test_the_report_on_a_tiny_real_matrix(tiny_matrix, tiny_data, tmp_path):
     out = tmp_path / "report"
     result = runner.invoke(app, ["report", str(tiny_matrix), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -200,6 +200,7 @@ def test_the_report_on_a_tiny_real_matrix(tiny_matrix, tmp_path):
     for name in ("loss_curves.png", "heatmaps.png", "flips_updates.png", "rank_vs_bf16.png"):
         assert (out / name).stat().st_size > 1000 and f"]({name})" in markdown
     assert "20 steps" in data["limits"] and "byte tokens" in data["limits"]
+    assert f"on {tiny_data} (byte tokens)" in data["limits"]  # the data each run recorded it trained on
     same = collect(load_matrix(tiny_matrix).runs_dir)  # the runs directory works as well as the file
     assert len(same[1]) == 7
 

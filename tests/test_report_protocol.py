@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from altgrad.cli import app
-from altgrad.experiments.report import CHECKS, Cell, Group, analyse, uniform_grid
+from altgrad.experiments.report import CHECKS, EFFECTS, Cell, Group, analyse, uniform_grid
 from altgrad.experiments.report_files import write_report
 from altgrad.experiments.report_sweeps import read_protocol, read_sweep
 from altgrad.experiments.runs import RunRecord
@@ -411,6 +411,81 @@ def test_one_established_and_one_blocked_comparison_are_both_said():
     assert "D (stored)'s grid_lr = 0.5 is not interior" in analysis.answer
 
 
+def test_every_effect_beside_the_question_is_a_claim_under_the_same_checks():
+    """In the established case: C - A = +0.05 on every seed is beyond its noise floor (half-width
+    0 + resolution 0.01): established; Dm - A = +0.01 exactly equals it (not beyond); D - Dm =
+    -0.010 with half-width 0.0050 + 0.01: within. Each names its own arms and checks."""
+    groups, manifest = established_case()
+    analysis = analyse(groups, manifest)
+    c = the_comparison(analysis)
+    assert list(c.effects) == list(EFFECTS) and c.question is c.effects["interaction"]
+    verdicts = {name: e.established for name, e in c.effects.items()}
+    assert verdicts == {"interaction": True, "update_rule": False, "storage_adamw": True, "storage_geometry": False}
+    for name in ("update_rule", "storage_adamw", "storage_geometry"):
+        assert [check.name for check in c.effects[name].checks] == list(CHECKS)
+    assert failed(c.effects["update_rule"]) == {"beyond_noise"}
+    assert c.effects["update_rule"].reasons == ["|Dm - A| 0.0100 is within its noise floor: interval half-width "
+                                                "0.0000 + tuning resolution 0.0100"]
+    assert failed(c.effects["storage_geometry"]) == {"beyond_noise"}
+    half = T_975_2 * 0.002 / math.sqrt(3)
+    assert c.effects["storage_geometry"].noise_floor == pytest.approx(half + 0.01)
+    assert [c.label(e) for e in c.effects.values()] == [
+        "E3M4 ManifoldAdamW interaction ((D - C) - (Dm - A))", "E3M4 ManifoldAdamW update rule (Dm - A)",
+        "E3M4 storage under AdamW (C - A)", "E3M4 storage under ManifoldAdamW (D - Dm)"]
+    assert ("Beside the question, under the same checks (Holm over each effect's comparisons): E3M4 storage under "
+            "AdamW (C - A) +0.0500 [+0.0500, +0.0500] over n=3 seeds, Holm-adjusted p = ") in analysis.answer
+    assert "E3M4 ManifoldAdamW update rule (Dm - A) +0.0100 [+0.0100, +0.0100] over n=3 seeds: not established " \
+           "(beyond_noise)" in analysis.answer
+
+
+def test_an_effect_is_gated_only_by_the_groups_it_involves():
+    """D's grid_lr at the edge blocks the interaction and D - Dm, never Dm - A or C - A: one
+    comparison blocked, one established, in one matrix (the issue's closing case, constructed)."""
+    analysis, c = broken(set_sweep("e3m4-D", interior={"grid_lr": False, "lr": True}))
+    assert failed(c) == {"tuned_interior"}
+    assert failed(c.effects["storage_geometry"]) == {"tuned_interior", "beyond_noise"}
+    assert "tuned_interior" not in failed(c.effects["update_rule"])
+    assert c.effects["storage_adamw"].established
+    assert analysis.answer.startswith("Not established for any format: E3M4 ManifoldAdamW, interaction -0.0600")
+    assert "E3M4 storage under AdamW (C - A) +0.0500" in analysis.answer and ": established" in analysis.answer
+
+    def decay(groups, manifest):  # Dm differs in weight decay: unpairs Dm - A and D - Dm, not C - A
+        for cell in groups[2].cells:
+            cell.run.config["weight_decay"] = 0.0
+    _, c = broken(decay)
+    assert "paired" in failed(c.effects["update_rule"]) and "paired" in failed(c.effects["storage_geometry"])
+    assert detail(c.effects["update_rule"], "paired").startswith("Dm (on masters) and A differ")
+    assert "D (stored)" not in detail(c.effects["update_rule"], "paired")  # only its own pair is checked
+    assert c.effects["storage_adamw"].established
+
+    def budget(groups, manifest):  # only Dm's budget differs: the interaction and Dm's effects
+        manifest["sweeps"]["e3m4-Dm"]["budget"] = 8
+    _, c = broken(budget)
+    assert detail(c.effects["update_rule"], "equal_budget") == "unequal tuning budgets: Dm (on masters) 8, A 10 runs"
+    assert "equal_budget" not in failed(c.effects["storage_adamw"])
+
+
+def test_holm_runs_within_each_effect_over_its_distinct_comparisons():
+    """ManifoldAdamW and GridOptim on one format: two interactions (Holm over 2), but C - A is one
+    comparison shared by both (Holm over 1, said once)."""
+    def add_grid(groups, manifest):
+        base = {1: 2.000, 2: 2.020, 3: 1.990}
+        for arm, losses in (("Em", {s: v + 0.01 for s, v in base.items()}),
+                            ("E", {1: 2.000, 2: 2.022, 3: 1.988})):
+            groups.append(make_group("E3M4", arm, losses))
+            manifest["sweeps"][name("E3M4", arm)] = sweep_entry("E3M4", arm)
+    analysis, manifold = broken(add_grid)
+    grid = the_comparison(analysis, optimizer="grid")
+    assert manifold.effects["interaction"].family == grid.effects["interaction"].family == 2
+    raw = [manifold.interaction.p, grid.interaction.p]
+    assert sorted([manifold.holm_p, grid.holm_p]) == pytest.approx(sorted(holm(raw)))
+    shared = manifold.effects["storage_adamw"]
+    assert shared.family == 1 and shared.holm_p == pytest.approx(shared.paired.p)
+    assert grid.effects["storage_adamw"].holm_p == shared.holm_p
+    assert analysis.answer.count("storage under AdamW (C - A)") == 1
+    assert "E3M4 storage under GridOptim (E - Em)" in analysis.answer
+
+
 def test_geometry_that_hurts_beyond_noise_is_established_as_harm_not_benefit():
     def flip(groups, manifest):
         for cell in groups[3].cells:  # D: +0.06 above C instead of at A
@@ -536,6 +611,11 @@ def test_report_files_and_cli_from_run_folders(tmp_path):
     assert comparison["interaction"]["per_seed"] == pytest.approx({"1": -0.06, "2": -0.058, "3": -0.062})
     assert [c["name"] for c in comparison["checks"]] == list(CHECKS) == data["checks"]
     assert comparison["groups"]["gs"] == {"arm": "D", "arm_tag": "manifold-sr", "group": "e3m4-D"}
+    effects = comparison["effects"]
+    assert list(effects) == list(EFFECTS) and effects["interaction"]["established"]
+    assert effects["storage_adamw"]["label"] == "E3M4 storage under AdamW (C - A)"
+    assert effects["storage_adamw"]["established"] and effects["storage_adamw"]["family"] == 1
+    assert effects["update_rule"]["reasons"][0].startswith("|Dm - A| 0.0100 is within its noise floor")
     assert data["null_control"]["status"] == "passes" and data["protocol"]["grid_lr_unit"] == "binade"
     assert {t["group"] for t in data["tuning"]} == set(manifest["sweeps"])
     assert data["not_compared"] == [{"format": "E1M6", "layers": "post-ln", "optimizer": "manifold",
@@ -543,8 +623,11 @@ def test_report_files_and_cli_from_run_folders(tmp_path):
     group = next(g for g in data["groups"] if g["group"] == "e3m4-A")
     assert group["step_sizes"]["optim/rel_update_intended"]["mean"] == pytest.approx(0.02)
     markdown = files["report.md"].read_text()
-    for heading in ("## The question", "## Null control", "## Tuning", "## Step sizes", "## Every cell"):
+    for heading in ("## The question", "### Beside it", "## Null control", "## Tuning", "## Step sizes",
+                    "## Every cell"):
         assert heading in markdown
+    assert "| E3M4 storage under AdamW (C - A) | storing weights on the grid, under AdamW | +0.0500 " in markdown
+    assert "- E3M4 ManifoldAdamW update rule (Dm - A): `beyond_noise`: |Dm - A| 0.0100" in markdown
     assert "| e3m4-C | lr | lr: 0.0015, 0.003, 0.006 | lr = 0.003 | lr yes | 7 / 10 | interior |" in markdown
     assert data["answer"] in markdown
 
@@ -553,6 +636,7 @@ def test_report_files_and_cli_from_run_folders(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path / "runs2"), "--out", str(tmp_path / "out2")])
     assert result.exit_code == 0, result.output
     assert "not established" in result.output and "tuned_interior" in result.output
+    assert "E3M4 storage under AdamW (C - A)" in result.output and "established" in result.output
     data = json.loads((tmp_path / "out2" / "report.json").read_text())
     assert data["comparisons"][0]["reasons"][0].startswith("C's lr = 0.003 is not interior")
     assert "| e3m4-C | lr | lr: 0.0015, 0.003, 0.006 | lr = 0.003 | lr no |" in \
@@ -564,3 +648,19 @@ def test_the_protocol_of_a_manifest_is_read_back():
     protocol = read_protocol(manifest, groups, {})
     assert protocol.recorded and protocol.tuning_seed == TUNING_SEED and protocol.eval_seeds == SEEDS
     assert protocol.budget == 10 and protocol.horizon == "final" and protocol.rounds == 2
+
+
+def test_the_limits_name_the_data_each_run_recorded_and_admit_what_was_not():
+    groups, manifest = established_case()
+    for g in groups:
+        for cell in g.cells:
+            cell.run.config.update(n_layer=2, n_embd=32, block_size=32, data=None)
+            cell.run.summary["data"] = {"dir": "data/builtin", "name": "builtin", "tokenizer": "byte",
+                                        "train_tokens": 455268}
+    limits = analyse(groups, manifest).limits
+    assert limits.startswith("It holds for a 2-layer, 32-wide GPT (block 32), trained 200 steps on data/builtin "
+                             "(byte tokens), 3 seeds")
+    for g in groups:  # runs from before the record, no configured folder: said, never guessed
+        for cell in g.cells:
+            del cell.run.summary["data"]
+    assert "on data/eurlex or the built-in corpus (not recorded) (unknown tokens)" in analyse(groups, manifest).limits

@@ -9,6 +9,7 @@ from rich import box
 from rich.table import Table
 
 from ..experiments.matrix import layer_suffix
+from ..experiments.report_checks import side_effects
 from ..experiments.report_files import _f, step_rows, tuning_rows, write_report
 from ..experiments.report_files import interval as _interval
 from .common import console, user_errors
@@ -51,19 +52,22 @@ def report(
         if analysis.comparisons:
             question = _table("the question: interaction (gs - C) - (gm - A), paired by seed",
                               ("format", "optimizer", "interaction [95%]", "Holm p", "resolution"))
-            effects = _table("beside it: update rule (gm - A), storage (C - A, gs - gm)",
-                             ("format", "optimizer", "gm - A", "C - A", "gs - gm"))
             for c in analysis.comparisons:
                 question.add_row(c.where, c.optimizer_name, _interval(c.interaction), _f(c.holm_p, ".3g"),
                                  _f(c.resolution))
-                effects.add_row(c.where, c.optimizer_name, _interval(c.update_rule), _interval(c.storage_adamw),
-                                _interval(c.storage_geometry))
             console.print(question)
+            effects = _table("beside it: update rule (gm - A), storage (C - A, gs - gm), the same checks",
+                             ("effect", "difference [95%]", "Holm p", "resolution", "verdict"))
+            beside = side_effects(analysis.comparisons)
+            for c, e in beside:
+                effects.add_row(c.label(e), _interval(e.paired), _f(e.holm_p, ".3g"), _f(e.resolution),
+                                "[green]established[/]" if e.established else "[red]not established[/]")
             console.print(effects)
-            for c in analysis.comparisons:
-                verdict = "[green]established[/]" if c.established else "[red]not established[/]"
-                console.print(f"{c.where} {c.optimizer_name}: {verdict}", soft_wrap=True)
-                for check in c.checks:
+            for label, effect in [(f"{c.where} {c.optimizer_name}", c.question) for c in analysis.comparisons] + \
+                    [(c.label(e), e) for c, e in beside]:
+                verdict = "[green]established[/]" if effect.established else "[red]not established[/]"
+                console.print(f"{label}: {verdict}", soft_wrap=True)
+                for check in effect.checks:
                     if not check.ok:
                         console.print(f"  {check.name}: {check.detail}", soft_wrap=True)
         for n in analysis.not_compared:

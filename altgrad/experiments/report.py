@@ -11,11 +11,12 @@ with each group's tuning record (`Sweep`) and the matrix's tuning protocol (`Pro
   groups the question needs (geometry stored ``gs``, arm C, the same optimizer on FP32 masters
   ``gm``, arm A), DESIGN §5.2: the update-rule effect ``gm - A``, the storage effects ``C - A``
   and ``gs - gm``, and the question itself, the interaction ``(gs - C) - (gm - A)``, each paired
-  by seed with its 95% interval; Holm's correction over the interactions. A format without one
-  of the four is "not compared" (named with what it lacks), never ranked.
+  by seed with its 95% interval. Each is a claim of its own under the same checks, with Holm's
+  correction within each effect over its distinct comparisons. A format without one of the four
+  is "not compared" (named with what it lacks), never ranked.
 - The null control (`null_control`): on a uniform grid ManifoldAdamW is AdamW with a rescaled
   lr, so tuned D and tuned C must agree within noise.
-- A comparison is **established** only when every check of `CHECKS` holds; otherwise the answer
+- An effect is **established** only when every check of `CHECKS` holds over its groups; otherwise the answer
   says "not established" with the reasons. The noise floor of a comparison is its own interval
   plus the tuning resolution (how far the tuned groups' losses move between their chosen value
   and its neighbours); the BF16 seed-to-seed spread is context only.
@@ -31,13 +32,15 @@ from typing import Any
 
 from .compare import pairing_difference
 from .matrix import layer_suffix
-from .report_checks import (ARM_OWN_KEYS, CHECKS, Check, Comparison, NotCompared, NullCheck, NullControl,
-                            compare_formats, find_group, null_control, number_text, same_grid, uniform_grid)
+from .report_checks import (ARM_OWN_KEYS, CHECKS, EFFECTS, Check, Comparison, Effect, NotCompared, NullCheck,
+                            NullControl, compare_formats, find_group, null_control, number_text, same_grid,
+                            side_effects, uniform_grid)
 from .report_runs import Cell, Group, collect, role
 from .report_sweeps import Protocol, Sweep, read_protocol, read_sweeps
 from .stats import CONFIDENCE, Paired, mean, paired_difference, sample_sd
 
-__all__ = ["ARM_OWN_KEYS", "CHECKS", "Analysis", "Cell", "Check", "Comparison", "Group", "NotCompared",
+__all__ = ["ARM_OWN_KEYS", "CHECKS", "EFFECTS", "Analysis", "Cell", "Check", "Comparison", "Effect", "Group",
+           "NotCompared",
            "NullCheck", "NullControl", "analyse", "collect", "role", "same_grid", "to_json", "uniform_grid"]
 
 #: The per-layer step-size metrics (layer means) the report shows per group.
@@ -66,6 +69,23 @@ class Analysis:
 
 
 # ---- the answer ---------------------------------------------------------------------------------
+def _data(run: Any) -> tuple[str, str]:
+    """Which prepared data a run trained on and its tokenizer: the run's own record (its summary),
+    else its configured folder's meta.json; a run from before the record with no configured
+    folder trained on data/eurlex or the built-in corpus, which cannot be told apart now."""
+    recorded = run.summary.get("data")
+    if isinstance(recorded, dict) and recorded.get("dir"):
+        return str(recorded["dir"]), str(recorded.get("tokenizer") or "unknown")
+    data = run.config.get("data")
+    if not data:
+        return "data/eurlex or the built-in corpus (not recorded)", "unknown"
+    meta = Path(data) / "meta.json"
+    try:
+        return str(data), str(json.loads(meta.read_text()).get("tokenizer") or "unknown")
+    except (OSError, ValueError):
+        return str(data), "unknown"
+
+
 def _limits(groups: list[Group]) -> str:
     run = next((c.run for g in groups for c in g.cells if c.run is not None), None)
     if run is None:
@@ -73,9 +93,7 @@ def _limits(groups: list[Group]) -> str:
     config = run.config
     params = run.summary.get("params")
     size = f"{params / 1e6:.2f}M parameters, " if params else ""
-    data = config.get("data") or "data/eurlex"
-    meta = Path(data) / "meta.json"
-    tokenizer = json.loads(meta.read_text()).get("tokenizer", "?") if meta.exists() else "?"
+    data, tokenizer = _data(run)
     seeds = sorted({c.seed for g in groups for c in g.cells})
     return (f"It holds for a {config.get('n_layer')}-layer, {config.get('n_embd')}-wide GPT ({size}block "
             f"{config.get('block_size')}), trained {config.get('max_steps')} steps on {data} ({tokenizer} tokens), "
@@ -133,6 +151,15 @@ def _answer(comparisons: list[Comparison], not_compared: list[NotCompared], null
         parts.append(f"{prefix}: " + " ".join(
             f"{c.where} {c.optimizer_name}, interaction {_interval(c.interaction)}: " + "; ".join(c.reasons) + "."
             for c in rest))
+    beside = side_effects(comparisons)
+    if beside:
+        held = [f"{c.label(e)} {_interval(e.paired)}, Holm-adjusted p = {e.holm_p:.3g}: established"
+                for c, e in beside if e.established]
+        blocked = [f"{c.label(e)} {_interval(e.paired)}: not established ("
+                   + ", ".join(check.name for check in e.checks if not check.ok) + ")"
+                   for c, e in beside if not e.established]
+        parts.append("Beside the question, under the same checks (Holm over each effect's comparisons): "
+                     + "; ".join(held + blocked) + ".")
     if not_compared:
         parts.append("Not compared (a group of the four is missing): "
                      + "; ".join(n.text for n in not_compared) + ".")
@@ -235,7 +262,8 @@ def _comparison_dict(c: Comparison) -> dict[str, Any]:
             "noise_floor": c.noise_floor, "update_rule": c.update_rule.to_dict(),
             "storage_adamw": c.storage_adamw.to_dict(), "storage_geometry": c.storage_geometry.to_dict(),
             "stored_vs_control": c.stored_vs_control.to_dict(), "established": c.established,
-            "reasons": c.reasons, "checks": [check.to_dict() for check in c.checks]}
+            "reasons": c.reasons, "checks": [check.to_dict() for check in c.checks],
+            "effects": {name: {**e.to_dict(), "label": c.label(e)} for name, e in c.effects.items()}}
 
 
 def to_json(analysis: Analysis, runs_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -255,7 +283,8 @@ def to_json(analysis: Analysis, runs_dir: Path, manifest: dict[str, Any]) -> dic
     return {"runs_dir": str(runs_dir), "matrix": manifest.get("matrix"),
             "method": f"paired by seed; mean of the per-seed differences with a {CONFIDENCE:.0%} Student-t "
                       "interval (t quantile with n-1 degrees of freedom, sample standard deviation) and a "
-                      "two-sided paired t-test, Holm's step-down correction over the interactions compared; "
+                      "two-sided paired t-test, Holm's step-down correction within each effect over its distinct "
+                      "comparisons; "
                       "runs that diverged or ended with a non-finite loss are excluded from loss means and "
                       "counted apart",
             "checks": list(CHECKS),

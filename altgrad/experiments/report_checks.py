@@ -1,14 +1,18 @@
 """The comparisons a report makes and the conditions that gate their claims (DESIGN §5.1-5.2).
 
 Per format, layer policy and geometry optimizer with all four groups (geometry stored ``gs``,
-arm C, the same optimizer on FP32 masters ``gm``, arm A): the effects and the interaction
-``(gs - C) - (gm - A)`` paired by seed, Holm's correction over the interactions, and the
-`CHECKS` each claim must pass; the null control on uniform grids; the formats not compared.
+arm C, the same optimizer on FP32 masters ``gm``, arm A), the `EFFECTS`, each paired by seed:
+the question, the interaction ``(gs - C) - (gm - A)``, and beside it the update-rule effect
+``gm - A`` and the storage effects ``C - A`` and ``gs - gm``. Every effect is a claim of its own,
+gated by the same `CHECKS` over the groups it involves, with Holm's correction over the
+distinct comparisons of its family (one effect across the formats and optimizers); the null
+control on uniform grids; the formats not compared.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +34,14 @@ PARTS = ("gs", "C", "gm", "A")
 PART_NAMES = {"gs": "geometry stored", "C": "arm C", "gm": "geometry on masters", "A": "arm A"}
 #: The pairs whose runs must differ only in what is compared.
 PAIRS = (("gs", "C"), ("gm", "A"), ("gs", "gm"), ("C", "A"))
+#: The effects a comparison measures: name -> (the groups it involves, its formula, what it measures).
+#: The first is the question; the others are shown beside it, each a claim of its own.
+EFFECTS = {
+    "interaction": (PARTS, "(gs - C) - (gm - A)", "the format-specific benefit of geometry"),
+    "update_rule": (("gm", "A"), "gm - A", "the update rule, on FP32 masters"),
+    "storage_adamw": (("C", "A"), "C - A", "storing weights on the grid, under AdamW"),
+    "storage_geometry": (("gs", "gm"), "gs - gm", "storing weights on the grid, under the geometry rule"),
+}
 #: The conditions of an established claim, in the order they are checked and named.
 CHECKS = ("tuned_interior", "same_horizon", "equal_budget", "tuning_seed_apart", "paired", "enough_seeds",
           "significant", "beyond_noise", "null_control")
@@ -47,21 +59,60 @@ class Check:
 
 
 @dataclass
+class Effect:
+    """One effect of a comparison (`EFFECTS`), paired by seed, and the checks that gate its claim."""
+
+    name: str
+    parts: tuple[str, ...]  # the groups it involves, of `PARTS`
+    paired: Paired
+    resolution: float  # the tuning resolution: max over its groups' sweeps; NaN when unknown
+    holm_p: float = math.nan
+    family: int = 0  # the distinct comparisons Holm's correction ran over
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def formula(self) -> str:
+        return EFFECTS[self.name][1]
+
+    @property
+    def meaning(self) -> str:
+        return EFFECTS[self.name][2]
+
+    def formula_of(self, groups: dict[str, Group]) -> str:
+        """Its formula in the groups' arm names: ``(D - C) - (Dm - A)``."""
+        return re.sub(r"\b(gs|gm|C|A)\b", lambda m: groups[m.group(1)].arm, self.formula)
+
+    @property
+    def noise_floor(self) -> float:
+        """Its own interval's half-width plus the tuning resolution."""
+        return self.paired.half_width + self.resolution
+
+    @property
+    def established(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [c.detail for c in self.checks if not c.ok]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "formula": self.formula, "meaning": self.meaning, "parts": list(self.parts),
+                "difference": self.paired.to_dict(), "holm_p": self.holm_p, "family": self.family,
+                "resolution": self.resolution, "noise_floor": self.noise_floor, "established": self.established,
+                "reasons": self.reasons, "checks": [c.to_dict() for c in self.checks]}
+
+
+@dataclass
 class Comparison:
-    """One format, layer policy and geometry optimizer with all four groups (DESIGN §5.2)."""
+    """One format, layer policy and geometry optimizer with all four groups (DESIGN §5.2): its
+    `effects`; the question's verdict (``established``, ``checks``, ...) is the interaction's."""
 
     format: str
     layers: str
     optimizer: str  # manifold | grid | grid-momentum
     groups: dict[str, Group]  # gs, C, gm, A
-    interaction: Paired  # (gs - C) - (gm - A)
-    update_rule: Paired  # gm - A: the update rule on masters
-    storage_adamw: Paired  # C - A: storing on the grid, under AdamW
-    storage_geometry: Paired  # gs - gm: storing on the grid, under the geometry rule
-    stored_vs_control: Paired  # gs - C: the stored geometry arm against the control
-    resolution: float  # the tuning resolution: max over the groups' sweeps; NaN when unknown
-    holm_p: float = math.nan
-    checks: list[Check] = field(default_factory=list)
+    effects: dict[str, Effect]  # of `EFFECTS`, in its order
+    stored_vs_control: Paired  # gs - C: shown, never claimed (it mixes the rule with the storage)
 
     @property
     def where(self) -> str:
@@ -72,17 +123,27 @@ class Comparison:
         return OPTIMIZER_NAMES.get(self.optimizer, self.optimizer)
 
     @property
-    def noise_floor(self) -> float:
-        """Its own interval's half-width plus the tuning resolution."""
-        return self.interaction.half_width + self.resolution
+    def question(self) -> Effect:
+        return self.effects["interaction"]
 
-    @property
-    def established(self) -> bool:
-        return bool(self.checks) and all(c.ok for c in self.checks)
+    interaction = property(lambda self: self.effects["interaction"].paired)
+    update_rule = property(lambda self: self.effects["update_rule"].paired)
+    storage_adamw = property(lambda self: self.effects["storage_adamw"].paired)
+    storage_geometry = property(lambda self: self.effects["storage_geometry"].paired)
+    resolution = property(lambda self: self.question.resolution)
+    holm_p = property(lambda self: self.question.holm_p)
+    checks = property(lambda self: self.question.checks)
+    noise_floor = property(lambda self: self.question.noise_floor)
+    established = property(lambda self: self.question.established)
+    reasons = property(lambda self: self.question.reasons)
 
-    @property
-    def reasons(self) -> list[str]:
-        return [c.detail for c in self.checks if not c.ok]
+    def label(self, effect: Effect) -> str:
+        """How text names one of its effects, with its arms: ``E5M2 ManifoldAdamW update rule
+        (Dm - A)``, ``E5M2 storage under AdamW (C - A)`` (no geometry group: no optimizer named)."""
+        name = {"interaction": f"{self.optimizer_name} interaction", "update_rule": f"{self.optimizer_name} update rule",
+                "storage_adamw": "storage under AdamW",
+                "storage_geometry": f"storage under {self.optimizer_name}"}[effect.name]
+        return f"{self.where} {name} ({effect.formula_of(self.groups)})"
 
 
 @dataclass(frozen=True)
@@ -244,16 +305,17 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], allowed: set[str]) -> str
     return None
 
 
-def _paired_check(parts: dict[str, Group], sweeps: dict[str, Sweep | None], labels: dict[str, str],
-                  seeds: list[int]) -> list[str]:
-    """Why the runs of a comparison are not paired: each pair of `PAIRS` may differ only in the
-    keys each arm sets for itself (`ARM_OWN_KEYS`) and the keys both groups tuned."""
+def _paired_check(involved: tuple[str, ...], parts: dict[str, Group], sweeps: dict[str, Sweep | None],
+                  labels: dict[str, str], seeds: list[int]) -> list[str]:
+    """Why the runs of an effect are not paired: each pair of `PAIRS` among the groups it involves
+    may differ only in the keys each arm sets for itself (`ARM_OWN_KEYS`) and the keys both tuned."""
     out = []
     if not seeds:
-        seeds = sorted(set.intersection(*(parts[p].seeds for p in PARTS)))
+        seeds = sorted(set.intersection(*(parts[p].seeds for p in involved)))
     if not seeds:
-        return ["no seed has runs of all four groups to check the pairing on"]
-    for x, y in PAIRS:
+        return [f"no seed has runs of all its groups ({', '.join(labels[p] for p in involved)}) to check the "
+                "pairing on"]
+    for x, y in [(x, y) for x, y in PAIRS if x in involved and y in involved]:
         tuned_x = sweeps[x].tuned_keys if sweeps[x] is not None else set()
         tuned_y = sweeps[y].tuned_keys if sweeps[y] is not None else set()
         allowed = set(ARM_OWN_KEYS) | (tuned_x & tuned_y)
@@ -273,59 +335,64 @@ def _paired_check(parts: dict[str, Group], sweeps: dict[str, Sweep | None], labe
     return out
 
 
-def _checks(c: Comparison, sweeps: dict[str, Sweep | None], protocol: Protocol, family: int,
+def _checks(effect: Effect, groups: dict[str, Group], sweeps: dict[str, Sweep | None], protocol: Protocol,
             null: NullControl) -> list[Check]:
-    labels = {p: part_label(p, c.groups[p].arm) for p in PARTS}
+    """The `CHECKS` of one effect, over the groups it involves."""
+    parts = effect.parts
+    labels = {p: part_label(p, groups[p].arm) for p in parts}
     checks = []
 
     def check(name: str, problems: list[str], fine: str) -> None:
         checks.append(Check(name, not problems, "; ".join(problems) if problems else fine))
 
-    check("tuned_interior", [r for p in PARTS for r in _tuned(labels[p], sweeps[p])],
+    check("tuned_interior", [r for p in parts for r in _tuned(labels[p], sweeps[p])],
           "every group's tuned values are interior optima")
-    check("same_horizon", [r for p in PARTS for r in _horizon(labels[p], c.groups[p], sweeps[p], protocol)],
+    check("same_horizon", [r for p in parts for r in _horizon(labels[p], groups[p], sweeps[p], protocol)],
           "every group was tuned at its cells' horizon")
-    budgets = {p: sweeps[p].budget if sweeps[p] is not None else None for p in PARTS}
-    unknown = [f"{labels[p]}'s tuning budget is not recorded" for p in PARTS if budgets[p] is None]
+    budgets = {p: sweeps[p].budget if sweeps[p] is not None else None for p in parts}
+    unknown = [f"{labels[p]}'s tuning budget is not recorded" for p in parts if budgets[p] is None]
     if not unknown and len(set(budgets.values())) > 1:
-        unknown = ["unequal tuning budgets: " + ", ".join(f"{labels[p]} {budgets[p]}" for p in PARTS) + " runs"]
-    check("equal_budget", unknown, f"every group had the same tuning budget ({budgets['gs']} runs)")
+        unknown = ["unequal tuning budgets: " + ", ".join(f"{labels[p]} {budgets[p]}" for p in parts) + " runs"]
+    check("equal_budget", unknown, f"every group had the same tuning budget ({budgets[parts[0]]} runs)")
     seed_problems = []
-    for p in PARTS:
+    for p in parts:
         sweep = sweeps[p]
         seed = sweep.seed if sweep is not None and sweep.seed is not None else protocol.tuning_seed
-        evaluation = c.groups[p].seeds | set(protocol.eval_seeds)
+        evaluation = groups[p].seeds | set(protocol.eval_seeds)
         if seed is None:
             seed_problems.append(f"{labels[p]}'s tuning seed is not recorded")
         elif seed in evaluation:
             seed_problems.append(f"{labels[p]} was tuned on seed {seed}, an evaluation seed")
     check("tuning_seed_apart", seed_problems, "tuned on a seed that is not an evaluation seed")
-    check("paired", _paired_check(c.groups, sweeps, labels, sorted(c.interaction.per_seed)),
+    check("paired", _paired_check(parts, groups, sweeps, labels, sorted(effect.paired.per_seed)),
           "the pairs differ only in their arms and the keys both tuned")
-    n = c.interaction.n
-    check("enough_seeds", [] if n >= 2 else [f"{n} paired seed{'s' if n != 1 else ''} with all four groups finite "
+    n = effect.paired.n
+    every = "all four groups" if len(parts) == 4 else "both groups"
+    check("enough_seeds", [] if n >= 2 else [f"{n} paired seed{'s' if n != 1 else ''} with {every} finite "
                                              "(at least 2 needed)"], f"n = {n} paired seeds")
-    p = c.holm_p
+    p = effect.holm_p
     if not math.isfinite(p):
         significant = ["no p-value (fewer than 2 paired seeds)"]
     elif p >= ALPHA:
-        significant = [f"Holm-adjusted p = {p:.3g}, not below {ALPHA:g} (raw p = {c.interaction.p:.3g}, "
-                       f"over {family} comparison{'s' if family != 1 else ''})"]
+        significant = [f"Holm-adjusted p = {p:.3g}, not below {ALPHA:g} (raw p = {effect.paired.p:.3g}, "
+                       f"over {effect.family} comparison{'s' if effect.family != 1 else ''})"]
     else:
         significant = []
-    check("significant", significant, f"Holm-adjusted p = {number_text(p, '.3g')} < {ALPHA:g}")
-    size, half = abs(c.interaction.mean), c.interaction.half_width
+    check("significant", significant, f"Holm-adjusted p = {number_text(p, '.3g')} < {ALPHA:g} (over "
+                                      f"{effect.family} comparison{'s' if effect.family != 1 else ''})")
+    what = "interaction" if effect.name == "interaction" else effect.formula_of(groups)
+    size, half, resolution = abs(effect.paired.mean), effect.paired.half_width, effect.resolution
     if not math.isfinite(half):
         noise = ["no interval (fewer than 2 paired seeds)"]
-    elif not math.isfinite(c.resolution):
+    elif not math.isfinite(resolution):
         noise = ["the tuning resolution is unknown (a group's sweep recorded no finite neighbour loss)"]
-    elif not size > half + c.resolution:
-        noise = [f"|interaction| {size:.4f} is within its noise floor: interval half-width {half:.4f} + tuning "
-                 f"resolution {c.resolution:.4f}"]
+    elif not size > half + resolution:
+        noise = [f"|{what}| {size:.4f} is within its noise floor: interval half-width {half:.4f} + tuning "
+                 f"resolution {resolution:.4f}"]
     else:
         noise = []
-    check("beyond_noise", noise, f"|interaction| {size:.4f} > interval half-width {number_text(half)} + tuning resolution "
-                                 f"{number_text(c.resolution)}")
+    check("beyond_noise", noise, f"|{what}| {size:.4f} > interval half-width {number_text(half)} + tuning "
+                                 f"resolution {number_text(resolution)}")
     check("null_control", [] if null.status == "passes" else [f"the null control {null.status}: {null.summary}"],
           "the null control passes")
     return checks
@@ -397,16 +464,47 @@ def compare_formats(groups: list[Group], sweeps: dict[str, Sweep], protocol: Pro
                 missing.append(NotCompared(fmt, layers, optimizer, lacking))
                 continue
             loss = {p: parts[p].losses() for p in PARTS}
-            comparisons.append(Comparison(
-                fmt, layers, optimizer, parts, interaction(loss["gs"], loss["C"], loss["gm"], loss["A"]),
-                paired_difference(loss["gm"], loss["A"]), paired_difference(loss["C"], loss["A"]),
-                paired_difference(loss["gs"], loss["gm"]), paired_difference(loss["gs"], loss["C"]),
-                _resolution([sweeps.get(parts[p].name) for p in PARTS])))
-    for comparison, p in zip(comparisons, holm([c.interaction.p for c in comparisons])):
-        comparison.holm_p = p
+            differences = {"interaction": interaction(loss["gs"], loss["C"], loss["gm"], loss["A"]),
+                           "update_rule": paired_difference(loss["gm"], loss["A"]),
+                           "storage_adamw": paired_difference(loss["C"], loss["A"]),
+                           "storage_geometry": paired_difference(loss["gs"], loss["gm"])}
+            effects = {e: Effect(e, involved, differences[e],
+                                 _resolution([sweeps.get(parts[p].name) for p in involved]))
+                       for e, (involved, _, _) in EFFECTS.items()}
+            comparisons.append(Comparison(fmt, layers, optimizer, parts, effects,
+                                          paired_difference(loss["gs"], loss["C"])))
+    for name in EFFECTS:
+        _holm_family(comparisons, name)
     for comparison in comparisons:
-        comparison.checks = _checks(comparison, {p: sweeps.get(comparison.groups[p].name) for p in PARTS},
-                                    protocol, len(comparisons), null)
+        for effect in comparison.effects.values():
+            effect.checks = _checks(effect, comparison.groups,
+                                    {p: sweeps.get(comparison.groups[p].name) for p in PARTS}, protocol, null)
     comparisons.sort(key=lambda c: (not c.established,
                                     c.interaction.mean if math.isfinite(c.interaction.mean) else math.inf))
     return comparisons, missing
+
+
+def _holm_family(comparisons: list[Comparison], name: str) -> None:
+    """Holm's correction over one effect's family: its distinct comparisons (those over the same
+    groups count once: C - A is the same comparison for every geometry optimizer of a format)."""
+    distinct: dict[tuple[str, ...], list[Effect]] = {}
+    for c in comparisons:
+        effect = c.effects[name]
+        distinct.setdefault(tuple(c.groups[p].name for p in effect.parts), []).append(effect)
+    members = list(distinct.values())
+    for same, p in zip(members, holm([same[0].paired.p for same in members])):
+        for effect in same:
+            effect.holm_p, effect.family = p, len(members)
+
+
+def side_effects(comparisons: list[Comparison]) -> list[tuple[Comparison, Effect]]:
+    """The effects beside the question (`EFFECTS` after the interaction), each distinct one once
+    (C - A of a format once, whatever geometry optimizers share it), in the comparisons' order."""
+    out, seen = [], set()
+    for c in comparisons:
+        for name, effect in c.effects.items():
+            key = (name, tuple(c.groups[p].name for p in effect.parts))
+            if name != "interaction" and key not in seen:
+                seen.add(key)
+                out.append((c, effect))
+    return out

@@ -9,6 +9,7 @@ from typing import Any
 from ..io import write_json, write_text
 from .matrix import layer_suffix
 from .report import CHECKS, STEP_METRICS, Analysis, analyse, collect, to_json
+from .report_checks import side_effects
 from .report_plots import run_stall_ratio, write_figures
 from .stats import CONFIDENCE, Paired
 
@@ -104,6 +105,21 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
         for c in blocked:
             lines.append(f"- {c.where} {c.optimizer_name}: " + "; ".join(
                 f"`{check.name}`: {check.detail}" for check in c.checks if not check.ok))
+    beside = side_effects(analysis.comparisons)
+    if beside:
+        lines += ["", "### Beside it: the update rule and the storage effects", "",
+                  "Each a claim of its own, under the same checks over the groups it involves; Holm-adjusted "
+                  "within each effect over its distinct comparisons (C - A once per format).", "",
+                  "| effect | what it measures | difference [interval] | Holm p | resolution | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for c, e in beside:
+            lines.append(f"| {c.label(e)} | {e.meaning} | {interval(e.paired)} | {_f(e.holm_p, '.3g')} | "
+                         f"{_f(e.resolution)} | {'established' if e.established else 'not established'} |")
+        blocked = [(c, e) for c, e in beside if not e.established]
+        if blocked:
+            lines += ["", "Why not established:", ""]
+            lines += [f"- {c.label(e)}: " + "; ".join(f"`{check.name}`: {check.detail}"
+                                                      for check in e.checks if not check.ok) for c, e in blocked]
     if analysis.not_compared:
         lines += ["", "Not compared (a group of the four is missing; never ranked): "
                   + "; ".join(n.text for n in analysis.not_compared) + "."]

@@ -337,6 +337,9 @@ class Trainer:
                                   | {"params": self.model.num_parameters(), "precision": cfg.precision,
                                      "seed": cfg.seed, "device": str(self.device), "label": cfg.label,
                                      "arm": cfg.arm, "optimizer": cfg.optimizer, "processes": self.dist.world,
+                                     "data": {"dir": str(self.data_dir), "name": self.meta.get("name"),
+                                              "tokenizer": self.meta.get("tokenizer"),
+                                              "train_tokens": self.meta.get("splits", {}).get("train", {}).get("tokens")},
                                      "collapse": collapse_analysis(read_metrics(self.run_dir), status, step)})
             tracker.close()
         return result
