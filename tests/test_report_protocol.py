@@ -664,3 +664,16 @@ def test_the_limits_name_the_data_each_run_recorded_and_admit_what_was_not():
         for cell in g.cells:
             del cell.run.summary["data"]
     assert "on data/eurlex or the built-in corpus (not recorded) (unknown tokens)" in analyse(groups, manifest).limits
+
+
+def test_against_bf16_a_tuned_key_both_tuned_is_not_a_mismatch_but_any_other_setting_is():
+    groups, manifest = established_case()
+    bf16 = make_group("bf16", "A", {1: 1.9, 2: 1.91, 3: 1.92}, format=None)
+    for cell in bf16.cells:
+        cell.run.config["lr"] = 0.006  # tuned to another value than E3M4's A: the same protocol, no note
+    manifest["sweeps"]["bf16-A"] = sweep_entry("bf16", "A")
+    notes = analyse(groups + [bf16], manifest).notes
+    assert not [n for n in notes if n.startswith("Against the BF16 baseline")]
+    del manifest["sweeps"]["bf16-A"]  # an untuned baseline at another lr: said
+    notes = analyse(groups + [bf16], manifest).notes
+    assert any(n.startswith("Against the BF16 baseline") and "(lr 0.002 vs 0.006)" in n for n in notes)

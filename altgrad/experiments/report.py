@@ -175,13 +175,17 @@ def _answer(comparisons: list[Comparison], not_compared: list[NotCompared], null
 
 
 # ---- notes and step sizes -------------------------------------------------------------------------
-def _unpaired(a: Group, b: Group | None) -> str | None:
-    """The first setting (beyond precision policy and arm) in which two groups' runs differ."""
+def _unpaired(a: Group, b: Group | None, sweeps: dict[str, Sweep]) -> str | None:
+    """The first setting (beyond precision policy, arm and the keys both groups tuned) in which
+    two groups' runs differ."""
     first = next((c.run for c in a.cells if c.run is not None), None)
     second = next((c.run for c in b.cells if c.run is not None), None) if b is not None else None
     if first is None or second is None:
         return None
-    return pairing_difference(first.config, second.config)
+    tuned = [sweeps[g.name].tuned_keys if g.name in sweeps else set() for g in (a, b)]
+    both = tuned[0] & tuned[1]
+    return pairing_difference({k: v for k, v in first.config.items() if k not in both},
+                              {k: v for k, v in second.config.items() if k not in both})
 
 
 def _notes(groups: list[Group], sweeps: dict[str, Sweep]) -> list[str]:
@@ -189,9 +193,10 @@ def _notes(groups: list[Group], sweeps: dict[str, Sweep]) -> list[str]:
     baseline = next((g for g in groups if g.baseline and g.role == "A"), None)
     unpaired: dict[str, list[str]] = {}
     for g in groups:
-        if g is not baseline and (difference := _unpaired(g, baseline)):
+        if g is not baseline and (difference := _unpaired(g, baseline, sweeps)):
             unpaired.setdefault(difference, []).append(f"{g.format} {g.arm}")
-    notes += [f"Against the BF16 baseline, {', '.join(who)} differ in more than the precision policy and the arm "
+    notes += [f"Against the BF16 baseline, {', '.join(who)} differ in more than the precision policy, the arm "
+              "and the keys both tuned "
               f"({difference}): their 'vs BF16' mixes the format with that setting."
               for difference, who in unpaired.items()]
     seen = set()
