@@ -6,7 +6,8 @@ import torch
 
 from altgrad.training import Trainer
 from altgrad.training import trainer as trainer_module
-from altgrad.training.threads import ThreadGovernor
+from altgrad.model.layernorm import LayerNorm
+from altgrad.training.threads import ThreadGovernor, thread_dependence
 from altgrad.training.tracking import read_metrics
 from runs import tiny_config, without_rates
 
@@ -112,11 +113,15 @@ def test_one_thread_has_nothing_to_give_up():
     assert machine.set_calls == []
 
 
-def test_a_run_whose_threads_change_mid_run_equals_a_fixed_one(tmp_path, tiny_data, monkeypatch):
+@pytest.mark.parametrize("settings", [
+    dict(format="E4M3", rounding="stochastic", optimizer="manifold"),
+    dict(),  # the BF16 baseline: no format absorbs a LayerNorm gradient's last bits
+], ids=["E4M3-manifold", "bf16"])
+def test_a_run_whose_threads_change_mid_run_equals_a_fixed_one(tmp_path, tiny_data, monkeypatch, settings):
     """The thread count changes the speed, not the run: every step alternates 1 and 2 threads
-    (tensors large enough for the GEMMs and the native casts to split their work)."""
-    settings = dict(format="E4M3", rounding="stochastic", optimizer="manifold", batch_size=32, n_embd=64,
-                    max_steps=12, eval_interval=6, stats_interval=3)
+    (tensors large enough for the GEMMs, the LayerNorm sums and the native casts to split their
+    work)."""
+    settings = dict(settings, batch_size=32, n_embd=64, max_steps=12, eval_interval=6, stats_interval=3)
     threads = torch.get_num_threads()
     fixed = Trainer(tiny_config(tmp_path, tiny_data, run_name="fixed", adapt_threads=False, **settings)).run()
 
@@ -145,7 +150,7 @@ def test_a_run_whose_threads_change_mid_run_equals_a_fixed_one(tmp_path, tiny_da
                 assert value == pytest.approx(expected[key], rel=1e-9, nan_ok=True), (record["step"], key)
             else:
                 assert value == expected[key], (record["step"], key)
-    assert any("snr_db" in key for key in reference[1])
+    assert any("snr_db" in key for key in reference[1]) == bool(settings.get("format"))  # compared, when measured
 
 
 def test_an_inactive_governor_leaves_the_count_alone():  # --fixed-threads, CUDA
@@ -153,3 +158,83 @@ def test_an_inactive_governor_leaves_the_count_alone():  # --fixed-threads, CUDA
     governor = machine.governor(2, active=False)
     machine.run(governor, 100)
     assert machine.set_calls == [] and governor.summary() == {}
+
+
+# ---- the thread count never changes a run -------------------------------------------------------
+def _layer_norm_grads(module, threads, x, autocast=False):
+    torch.set_num_threads(threads)
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = module(x)
+    (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), x.grad, module.weight.grad, module.bias.grad if module.bias is not None else None
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm_gradients_are_the_same_bits_at_every_thread_count(bias):
+    """PyTorch's CPU LayerNorm sums its weight and bias gradients per thread (other threads, other
+    bits at 768 rows x 128: the small preset's shape); ours adds each column up in one thread."""
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    x = torch.randn(12, 64, 128) * 3 + 1
+    ours = LayerNorm(128, bias=bias)
+    theirs = torch.nn.LayerNorm(128, bias=bias)
+    with torch.no_grad():
+        for module in (ours, theirs):
+            module.weight.copy_(torch.linspace(0.5, 1.5, 128))
+            if bias:
+                module.bias.copy_(torch.linspace(-0.1, 0.1, 128))
+    try:
+        for autocast in (False, True):
+            reference = _layer_norm_grads(ours, 1, x, autocast)
+            for n in (2, 3):
+                assert all(a is None and b is None or torch.equal(a, b)
+                           for a, b in zip(_layer_norm_grads(ours, n, x, autocast), reference)), (n, autocast)
+            native = _layer_norm_grads(theirs, 1, x, autocast)
+            assert torch.equal(reference[0], native[0]) and reference[0].dtype == native[0].dtype  # the same forward
+            assert torch.equal(reference[1], native[1])  # the same input gradient (PyTorch's, per row)
+            for a, b in zip(reference[2:], native[2:]):  # the same sums, in another order
+                assert a is None and b is None or torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+        native = [_layer_norm_grads(theirs, n, x)[2] for n in (1, 2)]
+        assert not torch.equal(*native)  # what this replaces: PyTorch's own differs across counts here
+    finally:
+        torch.set_num_threads(threads)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+
+
+def test_thread_dependence_finds_the_first_count_that_changes_the_bits_and_restores_the_count():
+    threads = torch.get_num_threads()
+    calls = []
+
+    def step():  # a constructed step whose result changes below two threads
+        calls.append(torch.get_num_threads())
+        return [torch.tensor([1.0, float(torch.get_num_threads() >= 2)])]
+    assert thread_dependence(step, 3) == 1 and calls == [3, 2, 1]
+    assert torch.get_num_threads() == threads or torch.get_num_threads() == 3
+    calls.clear()
+    assert thread_dependence(lambda: [torch.ones(3) * 2], 3) is None
+    # a real one: an input gradient that sums over a 50k vocabulary, as a GPT-2-vocabulary output layer's
+    torch.manual_seed(0)
+    grad_logits, weight = torch.randn(768, 50304), torch.randn(50304, 128)
+
+    def product():
+        return [grad_logits @ weight]
+    found = thread_dependence(product, 2)
+    torch.set_num_threads(1)
+    one = product()[0]
+    torch.set_num_threads(2)
+    assert (found == 1) == (not torch.equal(one, product()[0]))  # what the library does here, said exactly
+    torch.set_num_threads(threads)
+
+
+def test_a_run_whose_step_depends_on_the_count_fixes_it_and_says_so(tmp_path, tiny_data, monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(trainer_module, "thread_dependence", lambda compute, full: 1)
+    monkeypatch.setattr(trainer_module, "ThreadGovernor", lambda active: ThreadGovernor(2, active=active))
+    try:
+        result = Trainer(tiny_config(tmp_path, tiny_data, run_name="fixed", max_steps=4, eval_interval=2)).run()
+    finally:
+        torch.set_num_threads(threads)
+    assert result.throughput["threads_fixed"].startswith("one step at 1 threads differs from 2 threads")
+    assert result.throughput["threads"] == 2 and "thread_changes" not in result.throughput

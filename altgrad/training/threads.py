@@ -20,10 +20,18 @@ follows the machine instead:
 
 On a quiet machine nothing changes (no window is short of CPUs, so no trial ever runs). Every
 change is an event the trainer shows and logs. An inactive governor (``active=False``) times
-nothing and never changes the count. The thread count does not change the training
-arithmetic of the shipped presets (tested: a run whose threads change mid-run equals a fixed one);
-monitoring statistics that sum in parallel may differ in their last bits. On CUDA, and with
-``adapt_threads: false``, the count stays as set.
+nothing and never changes the count. On CUDA, and with ``adapt_threads: false``, the count
+stays as set.
+
+**The thread count never changes a run.** Before its first step a run with more than one thread
+computes one step of its own shapes at every count the governor could choose
+(`thread_dependence`); when any gives other bits (a reduction that sums per thread: a 50k-token
+vocabulary's output layer, whose input gradient sums over the vocabulary), the governor stays
+off and the count fixed, and the run says so. The presets on byte-level data are invariant
+(LayerNorm's per-thread gradient sums replaced: `model/layernorm.py`; tested: a run whose
+threads change every step equals a fixed one, bit for bit, in BF16 and in FP8 formats).
+Monitoring statistics that sum in parallel may differ in their last bits; they never feed back
+into training.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -74,6 +83,7 @@ class ThreadGovernor:
         self.events: list[dict] = []  # changes not yet taken by the trainer
         self.changes = 0
         self.fewest = self.full
+        self.fixed: str | None = None  # why the count was fixed after all (`fix`)
 
     @contextlib.contextmanager
     def timing(self) -> Iterator[None]:
@@ -135,8 +145,36 @@ class ThreadGovernor:
         self.events.append({"from": before, "to": after, "reason": reason,
                             "steps_per_s": [round(rate_before, 3), round(rate_after, 3)]})
 
-    def summary(self) -> dict[str, int]:
+    def fix(self, reason: str) -> None:
+        """Keep the count as it is from now on (``reason``: why; the summary says it)."""
+        self.active, self.fixed = False, reason
+
+    def summary(self) -> dict[str, Any]:
         if not self.active:
-            return {}
+            return {"threads": self.full, "threads_fixed": self.fixed} if self.fixed else {}
         return {"threads": self.threads, "threads_at_start": self.full, "thread_changes": self.changes,
                 "fewest_threads": self.fewest}
+
+
+def thread_dependence(compute: Callable[[], list[torch.Tensor]], full: int,
+                      set_threads: Callable[[int], None] = torch.set_num_threads) -> int | None:
+    """The first thread count below ``full`` at which ``compute`` (one training step's results:
+    loss, gradients, their norm) gives other bits than at ``full``; None when none does.
+
+    The order of a reduction follows the shapes and the thread count, not the values, so one
+    step of the run's own shapes shows whether another count would change the run (a different
+    order gives equal bits for every one of thousands of random sums essentially never).
+    ``compute`` must leave the run's state as it found it; the count is ``full`` again after.
+    """
+    try:
+        set_threads(full)
+        reference = [t.detach().clone() for t in compute()]
+        for threads in range(full - 1, 0, -1):
+            set_threads(threads)
+            results = compute()
+            if len(results) != len(reference) or not all(
+                    torch.equal(a, b) for a, b in zip(results, reference, strict=True)):
+                return threads
+        return None
+    finally:
+        set_threads(full)

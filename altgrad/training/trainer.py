@@ -8,6 +8,7 @@ precisions and formats, and a resumed run continues exactly where the checkpoint
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import time
@@ -33,7 +34,7 @@ from .flops import utilisation
 from .shift import FormatShifter
 from .layer_summary import layer_summary
 from .signals import StopRequest
-from .threads import ThreadGovernor
+from .threads import ThreadGovernor, thread_dependence
 from .setup import Event, compiled, find_data, learning_rate, resolve_device, run_directory
 from .tracking import RunTracker, read_metrics
 
@@ -226,6 +227,34 @@ class Trainer:
                 monitor.load_state_dict(state["monitors"][monitor.name])
         return int(state["step"])
 
+    def _check_threads(self, step: int) -> None:
+        """Fix the thread count when another count would change this run's arithmetic (one step of
+        its own shapes on a copy of the model, the same random draws at every count)."""
+        if not self.threads.active or self.threads.full <= 1:
+            return
+        batches, rng = self._micro_batches(step), capture_rng()
+
+        def one_step() -> list[torch.Tensor]:
+            restore_rng(rng)
+            probe = copy.deepcopy(self.model)  # its scales, amax histories and generators as they are now
+            probe.zero_grad(set_to_none=True)
+            losses = []
+            for x, y in batches:
+                with self._autocast():
+                    _, loss = probe(x, y)
+                (loss / len(batches)).backward()
+                losses.append(loss.detach())
+            grads = [p.grad for p in probe.parameters() if p.grad is not None]
+            return [*losses, *grads, torch.nn.utils.get_total_norm(grads, 2.0)]
+
+        dependent = thread_dependence(one_step, self.threads.full)
+        restore_rng(rng)
+        if dependent is not None:
+            reason = (f"one step at {dependent} threads differs from {self.threads.full} threads in its last bits, "
+                      f"so the count stays at {self.threads.full}: the run never depends on the machine's load")
+            self.threads.fix(reason)
+            self.notify("warning", {"message": f"threads fixed: {reason}"})
+
     # ---- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
         joined = distributed.start(self.dist, self.device)
@@ -252,6 +281,7 @@ class Trainer:
                          "best_val_loss": None, "final_val_loss": None, "alerts": {}, "alerting": []}
         self.clip_window: dict[str, float] = {}
         start = self._restore() if self.resume else 0
+        self._check_threads(start)
         main = self.dist.main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
