@@ -4,14 +4,14 @@ PyTorch's CPU LayerNorm backward sums the weight and bias gradients over the row
 sum per thread and then adds the partials: another thread count, another order of additions,
 other last bits (measured: 1 vs 2 threads, every LayerNorm's weight and bias gradient of the tiny
 and small presets, in BF16 autocast and in FP32; nothing else in the model differed). A run on a
-shared machine, whose thread governor follows the CPUs it gets, then drifts from the same run on
-a quiet one, and a resumed run from the uninterrupted one.
+shared machine, whose thread governor follows the CPUs it gets, then drifted from the same run
+on a quiet one, and a resumed run from the uninterrupted one.
 
-Here the forward is PyTorch's own (`aten.native_layer_norm`: the same output bits), the input
-gradient is PyTorch's own (computed per row by one thread: no cross-thread sum), and the weight
-and bias gradients are column sums over a transposed, contiguous copy, so that every column is
-one contiguous inner reduction that one thread does whole; the threads split the columns, never
-a column. `tests/test_threads.py` checks the gradients bit for bit across thread counts.
+Here the forward is PyTorch's own (`aten.native_layer_norm`: the same output bits) and so is the
+backward (`aten.native_layer_norm_backward`), run on one thread: its partial sums are then one,
+in row order, the bits PyTorch gives at one thread whatever the count the run has. A LayerNorm
+backward is a small part of a step (`benchmarks/bench_layernorm.py` measures the whole step);
+`tests/test_threads.py` checks the gradients bit for bit across thread counts.
 """
 
 from __future__ import annotations
@@ -20,14 +20,8 @@ import torch
 from torch import nn
 
 
-def _column_sums(rows: torch.Tensor) -> torch.Tensor:
-    """Sums over the rows of a (rows, columns) tensor, each column added up by a single thread."""
-    return rows.t().contiguous().sum(dim=1)
-
-
 class _LayerNormFunction(torch.autograd.Function):
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
     def forward(ctx, x, weight, bias, shape, eps):
         out, mean, rstd = torch.ops.aten.native_layer_norm(x, shape, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
@@ -35,25 +29,27 @@ class _LayerNormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = None
-        if need_x:
-            grad_x, _, _ = torch.ops.aten.native_layer_norm_backward(
-                grad, x, ctx.shape, mean, rstd, weight, bias, [True, False, False])
-        columns = weight.numel() if weight is not None else x.shape[-1]
-        grad_w = _column_sums((grad * ((x - mean) * rstd)).reshape(-1, columns)).view_as(weight) if need_w else None
-        grad_b = _column_sums(grad.reshape(-1, columns)).view_as(bias) if need_b else None
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2]]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+                grad, x, ctx.shape, mean, rstd, weight, bias, mask)
+        finally:
+            torch.set_num_threads(threads)
         return grad_x, grad_w, grad_b, None, None
 
 
 class LayerNorm(nn.LayerNorm):
-    """`nn.LayerNorm` (same parameters, state dict and forward) with thread-invariant gradients on
-    CPU; elsewhere (CUDA) PyTorch's own kernel, whose reductions do not follow a thread count."""
+    """`nn.LayerNorm` (same parameters, state dict, forward and gradients at one thread) with
+    gradients that no CPU thread count changes; elsewhere (CUDA) PyTorch's own kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return super().forward(x)
+        if torch.is_autocast_enabled("cpu"):  # as autocast runs layer_norm: in FP32 (the decorators cost more)
+            x = x.float()
         return _LayerNormFunction.apply(x, self.weight, self.bias, tuple(self.normalized_shape), self.eps)
