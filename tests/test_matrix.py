@@ -2,6 +2,7 @@
 before anything runs, skip-completed and resume-interrupted, failure isolation, the submitit
 path with its debug executor, and the CLI."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,7 +18,8 @@ from typer.testing import CliRunner
 
 from altgrad.cli import app
 from altgrad.errors import UserError
-from altgrad.experiments.launch import MatrixRunner, read_manifest
+from altgrad.experiments.launch import MatrixRunner, read_manifest, run_cell
+from altgrad.experiments.ownership import CellBusy, cell_lock
 from altgrad.experiments.matrix import config_hash, load_matrix, with_settings
 from altgrad.experiments.status import cell_status
 from altgrad.training.tracking import read_metrics
@@ -229,6 +231,81 @@ def test_a_killed_matrix_resumes_without_repeating_or_losing_anything(tmp_path, 
         assert without_rates(read_metrics(runs / cell.folder)) == \
             without_rates(read_metrics(reference.runs_dir / cell.folder)), cell.folder
     assert all(e["status"] == "completed" for e in read_manifest(runs)["cells"].values())
+
+
+def _children(pid):
+    """The pids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
+def test_a_kill_9_of_the_matrix_process_alone_ends_its_workers(tmp_path, tiny_data):
+    """The OOM killer's way: SIGKILL to the main process only, not its group. Its workers end
+    within seconds, and nothing writes to the cells after."""
+    settings = {"data": str(tiny_data), "max_steps": 100000, "eval_interval": 50, "checkpoint_interval": 50,
+                "log_interval": 5, "device": "cpu"}
+    path = small_matrix(tmp_path, tiny_data, settings=settings)
+    process = subprocess.Popen([sys.executable, "-m", "altgrad", "matrix", "run", str(path), "--jobs", "2"],
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = load_matrix(path).runs_dir
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # both workers are training
+            training = [m for m in runs.glob("*/metrics.jsonl") if m.stat().st_size > 0]
+            if len(training) >= 2:
+                break
+            time.sleep(0.1)
+        workers = _children(process.pid)
+        assert len(training) >= 2 and workers, "the matrix did not start its workers"
+        os.kill(process.pid, signal.SIGKILL)  # the main process only
+        process.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], "workers outlived the matrix process"
+        sizes = {m: m.stat().st_size for m in runs.glob("*/metrics.jsonl")}
+        time.sleep(1.5)
+        assert sizes == {m: m.stat().st_size for m in runs.glob("*/metrics.jsonl")}  # nothing writes on
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_cell_another_process_trains_is_left_alone(tmp_path, tiny_data):
+    """A cell is owned by the process that trains it: while its lock is held elsewhere, a run of
+    the matrix records it as failed with why and never touches its folder; then it trains."""
+    matrix = load_matrix(small_matrix(tmp_path, tiny_data))
+    runner = MatrixRunner(matrix)
+    cell = matrix.cells()[0]
+    folder = matrix.runs_dir / cell.folder
+    folder.mkdir(parents=True)
+    (folder / "matrix.log").write_text("another process writes here\n")
+    with cell_lock(matrix.runs_dir, cell.folder):
+        outcome = run_cell(runner._spec(cell))
+        assert outcome["status"] == "failed"
+        assert f"{cell.folder} is being trained by pid {os.getpid()}" in outcome["error"]
+        assert [p.name for p in folder.iterdir()] == ["matrix.log"]  # untouched: not cleared, not resumed
+        with pytest.raises(CellBusy):  # and a second owner cannot take it, even in this process
+            with cell_lock(matrix.runs_dir, cell.folder):
+                pass
+    assert run_cell(runner._spec(cell))["status"] == "completed"  # released: it trains
 
 
 def test_the_submitit_path_with_its_debug_executor(tmp_path, tiny_data):

@@ -9,6 +9,9 @@
   at a time, the CPU threads divided among them. On a cluster, `submitit` submits them as one
   job array per batch (each pass of the tuning, then the main cells); its ``local`` and
   ``debug`` executors run the same path on one machine.
+- A cell belongs to the process that trains it (`ownership.cell_lock`): a cell another process
+  still trains is left alone and recorded as failed with why. Local workers die with the matrix
+  process, however it ends (`ownership.die_with_parent`), so none trains on unsupervised.
 - Tuning comes first (`tuning_runs`, `tuning`): every group's search proposes its next trials, the trials of
   all groups run together, and the searches are replayed from the outcomes until every one has
   settled; a group that inherits a value waits for the group it takes it from. Then the main
@@ -44,6 +47,7 @@ from ..errors import UserError
 from ..io import write_json
 from ..training.checkpoint import list_checkpoints
 from .matrix import Cell, Matrix
+from .ownership import CellBusy, cell_lock, die_with_parent
 from .runs import finished, read_summary
 from .tuning_runs import TuningLoop, protocol_record
 
@@ -101,7 +105,6 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from ..training import Trainer
     from ..training.config import config_from_dict
 
     threads = spec.get("threads")
@@ -115,6 +118,18 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     if job:
         outcome["job_id"] = job + (f"_{os.environ['SLURM_ARRAY_TASK_ID']}" if "SLURM_ARRAY_TASK_ID" in os.environ else "")
     config = config_from_dict(spec["config"], f"cell {spec['config']['run_name']}")
+    try:
+        with cell_lock(run_dir.parent, run_dir.name):  # the cell is this process's until it returns
+            return _train_cell(config, run_dir, spec, outcome, started, began)
+    except CellBusy as busy:
+        return outcome | {"status": "failed", "ended": now(),
+                          "error": f"{busy}; it was left alone: run the matrix again once that process has ended"}
+
+
+def _train_cell(config: Any, run_dir: Path, spec: dict[str, Any], outcome: dict[str, Any], started: str,
+                began: float) -> dict[str, Any]:
+    from ..training import Trainer
+
     state = run_state(run_dir, config.max_steps)
     if state == "finished":
         return outcome | {"status": "skipped", "ended": now()}
@@ -279,8 +294,10 @@ class MatrixRunner:
     def _run_local(self, cells: list[Cell], progress: Progress, notify: Callback
                    ) -> Iterator[tuple[Cell, dict[str, Any]]]:
         # Spawned workers inherit the environment: their OpenMP pools get their share of the CPUs.
+        # Each worker dies with this process (kill -9 included): none trains a cell unsupervised.
         with _environment(OMP_NUM_THREADS=str(self.threads)), concurrent.futures.ProcessPoolExecutor(
-                max_workers=min(self.jobs, len(cells)), mp_context=multiprocessing.get_context("spawn")) as pool:
+                max_workers=min(self.jobs, len(cells)), mp_context=multiprocessing.get_context("spawn"),
+                initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             futures = {}
             for cell in cells:
                 futures[pool.submit(run_cell, self._spec(cell))] = cell
