@@ -383,3 +383,56 @@ def test_tiktoken_unavailable_is_a_user_error(monkeypatch):
     with pytest.raises(UserError, match="TIKTOKEN_CACHE_DIR.*--tokenizer byte"):
         get_tokenizer("gpt2")
     _assert_user_error(runner.invoke(app, ["prepare-data", "eurlex"]), "TIKTOKEN_CACHE_DIR", "--tokenizer byte")
+
+
+def _prepare_at_once(directory, barrier, results):
+    import os as os_
+
+    from altgrad.data import ensure_builtin_data as ensure
+
+    barrier.wait()
+    try:
+        out = ensure(directory)
+        stat = (out / "train.bin").stat()
+        results.put(("ok", os_.getpid(), stat.st_ino, stat.st_mtime_ns))
+    except BaseException as error:  # noqa: BLE001 - reported to the test
+        results.put(("error", os_.getpid(), repr(error), None))
+
+
+def test_concurrent_first_runs_prepare_the_builtin_corpus_once_and_all_use_it(tmp_path):
+    """Four processes that need the built-in corpus at the same moment (runs side by side, SLURM
+    array tasks in one folder): one prepares it, the others wait for its lock and use the same
+    files (one inode, one write), and nobody sees another's temporary files."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(4), context.Queue()
+    processes = [context.Process(target=_prepare_at_once, args=(tmp_path, barrier, results)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+    assert [o[0] for o in outcomes] == ["ok"] * 4, outcomes
+    assert len({(o[2], o[3]) for o in outcomes}) == 1  # the same train.bin for all: written once
+    assert load_meta(tmp_path / "builtin")["tokenizer"] == "byte"
+    assert not list((tmp_path / "builtin").glob(".*.tmp"))
+
+
+def test_a_second_preparation_waits_for_the_first_to_release_the_directory(tmp_path):
+    from altgrad.data.prepare import preparing
+
+    directory = tmp_path / "builtin"
+    import threading
+    done = threading.Event()
+
+    def second():
+        ensure_builtin_data(tmp_path)
+        done.set()
+    with preparing(directory):  # as another process preparing it would
+        worker = threading.Thread(target=second)
+        worker.start()
+        worker.join(timeout=1.0)
+        assert not done.is_set() and not (directory / "meta.json").exists()  # it waits, writes nothing
+    worker.join(timeout=120)
+    assert done.is_set() and load_meta(directory)["tokenizer"] == "byte"

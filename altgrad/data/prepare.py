@@ -3,7 +3,10 @@
 Each .bin is a flat array of little-endian uint16 token ids, every document followed by the
 end-of-text id. Files are written to temporary names and renamed at the end, and meta.json is
 written last: a directory with a meta.json is complete, and a failed or killed run leaves the
-previous dataset as it was.
+previous dataset as it was. One process at a time prepares a directory (a lock beside it): a
+second `prepare-data` waits for the first, and runs that need the built-in corpus at the same
+time (side-by-side `altgrad train`, SLURM array tasks in one folder) wait and use what the first
+prepared.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, Optional
 
 from .. import __version__
 from ..errors import UserError
-from ..io import TEMP_SUFFIX, make_publishable, write_json
+from ..io import TEMP_SUFFIX, file_lock, make_publishable, write_json
 from .sources import Corpus, builtin_corpus, hub_corpus, local_corpus
 from .tokenizers import Tokenizer, get_tokenizer
 
@@ -207,7 +210,14 @@ def prepare_dataset(name: str, *, source: Optional[Path] = None, tokenizer: Opti
         corpus = corpus_for(name, source)  # local: a bad name or path is the first thing to say
         chosen = get_tokenizer(tokenizer or DATASETS[name])
     directory = Path(out) if out is not None else Path(data_root) / name
-    return directory, write_tokens(corpus, chosen, directory, name=name, progress=progress)
+    with preparing(directory):
+        return directory, write_tokens(corpus, chosen, directory, name=name, progress=progress)
+
+
+def preparing(directory: Path):
+    """The lock of one prepared directory (a file beside it): held while anything writes it."""
+    directory = Path(directory)
+    return file_lock(directory.parent / f".{directory.name}.lock")
 
 
 def load_meta(data_dir: Path) -> dict[str, Any]:
@@ -243,5 +253,9 @@ def ensure_builtin_data(data_root: Path, tokenizer: str = "byte") -> Path:
     with contextlib.suppress(UserError):
         if load_meta(directory)["tokenizer"] == tokenizer:
             return directory
-    prepare_dataset("builtin", tokenizer=tokenizer, out=directory)
+    with preparing(directory):  # another process may be preparing it: wait, then look again
+        with contextlib.suppress(UserError):
+            if load_meta(directory)["tokenizer"] == tokenizer:
+                return directory
+        write_tokens(builtin_corpus(), get_tokenizer(tokenizer), directory, name="builtin")
     return directory

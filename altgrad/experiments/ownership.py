@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import os
 import signal
 import sys
@@ -20,6 +19,8 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from ..io import Locked, file_lock
 
 PR_SET_PDEATHSIG = 1
 WATCH_S = 0.5  # how often the watch thread looks at the parent
@@ -50,17 +51,8 @@ def die_with_parent(parent: int) -> None:
 @contextlib.contextmanager
 def cell_lock(runs_dir: Path, folder: str) -> Iterator[None]:
     """Hold the lock of cell ``folder`` of ``runs_dir``; `CellBusy` when another process holds it."""
-    path = Path(runs_dir) / LOCKS / f"{folder}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise CellBusy(f"{folder} is being trained by {holder}") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()}\n")
-        lock.flush()
-        yield
+    try:
+        with file_lock(Path(runs_dir) / LOCKS / f"{folder}.lock", blocking=False):
+            yield
+    except Locked as holder:
+        raise CellBusy(f"{folder} is being trained by {holder}") from None
