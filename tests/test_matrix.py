@@ -22,6 +22,7 @@ from altgrad.experiments.launch import MatrixRunner, read_manifest, run_cell
 from altgrad.experiments.ownership import CellBusy, cell_lock
 from altgrad.experiments.matrix import config_hash, load_matrix, with_settings
 from altgrad.experiments.status import cell_status
+from altgrad.provenance import code_version
 from altgrad.training.tracking import read_metrics
 from runs import without_rates
 
@@ -148,6 +149,7 @@ def test_a_run_trains_every_cell_records_it_and_a_second_run_repeats_nothing(tmp
     manifest = MatrixRunner(matrix, jobs=2).run()
     cells = matrix.cells()
     assert {c.folder for c in cells} == set(manifest["cells"])
+    assert manifest["code"] == code_version()  # what ran the matrix; each cell's summary has its own
     for cell in cells:
         entry = manifest["cells"][cell.folder]
         assert entry["status"] == "completed" and entry["attempts"] == 1 and entry["steps"] == 12

@@ -677,3 +677,32 @@ def test_against_bf16_a_tuned_key_both_tuned_is_not_a_mismatch_but_any_other_set
     del manifest["sweeps"]["bf16-A"]  # an untuned baseline at another lr: said
     notes = analyse(groups + [bf16], manifest).notes
     assert any(n.startswith("Against the BF16 baseline") and "(lr 0.002 vs 0.006)" in n for n in notes)
+
+
+def test_the_report_lists_the_code_versions_of_its_cells_and_warns_when_they_are_mixed():
+    groups, manifest = established_case()
+    same = {"altgrad": "0.1.0", "commit": "a" * 40, "dirty": False, "torch": "2.13.0+cpu", "python": "3.11.7"}
+    for g in groups:
+        for cell in g.cells:
+            cell.run.summary["code"] = dict(same)
+    analysis = analyse(groups, manifest)
+    assert not [n for n in analysis.notes if "code version" in n or "uncommitted" in n]
+    groups[0].cells[0].run.summary["code"] = {**same, "commit": "b" * 40, "dirty": True}
+    del groups[1].cells[0].run.summary["code"]  # a run from before the record
+    analysis = analyse(groups, manifest)
+    assert ("The cells come from 3 code versions (altgrad 0.1.0 @ aaaaaaaa, torch 2.13.0+cpu: 16 cells; "
+            "altgrad 0.1.0 @ bbbbbbbb (dirty), torch 2.13.0+cpu: 1 cell; not recorded: 1 cell)") in analysis.notes[0]
+    assert analysis.notes[1].startswith("1 cell ran from a checkout with uncommitted changes")
+
+
+def test_a_run_records_the_code_that_produced_it(tmp_path, tiny_data):
+    from altgrad.provenance import code_version
+    from altgrad.training import Trainer
+    from runs import tiny_config
+
+    result = Trainer(tiny_config(tmp_path, tiny_data, run_name="p", max_steps=2, eval_interval=1)).run()
+    code = json.loads((result.run_dir / "summary.json").read_text())["code"]
+    assert code == code_version() and code["altgrad"] and code["torch"] == __import__("torch").__version__
+    checkout = (Path(__file__).parent.parent / ".git").exists()
+    assert (code["commit"] is not None) == checkout and (len(code["commit"]) == 40 if checkout else True)
+    assert isinstance(code["dirty"], bool) == checkout

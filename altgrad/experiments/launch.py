@@ -45,6 +45,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..io import write_json
+from ..provenance import code_version
 from ..training.checkpoint import list_checkpoints
 from .matrix import Cell, Matrix
 from .ownership import CellBusy, cell_lock, die_with_parent
@@ -249,6 +250,7 @@ class MatrixRunner:
         self.attempted: set[str] = set()  # cells run by this invocation (a failed one is retried once)
         progress = Progress(total=len(self.matrix.sweep_cells()) + len(main))
         self.manifest["protocol"] = protocol_record(self.matrix, main)
+        self.manifest["code"] = code_version()  # of this invocation; each cell's summary has its own
         self.save()
         loop = TuningLoop(self, main)
         chosen = loop.run(progress, notify)

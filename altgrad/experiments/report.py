@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..provenance import version_label
 from .compare import pairing_difference
 from .matrix import layer_suffix
 from .report_checks import (ARM_OWN_KEYS, CHECKS, EFFECTS, Check, Comparison, Effect, NotCompared, NullCheck,
@@ -188,8 +189,38 @@ def _unpaired(a: Group, b: Group | None, sweeps: dict[str, Sweep]) -> str | None
                               {k: v for k, v in second.config.items() if k not in both})
 
 
-def _notes(groups: list[Group], sweeps: dict[str, Sweep]) -> list[str]:
+def code_versions(groups: list[Group]) -> list[dict[str, Any]]:
+    """The code versions that produced the cells (their summaries' ``code``), most cells first."""
+    found: dict[str, dict[str, Any]] = {}
+    for g in groups:
+        for c in g.cells:
+            if c.run is None:
+                continue
+            code = c.run.summary.get("code")
+            entry = found.setdefault(version_label(code), {"label": version_label(code), "code": code, "cells": 0})
+            entry["cells"] += 1
+    return sorted(found.values(), key=lambda e: -e["cells"])
+
+
+def _cells(n: int) -> str:
+    return f"{n} cell{'s' if n != 1 else ''}"
+
+
+def _code_notes(versions: list[dict[str, Any]]) -> list[str]:
     notes = []
+    if len(versions) > 1:
+        notes.append(f"The cells come from {len(versions)} code versions ("
+                     + "; ".join(f"{v['label']}: {_cells(v['cells'])}" for v in versions)
+                     + "): compare them only if the versions train alike.")
+    dirty = sum(v["cells"] for v in versions if (v["code"] or {}).get("dirty"))
+    if dirty:
+        notes.append(f"{_cells(dirty)} ran from a checkout with uncommitted changes: their commit does not say "
+                     "exactly what produced them.")
+    return notes
+
+
+def _notes(groups: list[Group], sweeps: dict[str, Sweep]) -> list[str]:
+    notes = _code_notes(code_versions(groups))
     baseline = next((g for g in groups if g.baseline and g.role == "A"), None)
     unpaired: dict[str, list[str]] = {}
     for g in groups:
@@ -309,5 +340,6 @@ def to_json(analysis: Analysis, runs_dir: Path, manifest: dict[str, Any]) -> dic
                             "bf16_losses": {str(k): v for k, v in (analysis.baseline.losses() if analysis.baseline
                                                                     else {}).items()}},
             "groups": [group_dict(g) for g in analysis.groups],
+            "code_versions": code_versions(analysis.groups),
             "sweeps": manifest.get("sweeps", {}), "answer": analysis.answer, "limits": analysis.limits,
             "notes": analysis.notes}

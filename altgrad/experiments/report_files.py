@@ -85,7 +85,9 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
               "plus the tuning resolution (the largest, over its four groups, of the smaller loss gap between a "
               "group's chosen value and its tried neighbours). For context only, the BF16 seed-to-seed standard "
               f"deviation of the final validation loss is {_f(analysis.noise_floor)} (per seed: "
-              + (", ".join(f"{k}: {_f(v)}" for k, v in base["bf16_losses"].items()) or "none") + ").", ""]
+              + (", ".join(f"{k}: {_f(v)}" for k, v in base["bf16_losses"].items()) or "none") + ").", "",
+              "Code: " + ("; ".join(f"{v['label']} ({v['cells']} cells)" for v in data["code_versions"])
+                          or "no cell recorded") + ".", ""]
     lines += ["## The question: the format-specific benefit of geometry", "",
               f"Interaction (gs - C) - (gm - A) with its {CONFIDENCE:.0%} interval, Holm-adjusted p, the tuning "
               "resolution; beside it the update-rule effect on masters (gm - A) and the storage effects (C - A, "

@@ -24,6 +24,7 @@ from ..io import write_yaml
 from ..model import GPT, GPTConfig
 from ..model.surgery import LayerAssignment, quantize_model
 from ..optim import build_optimizer, set_learning_rates
+from ..provenance import code_version
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from .config import CONFIG_FILE_NAME, TrainConfig
 from .monitors import Monitor, QuantStatsMonitor, RankMonitor, ShadowMonitor, StepContext, Thresholds, UpdateMonitor
@@ -367,6 +368,7 @@ class Trainer:
                                   | {"params": self.model.num_parameters(), "precision": cfg.precision,
                                      "seed": cfg.seed, "device": str(self.device), "label": cfg.label,
                                      "arm": cfg.arm, "optimizer": cfg.optimizer, "processes": self.dist.world,
+                                     "code": code_version(),
                                      "data": {"dir": str(self.data_dir), "name": self.meta.get("name"),
                                               "tokenizer": self.meta.get("tokenizer"),
                                               "train_tokens": self.meta.get("splits", {}).get("train", {}).get("tokens")},
