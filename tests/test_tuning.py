@@ -269,3 +269,36 @@ def test_every_group_gets_the_same_default_budget(tmp_path):
     assert matrix.budget == 3 + 2 + 2 and matrix.protocol.budget == 7
     assert matrix.tuning_seed == 3
     assert {c.config.seed for c in matrix.sweep_cells()} == {3}
+
+
+def test_a_diverged_trial_with_a_low_finite_loss_is_never_chosen():
+    """A run can diverge (non-finite steps past its patience) and still end with a finite, even low,
+    last loss: diverged is worse than any completed neighbour, whatever its number."""
+    def loss(values):
+        if values["lr"] == 0.004:
+            return Outcome(DIVERGED, 0.01)  # the lowest loss of all, but diverged
+        return bowl(0.004)(values)
+    result = drive(GRID, Protocol(budget=10), loss)
+    assert result.best == {"lr": 0.002} and result.interior == {"lr": True}  # bracketed by the diverged one
+    assert result.best_loss == pytest.approx(2.0)
+    every = drive(GRID, Protocol(budget=10, max_extensions=2), lambda values: Outcome(DIVERGED, 0.01))
+    assert every.best is None and every.stopped == "no_usable_value" and math.isnan(every.resolution)
+
+
+def test_the_matrix_reads_a_diverged_run_as_diverged_whatever_its_last_loss(tmp_path):
+    """The same rule where outcomes come from disk: a summary that says diverged with a finite,
+    lowest final_val_loss is a diverged trial; a matrix whose every trial diverged chooses nothing."""
+    def loss(config):
+        if config.lr == 0.004:
+            return "diverged", 0.01
+        return fake_loss(config)
+    matrix = load_matrix(fake_matrix(tmp_path))
+    manifest = FakeRunner(matrix, loss).run()
+    sweep = manifest["sweeps"]["bf16-A"]
+    assert sweep["best"] == {"lr": 0.002} and sweep["best_loss"] != 0.01
+    assert {t["status"] for t in sweep["trials"] if t["values"]["lr"] == 0.004} == {"diverged"}
+    (tmp_path / "all").mkdir()
+    everything = load_matrix(fake_matrix(tmp_path / "all", sweep={"max_extensions": 1}))
+    manifest = FakeRunner(everything, lambda config: ("diverged", 0.01)).run()
+    assert manifest["sweeps"]["bf16-A"]["best"] is None
+    assert manifest["sweeps"]["bf16-A"]["stopped"] == "no_usable_value"
