@@ -244,6 +244,37 @@ def test_manifold_on_a_uniform_grid_is_adamw_with_a_rescaled_lr():
     assert close_steps(manifold_step, float(stiffness.flatten()[0]) * adamw_step, stiffness, w)
 
 
+@pytest.mark.parametrize("recording", [False, True], ids=["step", "recorded-step"])
+def test_max_stiffness_bounds_the_step_itself_not_only_the_reported_stiffness(recording):
+    """delta = -min(S(w), max_stiffness) * lr * (Adam's direction + wd w), element by element, on
+    every path (native kernel, torch code, the monitor's recorded step): a cap that only clipped
+    what stiffness() reports would leave the large-|w| steps S(w)/cap times too large."""
+    torch.manual_seed(0)
+    w0 = torch.randn(64, 16) * torch.logspace(-3, 0, 16)
+    grad = torch.randn(64, 16) * 1e-2
+    lr, wd, cap = LR, 0.1, 1e-3
+    reference = nn.Parameter(w0.clone())
+    adamw = torch.optim.AdamW([reference], lr=lr, weight_decay=wd, betas=(0.9, 0.99))
+    ours = nn.Parameter(w0.clone())
+    weight = FormatWeight("w", ours, get_format("E5M2"), stored=False, update_rounding="nearest")
+    manifold = ManifoldAdamW([{"params": [ours], "lr": lr, "weight_decay": wd, "geometry": True}], [weight], 0,
+                             betas=(0.9, 0.99), foreach=True, max_stiffness=cap)
+    uncapped = weight.stiffness()
+    assert float((uncapped > cap).float().mean()) > 0.2  # the cap binds on many elements
+    capped = torch.clamp(uncapped, max=cap)
+    reference.grad, ours.grad = grad.clone(), grad.clone()
+    adamw.step()
+    manifold.recording = recording
+    manifold.step()
+    expected = capped * (reference.detach() - w0)  # Adam's step (decay included) at S = min(S(w), cap)
+    step = ours.detach() - w0
+
+    def close(a, b):  # float32: Adam's own rounding (1e-4 relative) and that of w + delta read back (|w| 2^-23)
+        return bool(torch.all((a - b).abs() <= 1e-4 * b.abs() + w0.abs() * 2.0**-23 + 1e-12))
+    assert close(step, expected)
+    assert not close(step, uncapped * (reference.detach() - w0))  # the uncapped rule is another step
+
+
 def test_manifold_caps_stiffness_and_leaves_plain_parameters_to_adamw():
     model = layer_model(storage="master")
     spec = OptimizerSpec("manifold", lr=1e-3, grid_lr=0.5, max_stiffness=1e-3)
