@@ -61,3 +61,18 @@ def test_a_diverging_run_reports_its_collapse_and_compare_shows_it(tmp_path, tin
     assert "highest stall" in shown.output and "zero gradients" in shown.output
     assert "no collapse (validation loss stayed below its step-0 value, no divergence): healthy" in \
         " ".join(shown.output.split())
+
+
+def test_collapse_is_measured_against_the_step_zero_loss_not_the_best_so_far():
+    """A rise from the best value that stays below the step-0 loss is not a collapse; rising above
+    step 0 is; equal to it is not (strictly above); without a step-0 evaluation only a non-finite
+    loss counts, and a non-finite step-0 value is no reference."""
+    def evals(*losses):
+        return [{"step": 10 * i, "val_loss": v} for i, v in enumerate(losses)]
+    assert collapse_analysis(evals(3.0, 2.0, 2.9), "completed", 20) is None
+    assert collapse_analysis(evals(3.0, 2.0, 3.0), "completed", 20) is None
+    above = collapse_analysis(evals(3.0, 2.0, 2.9, 3.1), "completed", 30)
+    assert above["step"] == 30 and above["reason"] == "validation loss 3.1 above its step-0 value 3"
+    later = [{"step": 10, "val_loss": 2.0}, {"step": 20, "val_loss": 9.0}, {"step": 30, "val_loss": "nan"}]
+    assert collapse_analysis(later, "completed", 30)["step"] == 30  # no step 0: only the nan
+    assert collapse_analysis(evals("nan", 2.0, 9.0), "completed", 20) is None
