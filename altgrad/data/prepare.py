@@ -4,9 +4,10 @@ Each .bin is a flat array of little-endian uint16 token ids, every document foll
 end-of-text id. Files are written to temporary names and renamed at the end, and meta.json is
 written last: a directory with a meta.json is complete, and a failed or killed run leaves the
 previous dataset as it was. One process at a time prepares a directory (a lock beside it): a
-second `prepare-data` waits for the first, and runs that need the built-in corpus at the same
-time (side-by-side `altgrad train`, SLURM array tasks in one folder) wait and use what the first
-prepared.
+`prepare-data` or a run needing the built-in corpus that arrives while another prepares the same
+directory (side-by-side `altgrad train`, SLURM array tasks in one folder) waits, then uses what the
+first prepared if it is the same dataset; a `prepare-data` run after the first has finished
+prepares it again.
 """
 
 from __future__ import annotations
@@ -210,7 +211,13 @@ def prepare_dataset(name: str, *, source: Optional[Path] = None, tokenizer: Opti
         corpus = corpus_for(name, source)  # local: a bad name or path is the first thing to say
         chosen = get_tokenizer(tokenizer or DATASETS[name])
     directory = Path(out) if out is not None else Path(data_root) / name
+    arrived = _meta_written(directory)
     with preparing(directory):
+        if _meta_written(directory) != arrived:  # another process prepared it while this one waited
+            with contextlib.suppress(UserError):
+                meta = load_meta(directory)
+                if (meta["name"], meta["source"], meta["tokenizer"]) == (name, corpus.source, chosen.name):
+                    return directory, meta
         return directory, write_tokens(corpus, chosen, directory, name=name, progress=progress)
 
 
@@ -218,6 +225,15 @@ def preparing(directory: Path):
     """The lock of one prepared directory (a file beside it): held while anything writes it."""
     directory = Path(directory)
     return file_lock(directory.parent / f".{directory.name}.lock")
+
+
+def _meta_written(directory: Path) -> Optional[tuple[int, int]]:
+    """Which meta.json `directory` has (inode and modification time; None if none): each write
+    replaces the file, so a change says that a preparation finished in between."""
+    with contextlib.suppress(FileNotFoundError):
+        stat = (directory / META_FILE).stat()
+        return stat.st_ino, stat.st_mtime_ns
+    return None
 
 
 def load_meta(data_dir: Path) -> dict[str, Any]:
