@@ -6,7 +6,9 @@ tiktoken's files can be loaded (a cache or a download), and is skipped otherwise
 
 import hashlib
 import json
+import multiprocessing
 import os
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -385,54 +387,78 @@ def test_tiktoken_unavailable_is_a_user_error(monkeypatch):
     _assert_user_error(runner.invoke(app, ["prepare-data", "eurlex"]), "TIKTOKEN_CACHE_DIR", "--tokenizer byte")
 
 
-def _prepare_at_once(directory, barrier, results):
-    import os as os_
+def _written(directory):
+    """Which train.bin `directory` has: each preparation writes a new file (a new inode)."""
+    stat = (directory / "train.bin").stat()
+    return stat.st_ino, stat.st_mtime_ns
 
-    from altgrad.data import ensure_builtin_data as ensure
 
+def _prepare(how, root):
+    """Prepare root/builtin as a run needing the built-in corpus does, or as `prepare-data` does."""
+    if how == "run":
+        return ensure_builtin_data(root)
+    return prepare_dataset("builtin", out=root / "builtin")[0]
+
+
+def _prepare_at_once(how, root, barrier, results):
     barrier.wait()
     try:
-        out = ensure(directory)
-        stat = (out / "train.bin").stat()
-        results.put(("ok", os_.getpid(), stat.st_ino, stat.st_mtime_ns))
+        results.put(("ok", _written(_prepare(how, root))))
     except BaseException as error:  # noqa: BLE001 - reported to the test
-        results.put(("error", os_.getpid(), repr(error), None))
+        results.put(("error", repr(error)))
 
 
-def test_concurrent_first_runs_prepare_the_builtin_corpus_once_and_all_use_it(tmp_path):
-    """Four processes that need the built-in corpus at the same moment (runs side by side, SLURM
-    array tasks in one folder): one prepares it, the others wait for its lock and use the same
-    files (one inode, one write), and nobody sees another's temporary files."""
-    import multiprocessing
+PREPARERS = ["run", "prepare-data"]
 
+
+@pytest.mark.parametrize("how", PREPARERS)
+def test_concurrent_first_preparations_prepare_once_and_all_use_it(tmp_path, how):
+    """Four processes that prepare one fresh directory at the same moment (runs side by side,
+    SLURM array tasks in one folder, prepare-data twice): one prepares it, the others wait for its
+    lock and use the same files (one train.bin, written once), and nobody sees another's
+    temporary files."""
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(4), context.Queue()
-    processes = [context.Process(target=_prepare_at_once, args=(tmp_path, barrier, results)) for _ in range(4)]
+    processes = [context.Process(target=_prepare_at_once, args=(how, tmp_path, barrier, results)) for _ in range(4)]
     for process in processes:
         process.start()
-    outcomes = [results.get(timeout=120) for _ in processes]
+    outcomes = [results.get(timeout=180) for _ in processes]
     for process in processes:
         process.join(timeout=60)
     assert [o[0] for o in outcomes] == ["ok"] * 4, outcomes
-    assert len({(o[2], o[3]) for o in outcomes}) == 1  # the same train.bin for all: written once
+    assert len({o[1] for o in outcomes}) == 1, outcomes  # the same train.bin for all: written once
     assert load_meta(tmp_path / "builtin")["tokenizer"] == "byte"
     assert not list((tmp_path / "builtin").glob(".*.tmp"))
 
 
-def test_a_second_preparation_waits_for_the_first_to_release_the_directory(tmp_path):
-    from altgrad.data.prepare import preparing
+def _hold_and_prepare(directory, held, go, results):
+    """Another process preparing `directory`: it holds the lock until told to go on."""
+    with prepare_module.preparing(directory):
+        held.set()
+        go.wait(timeout=180)
+        prepare_module.write_tokens(sources.builtin_corpus(), get_tokenizer("byte"), directory, name="builtin")
+        results.put(_written(directory))
 
+
+@pytest.mark.parametrize("how", PREPARERS)
+def test_a_preparation_waits_for_another_process_preparing_the_directory_then_uses_its_files(tmp_path, how):
+    context = multiprocessing.get_context("spawn")
     directory = tmp_path / "builtin"
-    import threading
-    done = threading.Event()
-
-    def second():
-        ensure_builtin_data(tmp_path)
-        done.set()
-    with preparing(directory):  # as another process preparing it would
-        worker = threading.Thread(target=second)
-        worker.start()
-        worker.join(timeout=1.0)
-        assert not done.is_set() and not (directory / "meta.json").exists()  # it waits, writes nothing
-    worker.join(timeout=120)
-    assert done.is_set() and load_meta(directory)["tokenizer"] == "byte"
+    held, go, results = context.Event(), context.Event(), context.Queue()
+    holder = context.Process(target=_hold_and_prepare, args=(directory, held, go, results))
+    holder.start()
+    try:
+        assert held.wait(timeout=180)
+        outcome = []
+        waiter = threading.Thread(target=lambda: outcome.append(_prepare(how, tmp_path)))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not (directory / "meta.json").exists()  # it waits, and writes nothing
+    finally:
+        go.set()
+    written = results.get(timeout=180)
+    waiter.join(timeout=180)
+    holder.join(timeout=60)
+    assert outcome == [directory] and _written(directory) == written  # what the other prepared, not rewritten
+    prepare_dataset("builtin", out=directory)  # prepare-data once the other has finished: prepared again
+    assert _written(directory) != written and load_meta(directory)["tokenizer"] == "byte"

@@ -216,7 +216,7 @@ def prepare_dataset(name: str, *, source: Optional[Path] = None, tokenizer: Opti
         if _meta_written(directory) != arrived:  # another process prepared it while this one waited
             with contextlib.suppress(UserError):
                 meta = load_meta(directory)
-                if (meta["name"], meta["source"], meta["tokenizer"]) == (name, corpus.source, chosen.name):
+                if (meta.get("name"), meta.get("source"), meta["tokenizer"]) == (name, corpus.source, chosen.name):
                     return directory, meta
         return directory, write_tokens(corpus, chosen, directory, name=name, progress=progress)
 
