@@ -15,12 +15,23 @@ from . import __version__
 SOURCE = Path(__file__).resolve().parent
 
 
-def _git(*args: str) -> str | None:
+def _git(source: Path, *args: str) -> str | None:
+    """What ``git ARGS`` prints in ``source``; None where it fails (not a checkout, no git)."""
     try:
-        done = subprocess.run(["git", *args], cwd=SOURCE, capture_output=True, text=True, timeout=10, check=False)
+        done = subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout if done.returncode == 0 else None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def checkout(source: Path = SOURCE) -> tuple[str | None, bool | None]:
+    """The commit of the git checkout whose top folder holds the package ``source`` and whether it has
+    uncommitted changes; (None, None) when it is not one (an installed copy, even one inside another
+    repository) or git is missing."""
+    if _git(source, "rev-parse", "--show-toplevel") != str(Path(source).resolve().parent):
+        return None, None
+    commit, status = _git(source, "rev-parse", "HEAD"), _git(source, "status", "--porcelain")
+    return commit, (bool(status) if commit is not None and status is not None else None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -28,11 +39,8 @@ def code_version() -> dict[str, Any]:
     """``altgrad``, ``commit`` and ``dirty`` (None outside a git checkout), ``torch``, ``python``."""
     import torch
 
-    commit = _git("rev-parse", "HEAD")
-    inside = commit is not None and (_git("rev-parse", "--show-toplevel") or "").strip() == str(SOURCE.parent)
-    status = _git("status", "--porcelain") if inside else None
-    return {"altgrad": __version__, "commit": commit.strip() if inside else None,
-            "dirty": bool(status.strip()) if status is not None else None,
+    commit, dirty = checkout()
+    return {"altgrad": __version__, "commit": commit, "dirty": dirty,
             "torch": torch.__version__, "python": platform.python_version()}
 
 

@@ -200,8 +200,9 @@ def test_the_report_on_a_tiny_real_matrix(tiny_matrix, tiny_data, tmp_path):
     for name in ("loss_curves.png", "heatmaps.png", "flips_updates.png", "rank_vs_bf16.png"):
         assert (out / name).stat().st_size > 1000 and f"]({name})" in markdown
     assert "20 steps" in data["limits"] and "byte tokens" in data["limits"]
-    assert f"on {tiny_data} (byte tokens)" in data["limits"]
-    assert [v["cells"] for v in data["code_versions"]] == [21] and data["code_versions"][0]["code"]["torch"]  # the data each run recorded it trained on
+    assert f"on {tiny_data} (byte tokens)" in data["limits"]  # the data each run recorded it trained on
+    assert [v["cells"] for v in data["code_versions"]] == [21] and data["code_versions"][0]["code"]["torch"]
+    assert f"Code: {data['code_versions'][0]['label']} (21 cells)." in markdown
     same = collect(load_matrix(tiny_matrix).runs_dir)  # the runs directory works as well as the file
     assert len(same[1]) == 7
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from altgrad.cli import app
 from altgrad.data.loader import TokenBatches
 from altgrad.errors import UserError
+from altgrad.provenance import code_version
 from altgrad.training import Trainer, resolve_config, resume_config
 from altgrad.training.checkpoint import list_checkpoints, load_checkpoint
 from altgrad.training.tracking import read_metrics
@@ -40,8 +41,11 @@ def test_tiny_run_learns_and_writes_its_run_folder(tmp_path, tiny_data):
     assert summary["status"] == "completed" and summary["steps"] == 60
     assert summary["final_val_loss"] == val[-1] and summary["best_val_loss"] == min(val)
     assert summary["tokens"] == 60 * config.tokens_per_step
+    assert summary["code"] == code_version() and summary["code"]["torch"] == torch.__version__  # what made it
+    assert summary["code"]["altgrad"] and summary["code"]["python"] and summary["device"] == "cpu"
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
     assert saved["precision"] == "fp32" and saved["n_embd"] == 32
+    assert "code" not in saved  # the config only: a resume or a comparison never sees the code version
     assert len(list_checkpoints(result.run_dir)) == config.keep_checkpoints
 
 

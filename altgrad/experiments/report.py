@@ -202,7 +202,7 @@ def code_versions(groups: list[Group]) -> list[dict[str, Any]]:
     return sorted(found.values(), key=lambda e: -e["cells"])
 
 
-def _cells(n: int) -> str:
+def cell_count(n: int) -> str:
     return f"{n} cell{'s' if n != 1 else ''}"
 
 
@@ -210,11 +210,11 @@ def _code_notes(versions: list[dict[str, Any]]) -> list[str]:
     notes = []
     if len(versions) > 1:
         notes.append(f"The cells come from {len(versions)} code versions ("
-                     + "; ".join(f"{v['label']}: {_cells(v['cells'])}" for v in versions)
+                     + "; ".join(f"{v['label']}: {cell_count(v['cells'])}" for v in versions)
                      + "): compare them only if the versions train alike.")
     dirty = sum(v["cells"] for v in versions if (v["code"] or {}).get("dirty"))
     if dirty:
-        notes.append(f"{_cells(dirty)} ran from a checkout with uncommitted changes: their commit does not say "
+        notes.append(f"{cell_count(dirty)} ran from a checkout with uncommitted changes: their commit does not say "
                      "exactly what produced them.")
     return notes
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..io import write_json, write_text
 from .matrix import layer_suffix
-from .report import CHECKS, STEP_METRICS, Analysis, analyse, collect, to_json
+from .report import CHECKS, STEP_METRICS, Analysis, analyse, cell_count, collect, to_json
 from .report_checks import side_effects
 from .report_plots import run_stall_ratio, write_figures
 from .stats import CONFIDENCE, Paired
@@ -86,7 +86,7 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
               "group's chosen value and its tried neighbours). For context only, the BF16 seed-to-seed standard "
               f"deviation of the final validation loss is {_f(analysis.noise_floor)} (per seed: "
               + (", ".join(f"{k}: {_f(v)}" for k, v in base["bf16_losses"].items()) or "none") + ").", "",
-              "Code: " + ("; ".join(f"{v['label']} ({v['cells']} cells)" for v in data["code_versions"])
+              "Code: " + ("; ".join(f"{v['label']} ({cell_count(v['cells'])})" for v in data["code_versions"])
                           or "no cell recorded") + ".", ""]
     lines += ["## The question: the format-specific benefit of geometry", "",
               f"Interaction (gs - C) - (gm - A) with its {CONFIDENCE:.0%} interval, Holm-adjusted p, the tuning "
