@@ -281,6 +281,7 @@ def test_a_diverged_trial_with_a_low_finite_loss_is_never_chosen():
     result = drive(GRID, Protocol(budget=10), loss)
     assert result.best == {"lr": 0.002} and result.interior == {"lr": True}  # bracketed by the diverged one
     assert result.best_loss == pytest.approx(2.0)
+    assert result.resolution == pytest.approx(5.0 - 2.0)  # the completed neighbour's gap, not 0.01 - 2.0
     every = drive(GRID, Protocol(budget=10, max_extensions=2), lambda values: Outcome(DIVERGED, 0.01))
     assert every.best is None and every.stopped == "no_usable_value" and math.isnan(every.resolution)
 
@@ -302,3 +303,33 @@ def test_the_matrix_reads_a_diverged_run_as_diverged_whatever_its_last_loss(tmp_
     manifest = FakeRunner(everything, lambda config: ("diverged", 0.01)).run()
     assert manifest["sweeps"]["bf16-A"]["best"] is None
     assert manifest["sweeps"]["bf16-A"]["stopped"] == "no_usable_value"
+
+
+def test_the_report_never_takes_a_diverged_trial_as_the_choice(tmp_path):
+    """Where the report reads (or, for legacy manifests, re-derives) a sweep: a diverged trial with
+    a low finite loss is never the best, and a diverged neighbour is worse for interiority."""
+    from altgrad.experiments.report_sweeps import read_sweep
+
+    def loss(config):
+        return ("diverged", 0.01) if config.lr == 0.004 else fake_loss(config)
+    manifest = FakeRunner(load_matrix(fake_matrix(tmp_path)), loss).run()
+    read = read_sweep("bf16-A", manifest["sweeps"]["bf16-A"])
+    assert read.settled and read.best == {"lr": 0.002} and read.interior == {"lr": True}
+    # a record that names its diverged trial as best (a hand edit, an older planner): nothing is chosen
+    forged = {**manifest["sweeps"]["bf16-A"], "best": {"lr": 0.004}, "best_loss": 0.01, "interior": {"lr": True}}
+    forged["trials"] = [t | ({"final_val_loss": 0.01} if t["values"]["lr"] == 0.004 else {})
+                        for t in forged["trials"]]
+    read = read_sweep("bf16-A", forged)
+    assert read.best is None and not read.settled and read.stopped == "no_usable_value"
+    assert read.interior == {"lr": False} and math.isnan(read.resolution) and math.isnan(read.best_loss)
+    # the legacy schema, whose interior the report derives itself
+    legacy = {"key": "lr", "losses": {"0.001": 2.5, "0.002": 2.0, "0.004": 0.01},
+              "statuses": {"0.001": "completed", "0.002": "completed", "0.004": "diverged"}, "best": 0.002}
+    read = read_sweep("x", legacy)
+    assert read.best == {"lr": 0.002} and read.interior == {"lr": True}  # the diverged 0.004 lost
+    assert read.resolution == pytest.approx(0.5)  # to the completed neighbour only, not 0.01 - 2.0
+    read = read_sweep("x", {**legacy, "best": 0.004})
+    assert read.best is None and not read.settled and read.interior == {"lr": False}
+    every = {"key": "lr", "losses": {"0.001": 0.01, "0.002": 0.02}, "best": None,
+             "statuses": {"0.001": "diverged", "0.002": "diverged"}}
+    assert read_sweep("x", every).best is None and not read_sweep("x", every).settled

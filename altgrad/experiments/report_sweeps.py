@@ -83,15 +83,33 @@ def _worse(neighbour: dict[str, Any] | None, best_loss: float) -> bool:
     that failed for another reason measured nothing, so it is not worse)."""
     if neighbour is None:
         return False
+    if neighbour.get("status") == "diverged":  # whatever its last loss: a run that diverged lost
+        return True
     loss = as_number(neighbour.get("loss"))
     if math.isfinite(loss):
         return loss > best_loss
     return neighbour.get("status") in ("diverged", "completed")  # completed with a non-finite loss: diverged
 
 
+def _usable(trial: Trial) -> bool:
+    """A trial that can be chosen: completed with a finite loss (a diverged one never is, even
+    with a low last loss)."""
+    return trial.status == "completed" and math.isfinite(trial.loss)
+
+
+def _chose_unusable(best: dict[str, Any] | None, trials: tuple[Trial, ...]) -> bool:
+    """Whether the recorded best is a trial that could not be chosen (diverged, failed, no loss)."""
+    if not best:
+        return False
+    wanted = {k: as_number(v) for k, v in best.items()}
+    return any({k: as_number(v) for k, v in t.values.items()} == wanted and not _usable(t) for t in trials)
+
+
 def _gap(neighbours: dict[str, Any], best_loss: float) -> float:
-    """The smaller finite loss gap (neighbour - best) of a key's two neighbours; NaN: none."""
-    gaps = [as_number(n.get("loss")) - best_loss for n in neighbours.values() if n is not None]
+    """The smaller finite loss gap (neighbour - best) of a key's completed neighbours (a diverged
+    one's last loss measures nothing); NaN: none."""
+    gaps = [as_number(n.get("loss")) - best_loss for n in neighbours.values()
+            if n is not None and n.get("status", "completed") == "completed"]
     gaps = [g for g in gaps if math.isfinite(g)]
     return min(gaps) if gaps else math.nan
 
@@ -116,6 +134,9 @@ def _legacy_sweep(group: str, raw: dict[str, Any], cell_max_steps: int | None) -
     best = None if best_raw is None else {key: best_raw}
     best_value = as_number(best_raw)
     chosen = numeric.get(best_value)
+    unusable = chosen is not None and not _usable(chosen)
+    if unusable:  # an earlier matrix chose a run that diverged: nothing usable was chosen
+        best, chosen = None, None
     best_loss = chosen.loss if chosen is not None else math.nan
     neighbours: dict[str, Any] = {"below": None, "above": None}
     interior = False
@@ -133,8 +154,8 @@ def _legacy_sweep(group: str, raw: dict[str, Any], cell_max_steps: int | None) -
                  interior={key: interior}, neighbours={key: neighbours},
                  resolution=_gap(neighbours, best_loss) if chosen is not None else math.nan,
                  seed=_int(raw.get("seed")), max_steps=steps, horizon=_horizon(steps, cell_max_steps),
-                 budget=None, spent=len(trials), hit_budget=None, stopped=None, inherited={},
-                 settled=best is not None, legacy=True)
+                 budget=None, spent=len(trials), hit_budget=None, stopped="no_usable_value" if unusable else None,
+                 inherited={}, settled=best is not None, legacy=True)
 
 
 def read_sweep(group: str, raw: Any, cell_max_steps: int | None = None) -> Sweep:
@@ -153,12 +174,17 @@ def read_sweep(group: str, raw: Any, cell_max_steps: int | None = None) -> Sweep
     horizon = raw.get("horizon") if raw.get("horizon") in ("final", "short") else _horizon(steps, cell_max_steps)
     best = raw.get("best") if isinstance(raw.get("best"), dict) else None
     hit = raw.get("hit_budget")
-    return Sweep(group=group, keys=keys, trials=trials, best=best, best_loss=as_number(raw.get("best_loss")),
+    stopped = str(raw["stopped"]) if raw.get("stopped") is not None else None
+    best_loss, resolution = as_number(raw.get("best_loss")), as_number(raw.get("resolution"))
+    if _chose_unusable(best, trials):  # a record naming a diverged (or failed) trial as best: none usable
+        best, best_loss, resolution, stopped = None, math.nan, math.nan, "no_usable_value"
+        interior = {k: False for k in keys}
+    return Sweep(group=group, keys=keys, trials=trials, best=best, best_loss=best_loss,
                  interior=interior, neighbours=dict(raw.get("neighbours") or {}),
-                 resolution=as_number(raw.get("resolution")), seed=_int(raw.get("seed")), max_steps=steps,
+                 resolution=resolution, seed=_int(raw.get("seed")), max_steps=steps,
                  horizon=horizon, budget=_int(raw.get("budget")), spent=_int(raw.get("spent")),
                  hit_budget=hit if isinstance(hit, bool) else None,
-                 stopped=str(raw["stopped"]) if raw.get("stopped") is not None else None, inherited=inherited,
+                 stopped=stopped, inherited=inherited,
                  settled=bool(raw.get("settled", False)) and (best is not None or not keys))  # inherited only
 
 
