@@ -275,6 +275,53 @@ def test_max_stiffness_bounds_the_step_itself_not_only_the_reported_stiffness(re
     assert not close(step, uncapped * (reference.detach() - w0))  # the uncapped rule is another step
 
 
+@pytest.mark.parametrize("recording", [False, True], ids=["step", "recorded-step"])
+@pytest.mark.parametrize("storage", ["master", "stored"])
+@pytest.mark.parametrize("unit", ["ulp", "binade"])
+def test_max_stiffness_bounds_the_step_by_hand(monkeypatch, unit, storage, recording):
+    """The first step by hand, from the equation: Adam's direction is g / (|g| + eps) there
+    (m_hat = g, v_hat = g^2), so delta = -lr * u * min(S(w), cap) * (g / (|g| + eps) + wd w) with
+    u = 1 (grid_lr_unit ulp) or 2^M (binade) and S(w) = 2^(max(floor(log2 |w s|), emin) - M) / s.
+    On a master the change of w is delta; a stored weight's w + delta before it is rounded onto
+    the grid is (project is intercepted), and the monitor's recorded delta is that step too. An
+    optimizer that capped only what stiffness() reports would take steps S(w) / cap times larger."""
+    from altgrad.optim.storage import FormatWeight as Weight
+
+    fmt = get_format("E5M2")
+    torch.manual_seed(1)
+    w0 = torch.randn(32, 16) * torch.logspace(-4, 0, 16)
+    if storage == "stored":  # on the grid before the step, as a stored weight always is
+        s0 = scale_from_amax(w0.abs().amax(), fmt)
+        w0 = quantize(w0 * s0, fmt) / s0
+    grad = torch.randn(32, 16) * 1e-2
+    lr, wd, cap, eps = 0.05, 0.1, 2e-3, 1e-8
+    param = nn.Parameter(w0.clone())
+    weight = Weight("w", param, fmt, stored=storage == "stored", update_rounding="nearest")
+    before_rounding = []
+    monkeypatch.setattr(Weight, "project", lambda self, generator, rounding=None, count=True:
+                        before_rounding.append(self.param.detach().clone()))
+    optimizer = ManifoldAdamW([{"params": [param], "lr": lr, "weight_decay": wd, "geometry": True}], [weight], 0,
+                              betas=(0.9, 0.99), eps=eps, max_stiffness=cap, lr_unit=unit)
+    optimizer.recording = recording
+    w, g = w0.double(), grad.double()
+    s = float(weight.current_scale())
+    binade = torch.clamp(torch.floor(torch.log2((w * s).abs())), min=fmt.emin)
+    S = torch.exp2(binade - fmt.mantissa_bits) / s
+    assert torch.equal(S.float(), weight.stiffness())  # the hand S is the code's, before the cap
+    assert float((S > cap).double().mean()) > 0.3  # the cap binds on many elements
+    u = 2.0 ** fmt.mantissa_bits if unit == "binade" else 1.0
+    expected = -lr * u * torch.clamp(S, max=cap) * (g / (g.abs() + eps) + wd * w)
+    param.grad = grad.clone()
+    optimizer.step()
+    after = before_rounding[-1] if storage == "stored" else param.detach()
+    step = (after.double() - w)
+    tolerance = 1e-5 * expected.abs() + w.abs() * 2.0**-23  # float32 arithmetic and the read-back of w + delta
+    assert torch.all((step - expected).abs() <= tolerance)
+    assert torch.all(step.abs() <= lr * u * cap * (1 + wd * w.abs()) * (1 + 1e-5) + w.abs() * 2.0**-23)
+    if recording:
+        assert torch.all((optimizer.records[id(param)].delta.double() - expected).abs() <= tolerance)
+
+
 def test_manifold_caps_stiffness_and_leaves_plain_parameters_to_adamw():
     model = layer_model(storage="master")
     spec = OptimizerSpec("manifold", lr=1e-3, grid_lr=0.5, max_stiffness=1e-3)
