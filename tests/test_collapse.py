@@ -76,3 +76,21 @@ def test_collapse_is_measured_against_the_step_zero_loss_not_the_best_so_far():
     later = [{"step": 10, "val_loss": 2.0}, {"step": 20, "val_loss": 9.0}, {"step": 30, "val_loss": "nan"}]
     assert collapse_analysis(later, "completed", 30)["step"] == 30  # no step 0: only the nan
     assert collapse_analysis(evals("nan", 2.0, 9.0), "completed", 20) is None
+
+
+def test_a_divergence_and_an_evaluation_collapse_count_whichever_comes_first():
+    """Diverged status: the collapse is at the divergence step unless an evaluation collapsed
+    earlier (at the same step, the evaluation's reason); a completed run with healthy evaluations
+    and a diverged one with no step-0 evaluation are told apart by the status alone."""
+    rise = [{"step": 0, "val_loss": 3.0}, {"step": 10, "val_loss": 2.0}, {"step": 20, "val_loss": 3.1}]
+    assert collapse_analysis(rise, "diverged", 35)["step"] == 20  # the evaluation came first
+    assert collapse_analysis(rise, "diverged", 20)["reason"].startswith("validation loss 3.1 above")
+    first = collapse_analysis(rise, "diverged", 15)
+    assert first["step"] == 15 and first["reason"].startswith("diverged")
+    healthy = [{"step": 0, "val_loss": 3.0}, {"step": 10, "val_loss": 2.0}, {"step": 20, "val_loss": 2.9}]
+    assert collapse_analysis(healthy, "completed", 20) is None
+    assert collapse_analysis(healthy, "diverged", 25)["step"] == 25  # below step 0, but it diverged
+    assert collapse_analysis([], "diverged", 7)["step"] == 7 and collapse_analysis([], "completed", 7) is None
+    infinite = collapse_analysis(healthy + [{"step": 30, "val_loss": float("inf")}], "completed", 30)
+    assert infinite["step"] == 30 and infinite["reason"] == "validation loss inf"  # non-finite, not "above"
+    assert collapse_analysis(healthy + [{"step": 30, "val_loss": 2.5}], "stopped", 30) is None
