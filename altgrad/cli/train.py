@@ -188,7 +188,8 @@ def _next_step(config: TrainConfig) -> str:
         twin = dataclasses.replace(config, format="E5M2")
         return (f"[bold]next:[/] the same command with [cyan]--format E5M2[/] (same seed and batches), then "
                 f"[cyan]altgrad compare {config.name} {twin.name}{runs}[/]")
-    baseline = dataclasses.replace(config, format=None, policy=(), optimizer="adamw", weight_storage="master")
+    baseline = dataclasses.replace(config, format=None, policy=(), optimizer="adamw", weight_storage="master",
+                                   compensation="none")
     missing = "" if (Path(config.runs_dir) / baseline.name).exists() else \
         f" (after the {baseline.label.upper()} baseline: the same command without the format and optimizer options)"
     return f"[bold]next:[/] [cyan]altgrad compare {baseline.name} {config.name}{runs}[/]{missing}"
@@ -205,13 +206,17 @@ def train(
     grad_rounding: Optional[str] = typer.Option(None, "--grad-rounding", help="nearest | stochastic"),
     scaling: Optional[str] = typer.Option(None, help="current | delayed | none (per-tensor amax scaling)"),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", "-o",
-                                            help="adamw | manifold (steps in ULPs) | grid (moves in codes)"),
+                                            help="adamw | manifold (steps in ULPs) | grid (moves in codes) | "
+                                                 "eco (AdamW, stored, rounding error fed back into the momentum)"),
     weight_storage: Optional[str] = typer.Option(
         None, "--weight-storage", help="master (FP32 weights) | format (weights live on the grid); "
-                                       "default: master for adamw, format for manifold and grid"),
+                                       "default: master for adamw, format for manifold, grid and eco"),
     update_rounding: Optional[str] = typer.Option(
         None, "--update-rounding", help="nearest | stochastic: how w + delta lands on the grid (format storage); "
-                                        "default: nearest for adamw, stochastic for manifold and grid"),
+                                        "default: nearest for adamw and eco, stochastic for manifold and grid"),
+    compensation: Optional[str] = typer.Option(
+        None, "--compensation", help="none | kahan: a buffer per stored weight (bfloat16) keeps what the grid "
+                                     "could not hold and adds it to the next step (adamw, manifold)"),
     grid_lr: Optional[float] = typer.Option(None, "--grid-lr",
                                             help="manifold: ULPs per step; grid: rungs per step (default 0.5)"),
     grid_lr_unit: Optional[str] = typer.Option(
@@ -264,7 +269,7 @@ def train(
                          format=fmt, grad_format=grad_format, rounding=rounding, grad_rounding=grad_rounding,
                          scaling=scaling, use_shadow=shadow, shadow_interval=shadow_interval,
                          stats_interval=stats_interval, optimizer=optimizer, weight_storage=weight_storage,
-                         update_rounding=update_rounding, grid_lr=grid_lr, grid_lr_unit=grid_lr_unit,
+                         update_rounding=update_rounding, compensation=compensation, grid_lr=grid_lr, grid_lr_unit=grid_lr_unit,
                          grad_clip_mode=grad_clip_mode,
                          format_shift=format_shift)
         resolved = resolve_config(config, overrides)

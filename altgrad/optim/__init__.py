@@ -2,12 +2,16 @@
 
 from .adamw import StoredAdamW
 from .base import GRID_LR_UNITS, StepRecord, StepRecorder, lr_unit_factor, plain_record
+from .eco import EcoAdamW
 from .factory import OPTIMIZERS, OptimizerSpec, build_optimizer, format_weights, set_learning_rates
 from .grid import GRID_DIRECTIONS, GridOptim, StepCounts
 from .manifold import ManifoldAdamW
-from .storage import FormatWeight
+from .storage import COMPENSATION_DTYPES, COMPENSATIONS, FormatWeight
 
 __all__ = [
+    "COMPENSATIONS",
+    "COMPENSATION_DTYPES",
+    "EcoAdamW",
     "GRID_DIRECTIONS",
     "GRID_LR_UNITS",
     "OPTIMIZERS",

@@ -12,6 +12,10 @@ cast is told the storage scale (the cast is then the identity).
 | adamw, some stored | stored on the grid, projected after each step | `StoredAdamW` (arms B, C) |
 | manifold | steps in ULPs (stored or master) | `ManifoldAdamW` (arm D; on masters: manifold-master) |
 | grid | moves in codes (stored), or along the codes' positions (master) | `GridOptim` (arm E; grid-master) |
+| eco | stored; the rounding error fed back into Adam's first moment | `EcoAdamW` (ECO) |
+
+``compensation: kahan`` gives every stored weight a compensation buffer (`FormatWeight.store`):
+with adamw the arm C-kahan, with manifold the geometry arm's compensated twin.
 
 ``grid_lr_unit`` (``ulp`` | ``binade``) sets what the geometry optimizers' ``grid_lr`` counts,
 per weight from its current format (`base.lr_unit_factor`).
@@ -28,11 +32,12 @@ from torch import nn
 from ..model.surgery import quantized_layers
 from .adamw import StoredAdamW
 from .base import GRID_LR_UNITS
+from .eco import EcoAdamW
 from .grid import GRID_DIRECTIONS, GridOptim
 from .manifold import ManifoldAdamW
-from .storage import FormatWeight
+from .storage import COMPENSATION_DTYPES, COMPENSATIONS, FormatWeight
 
-OPTIMIZERS = ("adamw", "manifold", "grid")
+OPTIMIZERS = ("adamw", "manifold", "grid", "eco")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class OptimizerSpec:
     rung_clip: int = 4  # grid: most rungs one step moves a weight
     grid_direction: str = "adam"  # grid: adam | momentum
     grid_lr_unit: str = "ulp"  # ulp: grid_lr ULPs or rungs per step | binade: grid_lr * 2^M of them (M: mantissa bits)
+    compensation: str = "none"  # none | kahan: a buffer per stored weight keeps what its grid could not hold
+    compensation_dtype: str = "bfloat16"  # the buffer's dtype (COMPENSATION_DTYPES)
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -55,10 +62,22 @@ class OptimizerSpec:
             raise ValueError(f"grid_direction must be one of {', '.join(GRID_DIRECTIONS)}")
         if self.grid_lr_unit not in GRID_LR_UNITS:
             raise ValueError(f"grid_lr_unit must be one of {', '.join(GRID_LR_UNITS)}")
+        if self.compensation not in COMPENSATIONS:
+            raise ValueError(f"compensation must be one of {', '.join(COMPENSATIONS)}")
+        if self.compensation_dtype not in COMPENSATION_DTYPES:
+            raise ValueError(f"compensation_dtype must be one of {', '.join(COMPENSATION_DTYPES)}")
+        if self.compensation != "none" and self.name in ("eco", "grid"):
+            raise ValueError(f"compensation {self.compensation} works with adamw and manifold, not {self.name}")
+
+    @property
+    def compensation_buffer(self) -> torch.dtype | None:
+        """The dtype of a stored weight's compensation buffer, None without compensation."""
+        return None if self.compensation == "none" else COMPENSATION_DTYPES[self.compensation_dtype]
 
 
-def format_weights(model: nn.Module) -> list[FormatWeight]:
-    """A `FormatWeight` for every quantized layer's weight that has a format, in model order."""
+def format_weights(model: nn.Module, compensation: torch.dtype | None = None) -> list[FormatWeight]:
+    """A `FormatWeight` for every quantized layer's weight that has a format, in model order
+    (the stored ones with a compensation buffer of that dtype, when given)."""
     weights, seen = [], set()
     for name, layer in quantized_layers(model).items():
         config = layer.config
@@ -67,7 +86,7 @@ def format_weights(model: nn.Module) -> list[FormatWeight]:
         seen.add(id(layer.weight))
         stored = config.weight_storage == "format"
         weight = FormatWeight(name, layer.weight, config.weight, stored, config.update_rounding,
-                              margin=config.scaling.margin)
+                              margin=config.scaling.margin, compensation=compensation if stored else None)
         if stored:
             layer.quantizers["weight"].stored = weight
         weights.append(weight)
@@ -93,13 +112,15 @@ def _groups(model: nn.Module, spec: OptimizerSpec, own: set[int], own_lr: float)
 
 def build_optimizer(model: nn.Module, spec: OptimizerSpec, seed: int = 0) -> torch.optim.Optimizer:
     """The optimizer of one run (see the module table). Call after model surgery."""
-    weights = format_weights(model)
+    weights = format_weights(model, spec.compensation_buffer)
     adamw = dict(betas=spec.betas, eps=spec.eps, foreach=True)
     if spec.name in ("manifold", "grid") and not weights:
         kind = {"manifold": "ManifoldAdamW", "grid": "GridOptim"}[spec.name]
         raise ValueError(f"{kind} needs layers with a weight format (use --format or a policy)")
     stored = [w for w in weights if w.stored]
-    if spec.name == "adamw":  # AdamW steps the stored weights, in absolute units; masters are torch's
+    if spec.name == "eco" and not stored:
+        raise ValueError("ECO needs weights stored in their format (weight_storage: format)")
+    if spec.name in ("adamw", "eco"):  # AdamW steps the stored weights, in absolute units; masters are torch's
         groups = _groups(model, spec, {id(w.param) for w in stored}, spec.lr)
     else:
         groups = _groups(model, spec, {id(w.param) for w in weights}, spec.grid_lr)
@@ -110,6 +131,8 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec, seed: int = 0) -> tor
     if spec.name == "grid":
         return GridOptim(groups, weights, generator_seed, rung_clip=spec.rung_clip,
                          grid_direction=spec.grid_direction, lr_unit=spec.grid_lr_unit, **adamw)
+    if spec.name == "eco":
+        return EcoAdamW(groups, stored, generator_seed, **adamw)
     if stored:
         return StoredAdamW(groups, stored, generator_seed, **adamw)
     return torch.optim.AdamW(groups, **adamw)

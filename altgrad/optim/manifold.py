@@ -16,7 +16,8 @@ multiplied by ``2^M`` of the weight's current format, so the step is
 ``lr * 2^floor(log2 |w s|) / s`` times Adam's direction: the same for every mantissa width (the
 binade floored at the format's emin, as S is), and one sweep range serves every format. Scaling the *gradient* by S instead would be almost
 undone by Adam's normalisation (the tests show that variant fails the definition).
-Format-stored weights then round ``w + delta`` onto their grid (their update rounding);
+Format-stored weights then round ``w + delta`` onto their grid (their update rounding; with
+compensated storage, ``w + delta + c``, `FormatWeight.store`);
 FP32-master weights take ``w + delta``. Parameters without a format take torch's AdamW step,
 with their own (absolute) learning rate. On E0M7 and E1M6 S is constant, so this is AdamW with
 a rescaled learning rate: a built-in sanity check.
@@ -66,7 +67,7 @@ class ManifoldAdamW(GridAwareOptimizer):
                     step_size, decay = hyper[6], hyper[7]
                     param.sub_((direction * step_size + param * decay) * stiffness)
                 if weight.stored:
-                    weight.project(self.generator)  # w + delta onto the grid, in the weight's update rounding
+                    weight.store(self.generator)  # w + delta (+ compensation) onto the grid, its update rounding
         return loss
 
     def _recorded_step(self, param, weight, hyper) -> None:
@@ -83,6 +84,8 @@ class ManifoldAdamW(GridAwareOptimizer):
             return
         without_decay = param.detach() + decay
         landed_state = self.generator.get_state()
-        weight.project(self.generator)
+        added = weight.store(self.generator)
+        if added is not None:  # what was rounded: the sum with the compensation
+            without_decay = without_decay + added
         landed = param.detach() - weight.land(without_decay, landed_state)
         self._record(param, before, -update, -decay, landed)

@@ -12,6 +12,14 @@ exists. Every update is written as ``w <- Q(y s) / s`` with ``y = w + delta`` an
 - ``Q`` = the update rounding (``nearest``: ties to even; ``stochastic``: unbiased, from the
   optimizer's seeded generator).
 
+Compensated storage (``compensation: kahan``, Kahan summation as optimi does it for bfloat16
+weights): a stored weight may keep a buffer ``c`` (``compensation_dtype``, bfloat16 by default)
+of the part of ``w + delta`` its grid could not hold. After an optimizer step (`store`)
+``y = w + delta + c`` is rounded, ``w <- Q(y s) / s``, and ``c <- y - w`` in the buffer's
+dtype: the stored weight plus its compensation is the exact sum to the buffer's precision, and
+many steps below half a grid step add up until they move the weight. The buffer starts at zero
+(every arm starts from the same grid) and is part of the checkpoint.
+
 With ``stored=False`` (FP32 master) the weight's scale is the one current scaling would give
 it now, and only the geometry (`stiffness`) is used, by ManifoldAdamW. GridOptim keeps the
 scale of a stored weight while it moves codes, and halves it (`rescale`) when the top end of
@@ -29,12 +37,20 @@ from ..quantization.kernel import native_nearest_fits, use_native
 from ..quantization.quantize import _params, draw_seed, float32_bits, quantize
 from ..quantization.scaling import cast_to_grid, scale_from_amax
 
+#: Compensated storage: none, or kahan (a buffer per stored weight, see the module doc).
+COMPENSATIONS = ("none", "kahan")
+#: The compensation buffer's dtype by config name.
+COMPENSATION_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
 
 class FormatWeight:
     """One weight with a format: its grid, its scale, and (when stored) its projection."""
 
     def __init__(self, name: str, param: nn.Parameter, fmt: FloatFormat, stored: bool, update_rounding: str,
-                 margin: int = 0):
+                 margin: int = 0, compensation: torch.dtype | None = None):
+        if compensation is not None and not stored:
+            raise ValueError(f"{name}: a compensation buffer keeps what the grid could not hold; "
+                             "an FP32 master has no grid to lose it to")
         self.name = name
         self.param = param
         self.fmt = fmt
@@ -46,6 +62,8 @@ class FormatWeight:
         # On CPU the scale is also kept as a Python float: no tensor ops for a scalar every step.
         self._cpu = param.device.type == "cpu"
         self._scale_value = 1.0
+        # Kahan's buffer: what the grid could not hold of the last step (None: no compensation)
+        self.compensation = None if compensation is None else torch.zeros_like(param, dtype=compensation)
         if stored:
             self.project(None, "nearest", count=False)  # every arm starts from the same grid
 
@@ -107,6 +125,20 @@ class FormatWeight:
         self._set_scale(scale, count)
 
     @torch.no_grad()
+    def store(self, generator: torch.Generator | None) -> torch.Tensor | None:
+        """After an optimizer step the parameter holds ``w + delta``: store it on the grid (`project`
+        with the update rounding). With compensation, the buffer is added first and keeps what the
+        grid could not hold of the sum (module doc); returns what was added (float32), else None."""
+        if self.compensation is None:
+            self.project(generator)
+            return None
+        added = self.compensation.float()
+        y = self.param.data.add_(added).clone()  # w + delta + c, one float32 rounding
+        self.project(generator)
+        self.compensation.copy_(y.sub_(self.param.data))  # y - Q(y) (exact in float32 below 2x the top), rounded once
+        return added
+
+    @torch.no_grad()
     def land(self, y: torch.Tensor, generator_state: torch.Tensor | None) -> torch.Tensor:
         """What the last `project` would have written for ``y`` instead: ``Q(y s) / s`` at the
         scale it chose, with its update rounding and, for stochastic rounding, its random bits
@@ -138,10 +170,15 @@ class FormatWeight:
             self.project(generator, count=False)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"scale": self.scale.clone(), "rescales": self.rescales.clone()}
+        state = {"scale": self.scale.clone(), "rescales": self.rescales.clone()}
+        if self.compensation is not None:
+            state["compensation"] = self.compensation.clone()
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.scale.copy_(state["scale"])
         self.rescales.copy_(state["rescales"])
+        if self.compensation is not None:
+            self.compensation.copy_(state["compensation"])
         if self._cpu:
             self._scale_value = float(self.scale)

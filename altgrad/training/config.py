@@ -15,7 +15,7 @@ import yaml
 
 from ..errors import UserError
 from ..model.surgery import QuantPolicy, build_policy
-from ..optim import GRID_DIRECTIONS, GRID_LR_UNITS, OPTIMIZERS, OptimizerSpec
+from ..optim import COMPENSATION_DTYPES, COMPENSATIONS, GRID_DIRECTIONS, GRID_LR_UNITS, OPTIMIZERS, OptimizerSpec
 from ..quantization.linear import WEIGHT_STORAGES
 from ..quantization.quantize import ROUNDINGS
 from .clipping import CLIP_MODES
@@ -27,11 +27,12 @@ COMPILE_MODES = ("exact", "fused")
 POLICY_DEFAULT_KEYS = ("rounding", "grad_rounding", "scaling", "amax_history_len", "scale_margin",
                        "power_of_two_scales", "gemm_dtype", "weight_storage", "update_rounding")
 #: What an optimizer implies when weight_storage / update_rounding are not given (DESIGN §4 arms):
-#: adamw -> FP32 masters (arm A; with format storage, nearest: arm B); manifold -> D; grid -> E.
+#: adamw -> FP32 masters (arm A; with format storage, nearest: arm B); manifold -> D; grid -> E;
+#: eco -> stored, round-to-nearest (its error feedback is the remedy for stalling, Nikdan et al.).
 #: The geometry arms on FP32 masters (manifold-master, grid-master: the same update rule, the
 #: grid only sizes the step) take ``weight_storage: master`` explicitly.
 ARM_DEFAULTS = {"adamw": ("master", "nearest"), "manifold": ("format", "stochastic"),
-                "grid": ("format", "stochastic")}
+                "grid": ("format", "stochastic"), "eco": ("format", "nearest")}
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_clip_mode: str = "global"  # global: one L2 norm; partition: per gradient format (training/clipping.py)
     nan_patience: int = 5
-    # the optimizer and where weights live (DESIGN §4): adamw | manifold | grid; master | format
+    # the optimizer and where weights live (DESIGN §4): adamw | manifold | grid | eco; master | format.
+    # eco: AdamW on stored weights whose rounding error is fed back into Adam's first moment (optim/eco.py)
     optimizer: str = "adamw"
-    weight_storage: str | None = None  # default: master for adamw, format for manifold and grid
-    update_rounding: str | None = None  # format storage: default nearest for adamw, else stochastic
+    weight_storage: str | None = None  # default: master for adamw, format for manifold, grid and eco
+    update_rounding: str | None = None  # format storage: default nearest for adamw and eco, else stochastic
+    # compensated storage (optim/storage.py): kahan keeps, per stored weight, the part of w + delta its
+    # grid could not hold and adds it to the next step's w + delta before rounding; none: no buffer
+    compensation: str = "none"
+    compensation_dtype: str = "bfloat16"  # the compensation buffer's dtype: bfloat16 | float16 | float32
     grid_lr: float = 0.5  # manifold: ULPs per step; grid: rungs per step (format weights; same schedule as lr)
     # grid_lr's unit: ulp (grid_lr ULPs or rungs per step) | binade (grid_lr * 2^M of them for a weight whose
     # format has M mantissa bits, i.e. a manifold step of grid_lr * 2^floor(log2|w s|) / s times Adam's
@@ -154,6 +160,9 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.weight_storage in (None, *WEIGHT_STORAGES), f"weight_storage must be one of {', '.join(WEIGHT_STORAGES)}"),
             (self.update_rounding in (None, *ROUNDINGS), f"update_rounding must be one of {', '.join(ROUNDINGS)}"),
+            (self.compensation in COMPENSATIONS, f"compensation must be one of {', '.join(COMPENSATIONS)}"),
+            (self.compensation_dtype in COMPENSATION_DTYPES,
+             f"compensation_dtype must be one of {', '.join(COMPENSATION_DTYPES)}"),
             (self.grid_direction in GRID_DIRECTIONS, f"grid_direction must be one of {', '.join(GRID_DIRECTIONS)}"),
             (self.grid_lr_unit in GRID_LR_UNITS, f"grid_lr_unit must be one of {', '.join(GRID_LR_UNITS)}"),
             (self.grid_lr >= 0 and self.rung_clip >= 1, "need grid_lr >= 0 and rung_clip >= 1"),
@@ -181,6 +190,19 @@ class TrainConfig:
                             "give a weight format (--format or a policy)")
         if self.weight_storage == "format" and not with_format:
             raise UserError("bad config: weight_storage format needs a weight format (--format or a policy)")
+        stored = [c for c in with_format if c.weight_storage == "format"]
+        if self.optimizer == "eco" and not stored:
+            raise UserError("bad config: optimizer eco feeds the rounding error of stored weights back into Adam's "
+                            "moment; it needs weight_storage format (on FP32 masters it would be AdamW)")
+        if self.compensation != "none" and not stored:
+            raise UserError(f"bad config: compensation {self.compensation} keeps what the grid could not hold; "
+                            "it needs weight_storage format")
+        if self.compensation != "none" and self.optimizer == "eco":
+            raise UserError("bad config: optimizer eco and compensation kahan both feed the rounding error back; "
+                            "choose one")
+        if self.compensation != "none" and self.optimizer == "grid":
+            raise UserError("bad config: compensation kahan works with adamw and manifold; GridOptim moves whole "
+                            "rungs (its stochastic move is unbiased without a buffer)")
 
     def quant_policy(self) -> QuantPolicy | None:
         """The Linear-layer policy: None for a plain FP32/BF16 run."""
@@ -207,8 +229,10 @@ class TrainConfig:
 
         adamw-rtn, adamw-sr: arms B, C; manifold-sr (-rtn): arm D; grid-sr (-rtn): arm E;
         manifold-master and grid-master: the geometry update rules on FP32 masters, where the
-        format's grid only sizes the step (DESIGN §5.2: the update-rule effect, without storage).
-        The ``grid_lr_unit`` is not part of the tag (a config setting, recorded with the run)."""
+        format's grid only sizes the step (DESIGN §5.2: the update-rule effect, without storage);
+        eco-rtn (-sr): ECO's error feedback. Compensated storage appends ``-kahan`` (adamw-rtn-kahan:
+        the arm C-kahan). The ``grid_lr_unit`` is not part of the tag (a config setting, recorded
+        with the run)."""
         def tag(storage: str, rounding: str) -> str:
             return "master" if storage == "master" else {"nearest": "rtn", "stochastic": "sr"}[rounding]
 
@@ -221,7 +245,8 @@ class TrainConfig:
         if self.optimizer == "adamw" and how == "master":
             return "adamw"
         direction = "-momentum" if self.optimizer == "grid" and self.grid_direction == "momentum" else ""
-        return f"{self.optimizer}{direction}-{how}"
+        compensation = "" if self.compensation == "none" else f"-{self.compensation}"
+        return f"{self.optimizer}{direction}-{how}{compensation}"
 
     @property
     def name(self) -> str:
@@ -233,7 +258,8 @@ class TrainConfig:
         return OptimizerSpec(name=self.optimizer, lr=self.lr, grid_lr=self.grid_lr, weight_decay=self.weight_decay,
                              betas=(self.beta1, self.beta2), max_stiffness=self.max_stiffness,
                              rung_clip=self.rung_clip, grid_direction=self.grid_direction,
-                             grid_lr_unit=self.grid_lr_unit)
+                             grid_lr_unit=self.grid_lr_unit, compensation=self.compensation,
+                             compensation_dtype=self.compensation_dtype)
 
     @property
     def decay_steps(self) -> int:
