@@ -6,6 +6,8 @@ from .eco import EcoAdamW
 from .factory import OPTIMIZERS, OptimizerSpec, build_optimizer, format_weights, set_learning_rates
 from .grid import GRID_DIRECTIONS, GridOptim, StepCounts
 from .manifold import ManifoldAdamW
+from .memory import PARTS as MEMORY_PARTS
+from .memory import StateBits, state_bits
 from .storage import COMPENSATION_DTYPES, COMPENSATIONS, FormatWeight
 
 __all__ = [
@@ -17,10 +19,12 @@ __all__ = [
     "OPTIMIZERS",
     "FormatWeight",
     "GridOptim",
+    "MEMORY_PARTS",
     "ManifoldAdamW",
     "OptimizerSpec",
     "StepCounts",
     "StepRecord",
+    "StateBits",
     "StepRecorder",
     "StoredAdamW",
     "build_optimizer",
@@ -28,4 +32,5 @@ __all__ = [
     "lr_unit_factor",
     "plain_record",
     "set_learning_rates",
+    "state_bits",
 ]
