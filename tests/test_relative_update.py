@@ -225,6 +225,9 @@ ARMS = {
     "grid-sr": (OptimizerSpec("grid", grid_lr=3.0, rung_clip=2), "format", "stochastic"),
     "grid-rtn": (OptimizerSpec("grid", grid_lr=1.5), "format", "nearest"),
     "grid-master": (OptimizerSpec("grid", grid_lr=1.5), "master", "nearest"),
+    "eco-rtn": (OptimizerSpec("eco", lr=0.3), "format", "nearest"),
+    "adamw-rtn-kahan": (OptimizerSpec("adamw", lr=0.3, compensation="kahan"), "format", "nearest"),
+    "manifold-sr-kahan": (OptimizerSpec("manifold", grid_lr=1.5, compensation="kahan"), "format", "stochastic"),
 }
 
 
@@ -258,7 +261,8 @@ def test_recorded_steps_are_bit_identical_to_unrecorded_ones(monkeypatch, arm):
             assert (id(model.fc.weight) in records) == record
         state = optimizer.state[model.fc.weight]
         runs.append((model.fc.weight.detach().clone(), state["exp_avg"].clone(), optimizer.generator.get_state(),
-                     [(float(w.scale), int(w.rescales)) for w in optimizer.weights], counts, landing))
+                     [(float(w.scale), int(w.rescales), None if w.compensation is None else w.compensation.tolist())
+                      for w in optimizer.weights], counts, landing))
     (w0, m0, g0, s0, c0, y0), (w1, m1, g1, s1, c1, y1) = runs
     assert torch.equal(w0.view(torch.int32), w1.view(torch.int32)) and torch.equal(m0, m1)
     assert torch.equal(g0, g1) and s0 == s1 and c0 == c1
