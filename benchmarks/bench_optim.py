@@ -32,6 +32,10 @@ ARMS = {
     "D manifold, format, stochastic": dict(optimizer="manifold"),
     "D manifold, FP32 master": dict(optimizer="manifold", weight_storage="master"),
     "E grid, stochastic rungs": dict(optimizer="grid"),
+    "ECO adamw, format, nearest, error feedback": dict(optimizer="eco"),
+    "C-kahan adamw, format, nearest, bf16 buffer": dict(optimizer="adamw", weight_storage="format",
+                                                        compensation="kahan"),
+    "D-kahan manifold, format, stochastic, bf16 buffer": dict(optimizer="manifold", compensation="kahan"),
 }
 
 

@@ -43,9 +43,9 @@ class StoredAdamW(GridAwareOptimizer):
                     without_decay = param.detach() + decay  # w + delta - (its decay part, -decay)
                     intended = param.detach().clone() if self.keeps_intended else None
                     landed_state = self.generator.get_state()
-                    added = weight.store(self.generator)  # w + delta (+ compensation) onto the grid
-                    if added is not None:  # what was rounded: the sum with the compensation
-                        without_decay = without_decay + added
+                    if weight.compensation is not None:  # what is rounded: the sum with the compensation
+                        without_decay = without_decay + weight.compensation
+                    weight.store(self.generator)  # w + delta (+ compensation) onto the grid
                     # Q of the step without its decay, at the projection's scale with its random bits
                     landed = param.detach() - weight.land(without_decay, landed_state)
                     self._record(param, before, -update, -decay, landed)

@@ -42,10 +42,10 @@ def injection(m: torch.Tensor, v: torch.Tensor, error: torch.Tensor, hyper: list
     """ECO's momentum injection (module doc, last line), in place on ``m``: ``error`` times
     Adam's denominator ``sqrt(v) / sqrt(1 - beta2^t) + eps`` (the operations of
     `GridAwareOptimizer.adam_direction`) times ``(1 - beta1^t) / lr * (1 - 1/beta1)``.
-    ``error`` is consumed (overwritten)."""
+    ``error`` is left as it was."""
     beta1, inv_bias2_sqrt, eps = hyper[0], hyper[4], hyper[5]
-    denominator = v.double().sqrt().float().mul_(inv_bias2_sqrt).add_(eps)
-    m.add_(error.mul_(denominator).mul_((1 - beta1**step) / lr * (1 - 1 / beta1)))
+    denominator = v.double().sqrt_().float().mul_(inv_bias2_sqrt).add_(eps)  # adam_direction's, rounded alike
+    m.addcmul_(error, denominator, value=(1 - beta1**step) / lr * (1 - 1 / beta1))
 
 
 class EcoAdamW(StoredAdamW):

@@ -84,8 +84,8 @@ class ManifoldAdamW(GridAwareOptimizer):
             return
         without_decay = param.detach() + decay
         landed_state = self.generator.get_state()
-        added = weight.store(self.generator)
-        if added is not None:  # what was rounded: the sum with the compensation
-            without_decay = without_decay + added
+        if weight.compensation is not None:  # what is rounded: the sum with the compensation
+            without_decay = without_decay + weight.compensation
+        weight.store(self.generator)
         landed = param.detach() - weight.land(without_decay, landed_state)
         self._record(param, before, -update, -decay, landed)

@@ -125,18 +125,16 @@ class FormatWeight:
         self._set_scale(scale, count)
 
     @torch.no_grad()
-    def store(self, generator: torch.Generator | None) -> torch.Tensor | None:
+    def store(self, generator: torch.Generator | None) -> None:
         """After an optimizer step the parameter holds ``w + delta``: store it on the grid (`project`
         with the update rounding). With compensation, the buffer is added first and keeps what the
-        grid could not hold of the sum (module doc); returns what was added (float32), else None."""
+        grid could not hold of the sum (module doc)."""
         if self.compensation is None:
             self.project(generator)
-            return None
-        added = self.compensation.float()
-        y = self.param.data.add_(added).clone()  # w + delta + c, one float32 rounding
+            return
+        y = self.param.data.add_(self.compensation).clone()  # w + delta + c, one float32 rounding
         self.project(generator)
         self.compensation.copy_(y.sub_(self.param.data))  # y - Q(y) (exact in float32 below 2x the top), rounded once
-        return added
 
     @torch.no_grad()
     def land(self, y: torch.Tensor, generator_state: torch.Tensor | None) -> torch.Tensor:
