@@ -176,7 +176,8 @@ def test_arm_configs_compose_on_the_baseline():
         assert resolved.format == "E3M4" and resolved.use_shadow and resolved.seed == 1337
     assert names == {"small-e3m4-seed1337", "small-e3m4-adamw-rtn-seed1337", "small-e3m4-adamw-sr-seed1337",
                      "small-e3m4-manifold-sr-seed1337", "small-e3m4-grid-sr-seed1337",
-                     "small-e3m4-manifold-master-seed1337", "small-e3m4-grid-master-seed1337"}
+                     "small-e3m4-manifold-master-seed1337", "small-e3m4-grid-master-seed1337",
+                     "small-e3m4-eco-rtn-seed1337", "small-e3m4-adamw-rtn-kahan-seed1337"}
 
 
 def test_a_config_cannot_include_itself(tmp_path):

@@ -119,12 +119,16 @@ def test_the_shipped_matrices_load():
     small = load_matrix(CONFIGS / "matrix" / "small.yaml")
     groups = {(c.format, c.arm, c.layers) for c in small.cells()}
     for fmt in ("E5M2", "E3M4"):
-        assert {(fmt, arm, "uniform") for arm in ("A", "B", "C", "D", "Dm", "E", "Em")} <= groups
-    assert {("E4M3", "A", "uniform"), ("E4M3", "Dm", "uniform"), ("E7M0", "A", "uniform"), ("bf16", "A", "-"),
+        assert {(fmt, arm, "uniform") for arm in ("A", "B", "C", "ECO", "C-kahan", "D", "Dm", "E", "Em")} <= groups
+    assert {("E4M3", "A", "uniform"), ("E4M3", "Dm", "uniform"), ("E4M3", "ECO", "uniform"),
+            ("E4M3", "C-kahan", "uniform"), ("E7M0", "A", "uniform"), ("bf16", "A", "-"),
             ("E1M6", "C", "post-ln"), ("E1M6", "D", "post-ln"), ("E0M7", "D", "post-ln")} <= groups
     arms = {c.arm: c.config.arm for c in small.cells() if c.format == "E5M2"}
     assert arms == {"A": "adamw", "B": "adamw-rtn", "C": "adamw-sr", "D": "manifold-sr", "Dm": "manifold-master",
-                    "E": "grid-sr", "Em": "grid-master"}
+                    "E": "grid-sr", "Em": "grid-master", "ECO": "eco-rtn", "C-kahan": "adamw-rtn-kahan"}
+    paper = load_matrix(CONFIGS / "matrix" / "paper.yaml")
+    assert {(fmt, arm) for fmt in ("E5M2", "E4M3", "E3M4") for arm in ("ECO", "C-kahan")} <= \
+        {(c.format, c.arm) for c in paper.cells()}
     for name in ("small", "paper", "tiny"):  # the protocol: a tuning seed apart, the cells' horizon, inherited lr
         shipped = load_matrix(CONFIGS / "matrix" / f"{name}.yaml")
         assert shipped.tuning_seed not in shipped.evaluation_seeds and "max_steps" not in shipped.sweep

@@ -36,7 +36,7 @@ from .matrix import Cell, Matrix
 
 #: One-line meanings of the `OptimizerSpec` fields (names and defaults come from the dataclass).
 OPTIMIZER_PARAMETERS = {
-    "name": "adamw | manifold | grid (config key `optimizer`)",
+    "name": "adamw | manifold | grid | eco (config key `optimizer`)",
     "lr": "peak learning rate, absolute: AdamW, and every parameter without a format",
     "grid_lr": "peak ULPs (manifold) or rungs (grid) per step, for weights with a format",
     "weight_decay": "decoupled weight decay on tensors of two or more dimensions",
@@ -46,6 +46,8 @@ OPTIMIZER_PARAMETERS = {
     "rung_clip": "grid: most rungs one step moves a weight",
     "grid_direction": "grid: the direction in rungs, adam (Adam-normalised) or momentum",
     "grid_lr_unit": "ulp: grid_lr counts ULPs or rungs; binade: grid_lr x 2^M of them (one range for every M)",
+    "compensation": "none | kahan: a buffer per stored weight keeps what its grid could not hold (adamw, manifold)",
+    "compensation_dtype": "the compensation buffer's dtype: bfloat16 | float16 | float32",
 }
 
 #: The monitoring settings documented, with one-line meanings (defaults come from `TrainConfig`).
