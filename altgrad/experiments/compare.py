@@ -27,7 +27,7 @@ PRECISION_KEYS = frozenset({
     "grad_clip_mode",  # the precision policy and its failure handling (the same for a run without FP8 layers)
 })
 ARM_KEYS = frozenset({"optimizer", "weight_storage", "update_rounding", "grid_lr", "max_stiffness", "rung_clip",
-                      "grid_direction", "grid_lr_unit"})
+                      "grid_direction", "grid_lr_unit", "compensation", "compensation_dtype"})
 PLACE_AND_MONITORING_KEYS = frozenset({
     "run_name", "runs_dir", "preset", "device", "compile", "adapt_threads", "wandb", "wandb_project", "tags",
     "log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints", "stats_interval", "dead_window", "use_shadow",

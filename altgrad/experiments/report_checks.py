@@ -28,7 +28,7 @@ from .stats import ALPHA, Paired, holm, interaction, paired_difference
 
 #: The config keys each arm sets for itself: two groups of a comparison may differ in these.
 ARM_OWN_KEYS = frozenset({"optimizer", "weight_storage", "update_rounding", "grid_lr", "grid_lr_unit",
-                          "grid_direction", "rung_clip", "max_stiffness"})
+                          "grid_direction", "rung_clip", "max_stiffness", "compensation", "compensation_dtype"})
 #: The four groups of a comparison, in the order text names them.
 PARTS = ("gs", "C", "gm", "A")
 PART_NAMES = {"gs": "geometry stored", "C": "arm C", "gm": "geometry on masters", "A": "arm A"}

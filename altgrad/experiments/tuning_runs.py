@@ -51,7 +51,7 @@ def known_trials(matrix: Matrix, manifest: dict[str, Any]) -> list[Cell]:
 def protocol_record(matrix: Matrix, cells: list[Cell]) -> dict[str, Any]:
     """The tuning settings every group shares, as the manifest records them (``cells``: the main cells)."""
     protocol = matrix.protocol
-    units = {c.config.grid_lr_unit for c in cells if c.config.optimizer != "adamw"}
+    units = {c.config.grid_lr_unit for c in cells if c.config.optimizer in ("manifold", "grid")}  # the geometry arms
     cell_steps = sorted({c.config.max_steps for c in cells})
     sweep_steps = matrix.sweep.get("max_steps")
     return {"tuning_seed": matrix.tuning_seed, "eval_seeds": list(matrix.evaluation_seeds),
