@@ -228,6 +228,7 @@ ARMS = {
     "eco-rtn": (OptimizerSpec("eco", lr=0.3), "format", "nearest"),
     "adamw-rtn-kahan": (OptimizerSpec("adamw", lr=0.3, compensation="kahan"), "format", "nearest"),
     "manifold-sr-kahan": (OptimizerSpec("manifold", grid_lr=1.5, compensation="kahan"), "format", "stochastic"),
+    "grid-sr-kahan": (OptimizerSpec("grid", grid_lr=0.7, compensation="kahan"), "format", "stochastic"),
 }
 
 

@@ -263,7 +263,6 @@ def test_compensation_works_with_the_geometry_arm_and_its_buffer_has_the_configu
     (dict(optimizer="eco", weight_storage="master"), "needs weight_storage format"),
     (dict(compensation="kahan"), "needs weight_storage format"),  # adamw defaults to FP32 masters
     (dict(optimizer="manifold", weight_storage="master", compensation="kahan"), "needs weight_storage format"),
-    (dict(optimizer="grid", compensation="kahan"), "GridOptim moves whole rungs"),
     (dict(optimizer="eco", compensation="kahan"), "choose one"),
     (dict(weight_storage="format", compensation="simple"), "compensation must be one of none, kahan"),
     (dict(weight_storage="format", compensation="kahan", compensation_dtype="int8"), "compensation_dtype"),
@@ -281,6 +280,38 @@ def test_the_arms_are_named_apart_with_their_defaults():
     assert arm(optimizer="eco", update_rounding="stochastic") == "eco-sr"
     assert arm(weight_storage="format", compensation="kahan") == "adamw-rtn-kahan"  # C-kahan
     assert arm(optimizer="manifold", compensation="kahan") == "manifold-sr-kahan"
+    assert arm(optimizer="grid", compensation="kahan") == "grid-sr-kahan"
     with pytest.raises(ValueError, match="not eco"):
         OptimizerSpec("eco", compensation="kahan")
     assert math.isfinite(OptimizerSpec("eco").lr)
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_gridoptim_with_compensation_moves_by_the_sum_of_sub_rung_moves(rounding):
+    """GridOptim's proposal here is 0.1 rung a step (Adam's direction of a constant gradient is
+    1, grid_lr 0.1): to nearest it never moves; with a float32 buffer the move starts at the code
+    position of w + c, so 60 steps move it 6 rungs (the buffer keeps the rest, under one rung)."""
+    from altgrad.optim import GridOptim
+    from altgrad.quantization.codes import rungs
+
+    fmt = get_format("E4M3")
+    results = {}
+    for compensation in (None, torch.float32):
+        values = torch.linspace(0.05, 0.1, 65)
+        values[0] = 1.0  # the amax, without a gradient (its proposal is 0): the scale stays 256
+        param, weight = one_weight(values, "E4M3", rounding, compensation=compensation)
+        start = rungs(param.detach() * float(weight.scale), fmt)
+        optimizer = GridOptim([{"params": [param], "lr": 0.1, "weight_decay": 0.0, "geometry": True}], [weight], 0,
+                              eps=0.0)
+        for _ in range(60):
+            param.grad = torch.full_like(param, -1.0)
+            param.grad[0] = 0.0
+            optimizer.step()
+        assert float(weight.scale) == 256.0  # no rescale: rungs before and after compare
+        results[compensation] = ((rungs(param.detach() * 256.0, fmt) - start)[1:], weight.compensation)
+    plain, _ = results[None]
+    moved, buffer = results[torch.float32]
+    if rounding == "nearest":
+        assert torch.equal(plain, torch.zeros_like(plain))  # 0.1 rung rounds to no move, every step
+    assert bool(((moved - 6).abs() <= 1).all()) and float(moved.float().mean()) == pytest.approx(6, abs=0.35)
+    assert float(buffer.abs().max()) * 256.0 < 2.0  # under one grid step (at most 2 at these scaled values)

@@ -216,7 +216,7 @@ def train(
                                         "default: nearest for adamw and eco, stochastic for manifold and grid"),
     compensation: Optional[str] = typer.Option(
         None, "--compensation", help="none | kahan: a buffer per stored weight (bfloat16) keeps what the grid "
-                                     "could not hold and adds it to the next step (adamw, manifold)"),
+                                     "could not hold and adds it to the next step (adamw, manifold, grid)"),
     grid_lr: Optional[float] = typer.Option(None, "--grid-lr",
                                             help="manifold: ULPs per step; grid: rungs per step (default 0.5)"),
     grid_lr_unit: Optional[str] = typer.Option(

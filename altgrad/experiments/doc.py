@@ -46,7 +46,7 @@ OPTIMIZER_PARAMETERS = {
     "rung_clip": "grid: most rungs one step moves a weight",
     "grid_direction": "grid: the direction in rungs, adam (Adam-normalised) or momentum",
     "grid_lr_unit": "ulp: grid_lr counts ULPs or rungs; binade: grid_lr x 2^M of them (one range for every M)",
-    "compensation": "none | kahan: a buffer per stored weight keeps what its grid could not hold (adamw, manifold)",
+    "compensation": "none | kahan: a buffer per stored weight keeps what its grid could not hold (adamw, manifold, grid)",
     "compensation_dtype": "the compensation buffer's dtype: bfloat16 | float16 | float32",
 }
 

@@ -15,7 +15,7 @@ cast is told the storage scale (the cast is then the identity).
 | eco | stored; the rounding error fed back into Adam's first moment | `EcoAdamW` (ECO) |
 
 ``compensation: kahan`` gives every stored weight a compensation buffer (`FormatWeight.store`):
-with adamw the arm C-kahan, with manifold the geometry arm's compensated twin.
+with adamw the arm C-kahan, with manifold and grid the geometry arms' compensated twins.
 
 ``grid_lr_unit`` (``ulp`` | ``binade``) sets what the geometry optimizers' ``grid_lr`` counts,
 per weight from its current format (`base.lr_unit_factor`).
@@ -66,8 +66,8 @@ class OptimizerSpec:
             raise ValueError(f"compensation must be one of {', '.join(COMPENSATIONS)}")
         if self.compensation_dtype not in COMPENSATION_DTYPES:
             raise ValueError(f"compensation_dtype must be one of {', '.join(COMPENSATION_DTYPES)}")
-        if self.compensation != "none" and self.name in ("eco", "grid"):
-            raise ValueError(f"compensation {self.compensation} works with adamw and manifold, not {self.name}")
+        if self.compensation != "none" and self.name == "eco":
+            raise ValueError(f"compensation {self.compensation} works with adamw, manifold and grid, not eco")
 
     @property
     def compensation_buffer(self) -> torch.dtype | None:

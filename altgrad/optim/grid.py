@@ -29,6 +29,11 @@ code on the step's grid changed), weights with a non-zero gradient (a rescale af
 re-rounds the tensor; the update monitor counts those flips too). The decay term is
 ManifoldAdamW's in rungs: its step divided by S(w) is the same ``-lr (d + wd w)``, so the two
 geometry arms decay alike.
+
+With compensated storage (``compensation: kahan``) a stored weight's move starts at the
+continuous position of ``w + c`` instead of its rung, and the buffer keeps what the landing could
+not hold: ``c <- (value at the intended position - the landed value) / s`` (the torch code; the
+fused native pass has no buffer).
 """
 
 from __future__ import annotations
@@ -148,7 +153,9 @@ class GridOptim(GridAwareOptimizer):
         stochastic = weight.update_rounding == "stochastic"
         seed = draw_seed(self.generator, param.device) if stochastic else None
         tensors = (param, param.grad, state["exp_avg"], state.get("exp_avg_sq", param))
-        if self.grid_direction == "adam" and not self.recording and use_native("auto", native.fits_step(*tensors)):
+        compensation = weight.compensation
+        if self.grid_direction == "adam" and not self.recording and compensation is None \
+                and use_native("auto", native.fits_step(*tensors)):
             hyper = hyper + [float(scale), 1.0 / float(scale)]
             flips, updates, blocked = native.grid_step(param.data, *tensors[1:], hyper, fmt.emin, fmt.mantissa_bits,
                                                        top_code(fmt), self.rung_clip, _table(fmt), seed)
@@ -157,26 +164,37 @@ class GridOptim(GridAwareOptimizer):
         proposed = self._proposal(direction, param, hyper[6], hyper[7])
         before = rungs(param * scale, fmt)
         top = top_code(fmt)
-        after, target = self._land(before, proposed, seed, top)
+        # where the move starts: the weight's rung, or with compensation the position of w + c
+        start = before.double() if compensation is None else positions((param + compensation) * scale, fmt)
+        after, target = self._land(before, proposed, seed, top, start)
+        inverse = 1.0 / scale
         if self.recording:
-            # the intended step: the continuous move from the on-grid start (GridOptim on a master);
+            # the intended step: the continuous move from the start (GridOptim on a master);
             # its decay part: the same move without weight decay subtracted from it, in weight units
             w = param.detach().clone()
             without = self._proposal(direction, param, hyper[6], 0.0)
-            intended = values_at(self._intended(before.double(), proposed, fmt), fmt)
-            intended_without = values_at(self._intended(before.double(), without, fmt), fmt)
-            landed_without, _ = self._land(before, without, seed, top)
-            inverse = 1.0 / scale
+            intended = values_at(self._intended(start, proposed, fmt), fmt)
+            intended_without = values_at(self._intended(start, without, fmt), fmt)
+            landed_without, _ = self._land(before, without, seed, top, start)
             delta = (intended * inverse).float() - w
             decay = ((intended - intended_without) * inverse).float()
             landed = (values_of_rungs(after, fmt) - values_of_rungs(landed_without, fmt)) * inverse
             self._record(param, w, delta, decay, landed)
-        param.copy_(values_of_rungs(after, fmt) * (1.0 / scale))
+        if compensation is not None:  # Kahan: what the rungs could not hold of the intended position
+            intended = values_at(self._intended(start, proposed, fmt), fmt)
+            compensation.copy_((intended - values_of_rungs(after, fmt).double()) * inverse)
+        param.copy_(values_of_rungs(after, fmt) * inverse)
         return int((after != before).sum()), int((param.grad != 0).sum()), bool((target.abs() > top).any())
 
-    def _land(self, before, proposed, seed, top) -> tuple[torch.Tensor, torch.Tensor]:
+    def _land(self, before, proposed, seed, top, start=None) -> tuple[torch.Tensor, torch.Tensor]:
         """A stored weight's landing: ``floor(v + U)`` rungs (the random bits of ``seed``) or
-        ``round(v)`` (ties to even), clipped to ±rung_clip, stopped at ±top: (rungs after, target)."""
+        ``round(v)`` (ties to even), clipped to ±rung_clip, stopped at ±top: (rungs after, target).
+        With compensation the move starts at the continuous position ``start`` of w + c: the
+        rounded quantity is ``start - before + clip(v, ±rung_clip)``, still at most rung_clip rungs."""
+        if start is not None:
+            offset = start - before.double()
+            if bool((offset != 0).any()):
+                proposed = (offset + proposed.clamp(-self.rung_clip, self.rung_clip).double()).float()
         if seed is not None:
             moves = random_rungs(proposed, seed)
         else:

@@ -200,9 +200,6 @@ class TrainConfig:
         if self.compensation != "none" and self.optimizer == "eco":
             raise UserError("bad config: optimizer eco and compensation kahan both feed the rounding error back; "
                             "choose one")
-        if self.compensation != "none" and self.optimizer == "grid":
-            raise UserError("bad config: compensation kahan works with adamw and manifold; GridOptim moves whole "
-                            "rungs (its stochastic move is unbiased without a buffer)")
 
     def quant_policy(self) -> QuantPolicy | None:
         """The Linear-layer policy: None for a plain FP32/BF16 run."""
