@@ -23,6 +23,7 @@ from altgrad.experiments.ownership import CellBusy, cell_lock
 from altgrad.experiments.matrix import config_hash, load_matrix, with_settings
 from altgrad.experiments.status import cell_status
 from altgrad.provenance import code_version
+from altgrad.training.checkpoint import list_checkpoints
 from altgrad.training.tracking import read_metrics
 from runs import without_rates
 
@@ -159,6 +160,7 @@ def test_a_run_trains_every_cell_records_it_and_a_second_run_repeats_nothing(tmp
         assert entry["status"] == "completed" and entry["attempts"] == 1 and entry["steps"] == 12
         assert entry["host"] and entry["started"] <= entry["ended"] and Path(entry["log"]).exists()
         assert read_metrics(matrix.runs_dir / cell.folder)[-1]["step"] == 12
+        assert not (matrix.runs_dir / cell.folder / "checkpoints").exists()  # finished: only its records stay
     stamps = {c.folder: (matrix.runs_dir / c.folder / "metrics.jsonl").stat().st_mtime_ns for c in cells}
     again = MatrixRunner(matrix, jobs=1).run()
     assert all(again["cells"][f]["attempts"] == 1 for f in stamps)
@@ -166,6 +168,13 @@ def test_a_run_trains_every_cell_records_it_and_a_second_run_repeats_nothing(tmp
     assert read_manifest(matrix.runs_dir)["cells"] == again["cells"]
     rows = cell_status(matrix)
     assert [r["status"] for r in rows] == ["completed"] * 4 and all(r["steps"] == 12 for r in rows)
+
+
+def test_finished_cells_keep_their_checkpoints_when_asked(tmp_path, tiny_data):
+    matrix = load_matrix(small_matrix(tmp_path, tiny_data, cells=[{"formats": ["bf16"], "arms": ["A"], "seeds": [1]}]))
+    MatrixRunner(matrix, keep_checkpoints=True).run()
+    (cell,) = matrix.cells()
+    assert [int(p.stem.removeprefix("step_")) for p in list_checkpoints(matrix.runs_dir / cell.folder)] == [6, 12]
 
 
 def test_sweeps_run_first_and_their_best_value_is_used_for_every_seed(tmp_path, tiny_data):

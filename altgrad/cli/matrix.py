@@ -58,6 +58,9 @@ def run(
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Where the cells go (default: the file's runs_dir)."),
     data: Optional[str] = typer.Option(None, "--data", help="Prepared data for every cell (default: the file's)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per cell (default: CPUs / jobs)."),
+    keep_checkpoints: bool = typer.Option(
+        False, "--keep-checkpoints", help="Keep a finished cell's checkpoints (default: only its summary, metrics "
+                                          "and config stay; a finished cell never resumes)."),
     slurm: Optional[list[str]] = typer.Option(
         None, "--slurm", help="A submitit executor option KEY=VALUE (repeatable; over launcher.slurm in the file), "
                               "e.g. --slurm slurm_partition=gpu --slurm timeout_min=120."),
@@ -76,7 +79,7 @@ def run(
                                              + (" (tuned values not yet known: the arms' own)" if sweeps else "")))
             return
         runner = MatrixRunner(matrix, jobs=jobs, launcher=launcher, retry_failed=retry_failed, threads=threads,
-                              executor_options=_options(slurm or []))
+                              executor_options=_options(slurm or []), keep_checkpoints=keep_checkpoints)
         bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("[green]{task.fields[running]} running[/] [red]{task.fields[failed]} failed[/]"),
                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)

@@ -22,7 +22,9 @@
   neighbours, the tuning resolution, the runs spent of the budget and why the search stopped;
   under ``protocol`` the tuning settings every group shared (`tuning_runs`).
 
-Each cell writes ``matrix.log`` in its run folder: the trainer's events as lines of text.
+Each cell writes ``matrix.log`` in its run folder: the trainer's events as lines of text. A
+finished cell never resumes, so its checkpoints are removed once its summary is written (its
+config, metrics, summary and log stay: what the report reads); ``keep_checkpoints`` keeps them.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from typing import Any
 from ..errors import UserError
 from ..io import write_json
 from ..provenance import code_version
-from ..training.checkpoint import list_checkpoints
+from ..training.checkpoint import checkpoint_dir, list_checkpoints
 from .matrix import Cell, Matrix
 from .ownership import CellBusy, cell_lock, die_with_parent
 from .runs import finished, read_summary
@@ -156,6 +158,8 @@ def _train_cell(config: Any, run_dir: Path, spec: dict[str, Any], outcome: dict[
         outcome |= {"status": "failed", "error": f"{type(error).__name__}: {error}"}
     finally:
         log.stream.close()
+    if not spec.get("keep_checkpoints") and finished(read_summary(run_dir), config.max_steps):
+        shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)  # its summary and metrics are the record
     return outcome | {"ended": now(), "wall_s": time.perf_counter() - began}
 
 
@@ -175,7 +179,8 @@ Callback = Callable[[str, Cell | None, dict[str, Any] | None, Progress], None]
 
 class MatrixRunner:
     def __init__(self, matrix: Matrix, jobs: int = 1, launcher: str = "local", retry_failed: bool = False,
-                 executor_options: dict[str, Any] | None = None, threads: int | None = None):
+                 executor_options: dict[str, Any] | None = None, threads: int | None = None,
+                 keep_checkpoints: bool = False):
         if launcher not in LAUNCHERS:
             raise UserError(f"--launcher must be one of {', '.join(LAUNCHERS)}")
         if jobs < 1:
@@ -184,6 +189,7 @@ class MatrixRunner:
         self.jobs = jobs
         self.launcher = launcher
         self.retry_failed = retry_failed
+        self.keep_checkpoints = keep_checkpoints  # a finished cell never resumes: by default only its records stay
         self.executor_options = {**matrix.launcher.get("slurm", {}), **(executor_options or {})}
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.threads = threads or max(1, cpus // jobs)
@@ -231,7 +237,7 @@ class MatrixRunner:
     def _spec(self, cell: Cell) -> dict[str, Any]:
         config = cell.config.to_dict() | {"run_name": cell.folder, "runs_dir": str(self.runs_dir)}
         return {"config": config, "threads": self.threads if self.launcher == "local" else None,
-                "cluster": self.launcher != "local"}
+                "cluster": self.launcher != "local", "keep_checkpoints": self.keep_checkpoints}
 
     def run(self, on_event: Callback | None = None) -> dict[str, Any]:
         """Sweeps, then every main cell; returns the manifest. One matrix run per runs directory
