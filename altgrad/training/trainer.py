@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..io import write_yaml
 from ..model import GPT, GPTConfig
 from ..model.surgery import LayerAssignment, quantize_model
-from ..optim import build_optimizer, set_learning_rates
+from ..optim import build_optimizer, set_learning_rates, state_bits
 from ..provenance import code_version
 from .checkpoint import capture_rng, list_checkpoints, load_checkpoint, restore_rng, save_checkpoint
 from .config import CONFIG_FILE_NAME, TrainConfig
@@ -73,6 +73,7 @@ class TrainResult:
     format_shifts: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # emergency shifts (shift.py)
     clipping: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # per partition: clipped steps
     throughput: dict[str, float] | None = None  # tokens/s over the run, MFU against the measured matmul peak
+    memory: dict[str, float] | None = None  # bits per weight with a format of its training state (optim.memory)
 
 
 class Trainer:
@@ -361,7 +362,8 @@ class Trainer:
                              alerts=self.counters["alerts"], layers=self._layer_summary(),
                              format_shifts=self.shifter.events if self.shifter else [],
                              clipping=self.clipper.summary(),
-                             throughput=self._throughput(self.counters["tokens"], self.counters["wall_s"]))
+                             throughput=self._throughput(self.counters["tokens"], self.counters["wall_s"]),
+                             memory=self._memory())
         if tracker is not None:
             tracker.write_summary({k: (str(v) if isinstance(v, Path) else v)
                                    for k, v in dataclasses.asdict(result).items()}
@@ -388,6 +390,13 @@ class Trainer:
         return {"tokens_per_s": rate, **utilisation(self.model.config, self.model.num_parameters(), rate,
                                                    self.device, dtype, self.dist.world, self.threads.full),
                 **self.threads.summary()}
+
+    def _memory(self) -> dict[str, float] | None:
+        """Bits per parameter of the persistent training state of the weights with a format (stored,
+        masters, moments, compensation, other: optim.memory), measured at the end of the run, once the
+        optimizer holds its state (a resumed run: the checkpoint's); None without weight formats."""
+        bits = state_bits(self.model, self.optimizer)
+        return bits.to_dict() if bits is not None else None
 
     def _shifts(self, step: int, monitored: dict[str, float], applied: bool) -> list[dict[str, Any]]:
         """The emergency shifts of this step: decided on rank 0 (its statistics) and applied on every
