@@ -13,6 +13,7 @@ from rich.table import Table
 from ..experiments.compare import DEFAULT_TOLERANCE, Comparison, compare_runs
 from ..experiments.plots import plot_runs
 from ..experiments.runs import load_run
+from ..optim.memory import PARTS as MEMORY_PARTS
 from .common import cell, console, fitted_width, user_errors
 
 VERDICT_STYLE = {"PASS": "bold green", "INVESTIGATE": "bold yellow", "reference": "dim"}
@@ -48,6 +49,24 @@ def comparison_table(comparison: Comparison) -> Table:
     return table
 
 
+def memory_table(comparison: Comparison) -> Table:
+    """One row per run: its bits per weight with a format (total and parts) as its summary
+    recorded them; "not recorded" for a run from before the record, "-" without weight formats."""
+    table = Table(title="bits per parameter: the training state of the weights with a format",
+                  title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for column in ("run", "total", *MEMORY_PARTS):
+        table.add_column(column, justify="left" if column == "run" else "right", overflow="fold")
+    for row in comparison.rows:
+        if not row.memory_recorded:
+            table.add_row(row.name, "not recorded", *("-" for _ in MEMORY_PARTS))
+        elif row.memory is None:
+            table.add_row(row.name, "no weight format", *("-" for _ in MEMORY_PARTS))
+        else:
+            table.add_row(row.name, cell(row.memory.get("total"), ".4g"),
+                          *(cell(row.memory.get(part), ".4g") for part in MEMORY_PARTS))
+    return table
+
+
 def collapse_line(name: str, collapse: dict) -> str:
     """Where a run failed, in one paragraph: the step and why, then its zero-update regions."""
     def layers(pairs):
@@ -79,6 +98,7 @@ def compare(
             typer.echo(json.dumps(comparison.to_dict(), indent=2))
         else:
             console.print(comparison_table(comparison))
+            console.print(memory_table(comparison))
             for row in comparison.rows:
                 if row.reason:
                     console.print(f"[{VERDICT_STYLE[row.verdict]}]{row.verdict}[/] {row.name}: {row.reason}")

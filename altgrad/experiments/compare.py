@@ -4,6 +4,8 @@ A run PASSes when its final validation loss is within ``tolerance`` (relative, 1
 default) of the reference's and it completed; anything else is INVESTIGATE, with the reason.
 Runs are only comparable when paired: everything but the precision policy, the optimizer arm
 and names or monitoring equal (`UNPAIRED_KEYS`); otherwise a note names the first difference.
+Each row carries the run's memory per parameter as its summary recorded it (``memory``: bits per
+weight with a format, optim/memory.py); a run from before the record has none, never a guess.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class RunComparison:
     rank_vs_reference: float | None  # last effective rank / the reference's, per layer, mean over layers
     rank_warnings: int  # layer measurements with the effective rank beyond its drop threshold
     collapse: dict[str, Any] | None  # training.collapse: step, reason, sparsity and zero-update layers
+    memory: dict[str, float] | None  # the summary's bits per weight with a format (parts, total); None: see below
+    memory_recorded: bool  # False: a run from before the record, or without a summary (not recorded)
     diverged: bool
     verdict: str  # reference | PASS | INVESTIGATE
     reason: str
@@ -180,5 +184,6 @@ def compare_runs(runs: list[RunRecord], tolerance: float = DEFAULT_TOLERANCE) ->
             collapse_analysis(run.metrics, status, run.summary.get("steps", run.metrics[-1]["step"])),
             rank_warnings=sum(seen.get("count", 0) for name, seen in run.summary.get("alerts", {}).items()
                               if name.startswith("rank_drop/")),
+            memory=run.summary.get("memory"), memory_recorded="memory" in run.summary,
             diverged=status == "diverged", verdict=verdict, reason=reason))
     return Comparison(rows=rows, tolerance=tolerance, notes=notes)
