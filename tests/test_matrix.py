@@ -122,8 +122,8 @@ def test_the_shipped_matrices_load():
     for fmt in ("E5M2", "E3M4"):
         assert {(fmt, arm, "uniform") for arm in ("A", "B", "C", "ECO", "C-kahan", "D", "Dm", "E", "Em")} <= groups
     assert {("E4M3", "A", "uniform"), ("E4M3", "Dm", "uniform"), ("E4M3", "ECO", "uniform"),
-            ("E4M3", "C-kahan", "uniform"), ("E7M0", "A", "uniform"), ("bf16", "A", "-"),
-            ("E1M6", "C", "post-ln"), ("E1M6", "D", "post-ln"), ("E0M7", "D", "post-ln")} <= groups
+            ("E4M3", "C-kahan", "uniform"), ("E7M0", "A", "uniform"), ("E7M0", "E", "uniform"), ("bf16", "A", "-"),
+            ("E1M6", "C", "post-ln"), ("E1M6", "Du", "post-ln")} <= groups
     arms = {c.arm: c.config.arm for c in small.cells() if c.format == "E5M2"}
     assert arms == {"A": "adamw", "B": "adamw-rtn", "C": "adamw-sr", "D": "manifold-sr", "Dm": "manifold-master",
                     "E": "grid-sr", "Em": "grid-master", "ECO": "eco-rtn", "C-kahan": "adamw-rtn-kahan"}
@@ -135,9 +135,16 @@ def test_the_shipped_matrices_load():
         assert shipped.tuning_seed not in shipped.evaluation_seeds and "max_steps" not in shipped.sweep
         sources = {arm: values["lr"]["from"] for arm, values in shipped.arms.items() if isinstance(values.get("lr"), dict)}
         assert sources.get("D") == "C" and sources.get("Dm") == "A"  # each geometry arm beside its AdamW partner
-    assert {c.seed for c in small.cells()} == {1337, 1338, 1339}
+    # five evaluation seeds for what the answer compares, three for B (inheriting A's lr) and E7M0
+    seeds = {}
+    for cell in small.cells():
+        seeds.setdefault(cell.group, set()).add(cell.seed)
+    assert {group for group, s in seeds.items() if s != {1337, 1338, 1339, 1340, 1341}} == \
+        {"e5m2-B", "e3m4-B", "e7m0-A", "e7m0-C", "e7m0-E"}
+    assert seeds["e5m2-B"] == {1337, 1338, 1339} and small.tuning_seed == 1342 and small.budget == 5
+    assert "e5m2-B" not in {c.group for c in small.sweep_cells()} and small.arms["B"]["lr"] == {"from": "A"}
     assert all(c.expected_failure for c in small.cells() if c.format == "E7M0")
-    assert {c.config.lr for c in small.sweep_cells() if c.format == "bf16"} == {0.0005, 0.001, 0.002}  # every arm
+    assert {c.config.lr for c in small.sweep_cells() if c.format == "bf16"} == {0.001, 0.002, 0.004}  # every arm
     assert len(load_matrix(CONFIGS / "matrix" / "tiny.yaml").cells()) == 27
     assert load_matrix(CONFIGS / "matrix" / "paper.yaml").preset == "paper"
 
