@@ -315,3 +315,20 @@ def test_gridoptim_with_compensation_moves_by_the_sum_of_sub_rung_moves(rounding
         assert torch.equal(plain, torch.zeros_like(plain))  # 0.1 rung rounds to no move, every step
     assert bool(((moved - 6).abs() <= 1).all()) and float(moved.float().mean()) == pytest.approx(6, abs=0.35)
     assert float(buffer.abs().max()) * 256.0 < 2.0  # under one grid step (at most 2 at these scaled values)
+
+
+def test_a_rescale_or_a_new_format_keeps_what_its_re_rounding_lost_in_the_buffer():
+    """Re-rounding a compensated weight onto another grid (GridOptim's rescale, an emergency
+    shift) moves the residual into the buffer: w + c is unchanged, to the buffer's precision."""
+    generator = torch.Generator().manual_seed(2)
+    param, weight = one_weight(torch.randn(256, generator=generator) * 0.05, "E4M3", compensation=torch.float32)
+    with torch.no_grad():
+        param.add_(torch.randn(256, generator=generator) * 1e-3)
+    weight.store(None)
+    total = param.detach().double() + weight.compensation.double()
+    stored = param.detach().clone()
+    weight.rescale(0.5, None)  # a coarser grid: the re-rounding loses more
+    assert not torch.equal(param.detach(), stored)
+    assert torch.allclose(param.detach().double() + weight.compensation.double(), total, rtol=0, atol=1e-8)
+    weight.reformat(get_format("E3M4"), None)
+    assert torch.allclose(param.detach().double() + weight.compensation.double(), total, rtol=0, atol=1e-8)

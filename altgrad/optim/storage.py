@@ -151,12 +151,22 @@ class FormatWeight:
         return q * (1.0 / scale)
 
     @torch.no_grad()
+    def _keep_residual(self, before: torch.Tensor) -> None:
+        """After a re-rounding of the stored tensor (a rescale, a new format): with compensation the
+        buffer also keeps what it lost, so ``w + c`` stays the sum of the steps."""
+        if self.compensation is not None:
+            self.compensation.copy_(self.compensation.float().add_(before.sub_(self.param.data)))
+
+    @torch.no_grad()
     def rescale(self, factor: float, generator: torch.Generator | None) -> None:
         """Change the scale by a power of two ``factor`` and re-round the tensor onto the new grid."""
         scale = self.scale * factor
+        before = self.param.detach().clone() if self.compensation is not None else None
         q = quantize(self.param.detach() * scale, self.fmt, rounding=self.update_rounding, generator=generator)
         self.param.copy_(q * (1.0 / scale))
         self._set_scale(scale, count=True)
+        if before is not None:
+            self._keep_residual(before)
 
     @torch.no_grad()
     def reformat(self, fmt: FloatFormat, generator: torch.Generator | None, project: bool = True) -> None:
@@ -165,7 +175,10 @@ class FormatWeight:
         from a checkpoint)."""
         self.fmt = fmt
         if self.stored and project:
+            before = self.param.detach().clone() if self.compensation is not None else None
             self.project(generator, count=False)
+            if before is not None:
+                self._keep_residual(before)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"scale": self.scale.clone(), "rescales": self.rescales.clone()}
