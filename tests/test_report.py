@@ -197,8 +197,15 @@ def test_the_report_on_a_tiny_real_matrix(tiny_matrix, tiny_data, tmp_path):
         sample_sd([r["final_val_loss"] for r in groups[("bf16", "A")]["runs"]]))
     markdown = (out / "report.md").read_text()
     assert data["answer"] in markdown and "Student-t" in markdown and "n=3" in markdown
-    for name in ("loss_curves.png", "heatmaps.png", "flips_updates.png", "rank_vs_bf16.png"):
+    for name in ("loss_curves.png", "heatmaps.png", "flips_updates.png", "rank_vs_bf16.png", "memory_frontier.png"):
         assert (out / name).stat().st_size > 1000 and f"]({name})" in markdown
+    memory = {arm: groups[("E5M2", arm)]["memory"] for arm in ("A", "B", "C", "D", "Dm", "E")}
+    assert {arm: m["status"] for arm, m in memory.items()} == dict.fromkeys(memory, "recorded")  # every run's own
+    assert memory["A"]["bits"]["master"] == 32 and memory["C"]["bits"]["stored"] == 8
+    assert groups[("bf16", "A")]["memory"]["status"] == "no weight format"
+    (frontier,) = data["memory_frontier"]
+    assert frontier["format"] == "E5M2" and len(frontier["points"]) == 6 and frontier["on_frontier"]
+    assert frontier["summary"] in markdown and not [n for n in data["notes"] if "memory" in n]
     assert "20 steps" in data["limits"] and "byte tokens" in data["limits"]
     assert f"on {tiny_data} (byte tokens)" in data["limits"]  # the data each run recorded it trained on
     assert [v["cells"] for v in data["code_versions"]] == [21] and data["code_versions"][0]["code"]["torch"]

@@ -30,12 +30,14 @@ def report(
     establish it, the null control, the tuning record, step sizes, every cell and figures."""
     with user_errors():
         analysis, files = write_report(source, out)
-        cells = _table("cells (final val loss: mean over seeds; differences paired by seed, 95% t-interval)",
-                       ("format", "arm", "val loss", "vs BF16", "vs arm A", "diverged"))
+        cells = _table("cells (final val loss: mean over seeds; differences paired by seed, 95% t-interval; "
+                       "bits per weight with a format)",
+                       ("format", "arm", "val loss", "vs BF16", "vs arm A", "bits/param", "diverged"))
         for g in analysis.groups:
-            cells.add_row(g.format + layer_suffix(g.layers), g.arm, _f(g.mean_loss()),
+            memory = analysis.memory.get(g.key)
+            cells.add_row(g.format + layer_suffix(g.layers), g.arm_name, _f(g.mean_loss()),
                           _interval(analysis.vs_baseline.get(g.key)), _interval(analysis.vs_arm_a.get(g.key)),
-                          f"{g.diverged}/{len(g.cells)}")
+                          memory.short if memory is not None else "not recorded", f"{g.diverged}/{len(g.cells)}")
         console.print(cells)
         rows = tuning_rows(analysis)
         if rows:
@@ -56,7 +58,8 @@ def report(
                 question.add_row(c.where, c.optimizer_name, _interval(c.interaction), _f(c.holm_p, ".3g"),
                                  _f(c.resolution))
             console.print(question)
-            effects = _table("beside it: update rule (gm - A), storage (C - A, gs - gm), the same checks",
+            effects = _table("beside it: update rule (gm - A), storage (C - A, gs - gm), remedies (gs - ECO, "
+                             "gs - C-kahan), the same checks",
                              ("effect", "difference [95%]", "Holm p", "resolution", "verdict"))
             beside = side_effects(analysis.comparisons)
             for c, e in beside:
@@ -72,6 +75,8 @@ def report(
                         console.print(f"  {check.name}: {check.detail}", soft_wrap=True)
         for n in analysis.not_compared:
             console.print(f"[dim]not compared:[/] {n.text}")
+        for found in analysis.frontiers:
+            console.print(f"[bold]memory/loss frontier:[/] {found.text}", soft_wrap=True)
         console.print(f"[bold]null control:[/] {analysis.null_control.status}")
         console.print(f"[bold]answer:[/] {analysis.answer}")
         for note in analysis.notes:

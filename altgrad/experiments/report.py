@@ -20,6 +20,9 @@ with each group's tuning record (`Sweep`) and the matrix's tuning protocol (`Pro
   says "not established" with the reasons. The noise floor of a comparison is its own interval
   plus the tuning resolution (how far the tuned groups' losses move between their chosen value
   and its neighbours); the BF16 seed-to-seed spread is context only.
+- Memory per parameter (`report_memory`): each group's bits per weight with a format from its
+  runs' summaries, and per format the memory/loss frontier, with what each arm's place on it
+  rests on (DESIGN §5.2: the remedies' memory beside each).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .matrix import layer_suffix
 from .report_checks import (ARM_OWN_KEYS, CHECKS, EFFECTS, Check, Comparison, Effect, NotCompared, NullCheck,
                             NullControl, compare_formats, find_group, null_control, number_text, same_grid,
                             side_effects, uniform_grid)
+from .report_memory import Frontier, GroupMemory, frontiers, group_memory
 from .report_runs import Cell, Group, collect, role
 from .report_sweeps import Protocol, Sweep, read_protocol, read_sweeps
 from .stats import CONFIDENCE, Paired, mean, paired_difference, sample_sd
@@ -64,6 +68,8 @@ class Analysis:
     answer: str
     limits: str
     notes: list[str] = field(default_factory=list)
+    memory: dict[str, GroupMemory] = field(default_factory=dict)  # group key -> its bits per parameter
+    frontiers: list[Frontier] = field(default_factory=list)  # per format: the memory/loss frontier
 
     def sweep(self, group: Group) -> Sweep | None:
         return self.sweeps.get(group.name)
@@ -249,6 +255,20 @@ def _notes(groups: list[Group], sweeps: dict[str, Sweep]) -> list[str]:
     return notes
 
 
+def _memory_notes(groups: list[Group], memory: dict[str, GroupMemory]) -> list[str]:
+    disagree = [f"{g.format}{layer_suffix(g.layers, ' ({})')} {g.arm_name}: {memory[g.key].text}" for g in groups
+                if memory[g.key].status == "runs disagree"]
+    notes = ["The runs of a group disagree on their bits per parameter (the group is left off the memory frontier): "
+             + "; ".join(disagree) + "."] if disagree else []
+    unrecorded = [g for g in groups if memory[g.key].not_recorded]
+    if unrecorded:
+        notes.append(f"{cell_count(sum(len(memory[g.key].not_recorded) for g in unrecorded))} recorded no memory "
+                     "per parameter (a summary from before the record, or none): "
+                     + ", ".join(f"{g.format}{layer_suffix(g.layers, ' ({})')} {g.arm_name}" for g in unrecorded)
+                     + ". Their bits are not guessed.")
+    return notes
+
+
 def _run_mean(run: Any, key: str) -> float:
     return mean(run.series(key)[1]) if run is not None else math.nan
 
@@ -285,9 +305,11 @@ def analyse(groups: list[Group], manifest: dict[str, Any] | None = None) -> Anal
     comparisons, not_compared = compare_formats(groups, sweeps, protocol, null)
     limits = _limits(groups)
     answer = _answer(comparisons, not_compared, null, _tuning_sentence(protocol, sweeps), limits)
+    memory = {g.key: group_memory(g) for g in groups}
     return Analysis(groups, baseline, sample_sd(list(base_losses.values())), vs_baseline, vs_arm_a, comparisons,
                     not_compared, null, sweeps, protocol, {g.key: step_sizes(g) for g in groups}, answer, limits,
-                    _notes(groups, sweeps))
+                    _notes(groups, sweeps) + _memory_notes(groups, memory), memory,
+                    frontiers(groups, memory, sweeps))
 
 
 # ---- report.json -------------------------------------------------------------------------------
@@ -313,7 +335,8 @@ def to_json(analysis: Analysis, runs_dir: Path, manifest: dict[str, Any]) -> dic
                 "diverged": g.diverged, "failed": g.failed, "divergence_rate": g.divergence_rate,
                 "vs_bf16": analysis.vs_baseline[g.key].to_dict() if g.key in analysis.vs_baseline else None,
                 "vs_arm_a": analysis.vs_arm_a[g.key].to_dict() if g.key in analysis.vs_arm_a else None,
-                "step_sizes": analysis.step_sizes.get(g.key, {})}
+                "step_sizes": analysis.step_sizes.get(g.key, {}),
+                "memory": analysis.memory[g.key].to_dict() if g.key in analysis.memory else None}
 
     null = analysis.null_control
     return {"runs_dir": str(runs_dir), "matrix": manifest.get("matrix"),
@@ -340,6 +363,7 @@ def to_json(analysis: Analysis, runs_dir: Path, manifest: dict[str, Any]) -> dic
                             "bf16_losses": {str(k): v for k, v in (analysis.baseline.losses() if analysis.baseline
                                                                     else {}).items()}},
             "groups": [group_dict(g) for g in analysis.groups],
+            "memory_frontier": [f.to_dict() for f in analysis.frontiers],
             "code_versions": code_versions(analysis.groups),
             "sweeps": manifest.get("sweeps", {}), "answer": analysis.answer, "limits": analysis.limits,
             "notes": analysis.notes}

@@ -3,7 +3,9 @@
 Per format, layer policy and geometry optimizer with all four groups (geometry stored ``gs``,
 arm C, the same optimizer on FP32 masters ``gm``, arm A), the `EFFECTS`, each paired by seed:
 the question, the interaction ``(gs - C) - (gm - A)``, and beside it the update-rule effect
-``gm - A`` and the storage effects ``C - A`` and ``gs - gm``. Every effect is a claim of its own,
+``gm - A``, the storage effects ``C - A`` and ``gs - gm`` and, where the format has them, the
+geometry arm against the non-geometric remedies it must beat (DESIGN §5.2): ``gs - ECO``
+(error feedback) and ``gs - Ck`` (C-kahan, compensated storage). Every effect is a claim of its own,
 gated by the same `CHECKS` over the groups it involves, with Holm's correction over the
 distinct comparisons of its family (one effect across the formats and optimizers); the null
 control on uniform grids; the formats not compared.
@@ -31,9 +33,12 @@ ARM_OWN_KEYS = frozenset({"optimizer", "weight_storage", "update_rounding", "gri
                           "grid_direction", "rung_clip", "max_stiffness", "compensation", "compensation_dtype"})
 #: The four groups of a comparison, in the order text names them.
 PARTS = ("gs", "C", "gm", "A")
-PART_NAMES = {"gs": "geometry stored", "C": "arm C", "gm": "geometry on masters", "A": "arm A"}
+#: The remedies a comparison adds when its format has them: part -> role (report_runs.role).
+REMEDIES = {"ECO": "ECO", "Ck": "C-kahan"}
+PART_NAMES = {"gs": "geometry stored", "C": "arm C", "gm": "geometry on masters", "A": "arm A", "ECO": "arm ECO",
+              "Ck": "arm C-kahan"}
 #: The pairs whose runs must differ only in what is compared.
-PAIRS = (("gs", "C"), ("gm", "A"), ("gs", "gm"), ("C", "A"))
+PAIRS = (("gs", "C"), ("gm", "A"), ("gs", "gm"), ("C", "A"), ("gs", "ECO"), ("gs", "Ck"))
 #: The effects a comparison measures: name -> (the groups it involves, its formula, what it measures).
 #: The first is the question; the others are shown beside it, each a claim of its own.
 EFFECTS = {
@@ -41,6 +46,8 @@ EFFECTS = {
     "update_rule": (("gm", "A"), "gm - A", "the update rule, on FP32 masters"),
     "storage_adamw": (("C", "A"), "C - A", "storing weights on the grid, under AdamW"),
     "storage_geometry": (("gs", "gm"), "gs - gm", "storing weights on the grid, under the geometry rule"),
+    "geometry_vs_eco": (("gs", "ECO"), "gs - ECO", "the stored geometry arm against error feedback (ECO)"),
+    "geometry_vs_kahan": (("gs", "Ck"), "gs - Ck", "the stored geometry arm against compensated storage (C-kahan)"),
 }
 #: The conditions of an established claim, in the order they are checked and named.
 CHECKS = ("tuned_interior", "same_horizon", "equal_budget", "tuning_seed_apart", "paired", "enough_seeds",
@@ -80,7 +87,7 @@ class Effect:
 
     def formula_of(self, groups: dict[str, Group]) -> str:
         """Its formula in the groups' arm names: ``(D - C) - (Dm - A)``."""
-        return re.sub(r"\b(gs|gm|C|A)\b", lambda m: groups[m.group(1)].arm, self.formula)
+        return re.sub(r"\b(gs|gm|C|A|ECO|Ck)\b", lambda m: groups[m.group(1)].arm, self.formula)
 
     @property
     def noise_floor(self) -> float:
@@ -110,8 +117,8 @@ class Comparison:
     format: str
     layers: str
     optimizer: str  # manifold | grid | grid-momentum
-    groups: dict[str, Group]  # gs, C, gm, A
-    effects: dict[str, Effect]  # of `EFFECTS`, in its order
+    groups: dict[str, Group]  # gs, C, gm, A, and ECO, Ck where the format has them
+    effects: dict[str, Effect]  # of `EFFECTS`, in its order (the remedies' where their group exists)
     stored_vs_control: Paired  # gs - C: shown, never claimed (it mixes the rule with the storage)
 
     @property
@@ -142,7 +149,9 @@ class Comparison:
         (Dm - A)``, ``E5M2 storage under AdamW (C - A)`` (no geometry group: no optimizer named)."""
         name = {"interaction": f"{self.optimizer_name} interaction", "update_rule": f"{self.optimizer_name} update rule",
                 "storage_adamw": "storage under AdamW",
-                "storage_geometry": f"storage under {self.optimizer_name}"}[effect.name]
+                "storage_geometry": f"storage under {self.optimizer_name}",
+                "geometry_vs_eco": f"{self.optimizer_name} stored vs ECO",
+                "geometry_vs_kahan": f"{self.optimizer_name} stored vs C-kahan"}[effect.name]
         return f"{self.where} {name} ({effect.formula_of(self.groups)})"
 
 
@@ -229,12 +238,13 @@ def same_grid(a: str, b: str) -> bool:
 # ---- the checks ----------------------------------------------------------------------------------
 def part_label(part: str, arm: str) -> str:
     """How reasons name a group of a comparison: ``D (stored)``, ``Dm (on masters)``, ``C``, ``A``
-    (an AdamW arm under another matrix name: ``C2 (arm C)``)."""
+    (an AdamW arm under another matrix name: ``C2 (arm C)``, a remedy's: ``eco-rtn (arm ECO)``)."""
     if part == "gs":
         return f"{arm} (stored)"
     if part == "gm":
         return f"{arm} (on masters)"
-    return arm if arm == part else f"{arm} (arm {part})"
+    name = REMEDIES.get(part, part)
+    return arm if arm == name else f"{arm} (arm {name})"
 
 
 def number_text(value: float, spec: str = ".4f") -> str:
@@ -463,14 +473,11 @@ def compare_formats(groups: list[Group], sweeps: dict[str, Sweep], protocol: Pro
             if lacking:
                 missing.append(NotCompared(fmt, layers, optimizer, lacking))
                 continue
-            loss = {p: parts[p].losses() for p in PARTS}
-            differences = {"interaction": interaction(loss["gs"], loss["C"], loss["gm"], loss["A"]),
-                           "update_rule": paired_difference(loss["gm"], loss["A"]),
-                           "storage_adamw": paired_difference(loss["C"], loss["A"]),
-                           "storage_geometry": paired_difference(loss["gs"], loss["gm"])}
-            effects = {e: Effect(e, involved, differences[e],
+            parts |= {p: g for p, r in REMEDIES.items() if (g := find_group(groups, fmt, layers, r)) is not None}
+            loss = {p: g.losses() for p, g in parts.items()}
+            effects = {e: Effect(e, involved, _difference(e, loss),
                                  _resolution([sweeps.get(parts[p].name) for p in involved]))
-                       for e, (involved, _, _) in EFFECTS.items()}
+                       for e, (involved, _, _) in EFFECTS.items() if all(p in parts for p in involved)}
             comparisons.append(Comparison(fmt, layers, optimizer, parts, effects,
                                           paired_difference(loss["gs"], loss["C"])))
     for name in EFFECTS:
@@ -478,10 +485,19 @@ def compare_formats(groups: list[Group], sweeps: dict[str, Sweep], protocol: Pro
     for comparison in comparisons:
         for effect in comparison.effects.values():
             effect.checks = _checks(effect, comparison.groups,
-                                    {p: sweeps.get(comparison.groups[p].name) for p in PARTS}, protocol, null)
+                                    {p: sweeps.get(g.name) for p, g in comparison.groups.items()}, protocol, null)
     comparisons.sort(key=lambda c: (not c.established,
                                     c.interaction.mean if math.isfinite(c.interaction.mean) else math.inf))
     return comparisons, missing
+
+
+def _difference(effect: str, loss: dict[str, dict[int, float]]) -> Paired:
+    """One effect of `EFFECTS`, paired by seed: the interaction of its four groups, else the
+    difference of its two."""
+    if effect == "interaction":
+        return interaction(loss["gs"], loss["C"], loss["gm"], loss["A"])
+    first, second = EFFECTS[effect][0]
+    return paired_difference(loss[first], loss[second])
 
 
 def _holm_family(comparisons: list[Comparison], name: str) -> None:
@@ -489,6 +505,8 @@ def _holm_family(comparisons: list[Comparison], name: str) -> None:
     groups count once: C - A is the same comparison for every geometry optimizer of a format)."""
     distinct: dict[tuple[str, ...], list[Effect]] = {}
     for c in comparisons:
+        if name not in c.effects:  # a remedy's effect where the format has no such arm
+            continue
         effect = c.effects[name]
         distinct.setdefault(tuple(c.groups[p].name for p in effect.parts), []).append(effect)
     members = list(distinct.values())

@@ -10,6 +10,8 @@ from ..io import write_json, write_text
 from .matrix import layer_suffix
 from .report import CHECKS, STEP_METRICS, Analysis, analyse, cell_count, collect, to_json
 from .report_checks import side_effects
+from .report_memory import SAME_BITS
+from ..optim.memory import PARTS as MEMORY_PARTS
 from .report_plots import run_stall_ratio, write_figures
 from .stats import CONFIDENCE, Paired
 
@@ -109,9 +111,11 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
                 f"`{check.name}`: {check.detail}" for check in c.checks if not check.ok))
     beside = side_effects(analysis.comparisons)
     if beside:
-        lines += ["", "### Beside it: the update rule and the storage effects", "",
+        lines += ["", "### Beside it: the update rule, the storage effects and the remedies", "",
                   "Each a claim of its own, under the same checks over the groups it involves; Holm-adjusted "
-                  "within each effect over its distinct comparisons (C - A once per format).", "",
+                  "within each effect over its distinct comparisons (C - A once per format). Where a format has "
+                  "them, the stored geometry arm against the non-geometric remedies it must beat (DESIGN 5.2): "
+                  "error feedback (gs - ECO) and compensated storage (gs - C-kahan).", "",
                   "| effect | what it measures | difference [interval] | Holm p | resolution | verdict |",
                   "|---|---|---|---|---|---|"]
         for c, e in beside:
@@ -135,6 +139,7 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
         for n in null.checks:
             lines.append(f"| {n.where} | {interval(n.paired)} | {_f(n.resolution)} | {n.status} | "
                          f"{'; '.join(n.reasons) or '-'} |")
+    lines += _memory_lines(analysis)
     lines += ["", "## Tuning", "", _protocol_line(analysis), ""]
     rows = tuning_rows(analysis)
     if rows:
@@ -157,15 +162,16 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
     lines += ["", "## Every cell", "",
               "Final validation loss: mean over the seeds that completed with a finite loss; differences paired "
               "by seed.", "",
-              "| format | arm | tag | final val loss | vs BF16 | vs arm A | stall ratio | diverged | note |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| format | arm | tag | final val loss | vs BF16 | vs arm A | stall ratio | bits / param | diverged | "
+              "note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for g in analysis.groups:
         note = f"expected failure: {g.expected_failure}" if g.expected_failure else ""
         if g.failed:
             note = (note + "; " if note else "") + f"{g.failed} run(s) failed or incomplete"
-        lines.append(f"| {g.format}{layer_suffix(g.layers, ' ({})')} | {g.arm} | {g.arm_tag} | {_f(g.mean_loss())} "
-                     f"(n={len(g.losses())}) | {interval(analysis.vs_baseline.get(g.key))} | "
-                     f"{interval(analysis.vs_arm_a.get(g.key))} | {_f(run_stall_ratio(g), '.3f')} | "
+        memory = analysis.memory[g.key].short if g.key in analysis.memory else "not recorded"
+        lines.append(f"| {g.format}{layer_suffix(g.layers, ' ({})')} | {g.arm_name} | {g.arm_tag} | "
+                     f"{_f(g.mean_loss())} (n={len(g.losses())}) | {interval(analysis.vs_baseline.get(g.key))} | "
+                     f"{interval(analysis.vs_arm_a.get(g.key))} | {_f(run_stall_ratio(g), '.3f')} | {memory} | "
                      f"{g.diverged}/{len(g.cells)} | {note} |")
     collapsed = [(g, c) for g in analysis.groups for c in g.cells
                  if c.run is not None and c.run.summary.get("collapse")]
@@ -182,6 +188,38 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
         lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
     lines += ["Every number above, with the per-seed values behind it, is in `report.json`."]
     return "\n".join(lines) + "\n"
+
+
+def _memory_lines(analysis: Analysis) -> list[str]:
+    """The memory section: each group's bits per parameter (from its runs' summaries) and, per
+    format, the arms on the memory/loss frontier with what each place rests on."""
+    lines = ["", "## Memory per parameter", "",
+             "Bits per weight with a format of the persistent training state (the weight as stored, FP32 "
+             "masters, optimizer moments, compensation buffers, the scalars amortised: `altgrad/optim/memory.py`), "
+             "from each run's summary; runs from before the record say \"not recorded\". An arm is on the "
+             "memory/loss frontier of its format when no other arm has fewer or equal bits (within "
+             f"{SAME_BITS:g} bit) and a lower mean final loss. Each arm's place rests on its paired difference "
+             "by seed against the arm with the lowest mean loss among the others with fewer or equal bits, "
+             f"with its {CONFIDENCE:.0%} interval and the two groups' tuning resolution (descriptive: no Holm "
+             "correction).", "",
+             "| format | arm | tag | bits / param | stored | master | moments | compensation | other |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for g in analysis.groups:
+        record = analysis.memory.get(g.key)
+        if record is None:
+            continue
+        bits = record.bits or {}
+        parts = [_f(bits[part], ".4g") if bits else "-" for part in MEMORY_PARTS]
+        total = record.short if record.status == "recorded" else record.text
+        lines.append(f"| {g.format}{layer_suffix(g.layers, ' ({})')} | {g.arm_name} | {g.arm_tag} | {total} | "
+                     + " | ".join(parts) + " |")
+    lines.append("")
+    if analysis.frontiers:
+        for found in analysis.frontiers:
+            lines += [f"- {found.summary}", *(f"  - {claim}" for claim in found.claims)]
+    else:
+        lines.append("No group recorded its memory per parameter: no frontier.")
+    return lines
 
 
 def _protocol_line(analysis: Analysis) -> str:

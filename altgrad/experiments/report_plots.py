@@ -16,6 +16,7 @@ from ..io import atomic_write  # noqa: E402
 from .compare import rank_ratio  # noqa: E402
 from .matrix import layer_suffix  # noqa: E402
 from .report import Analysis, Group  # noqa: E402
+from .report_memory import SAME_BITS  # noqa: E402
 from .stats import mean  # noqa: E402
 
 
@@ -229,12 +230,66 @@ def collapse_steps(analysis: Analysis, path: Path) -> Path | None:
     return _save(figure, path)
 
 
+def memory_frontier(analysis: Analysis, path: Path) -> Path | None:
+    """Per format: final validation loss (mean over seeds, bar: its 95% t-interval) against the
+    bits per weight with a format, one point per arm, the line through the arms on the frontier
+    (report_memory: non-dominated by mean loss)."""
+    panels = [f for f in analysis.frontiers if f.points]
+    if not panels:
+        return None
+    rows, columns = _grid(len(panels))
+    figure, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.0 * rows), squeeze=False)
+    names = list(dict.fromkeys(p.name for f in panels for p in f.points))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    base = analysis.baseline.mean_loss() if analysis.baseline is not None else math.nan
+    for axis, found in zip(axes.flat, panels):
+        span = max(p.bits for p in found.points) - min(p.bits for p in found.points)
+        step = 0.012 * (span or 8.0)  # arms with equal bits side by side, their bars apart
+        same: dict[int, list] = {}
+        for point in found.points:
+            same.setdefault(round(point.bits / SAME_BITS), []).append(point)
+        x = {id(p): p.bits + (i - (len(row) - 1) / 2) * step for row in same.values() for i, p in enumerate(row)}
+        losses = [p.loss.mean for p in found.points]
+        close = 0.03 * ((max(losses) - min(losses)) or 1.0)  # labels of arms at one place stacked
+        rank = {id(p): sum(abs(q.loss.mean - p.loss.mean) < close for q in row[:i])
+                for row in same.values() for i, p in enumerate(row)}
+        for point in found.points:
+            low, high = point.loss.low, point.loss.high
+            bar = [[point.loss.mean - low], [high - point.loss.mean]] if point.loss.n >= 2 else None
+            color = colors[point.name]
+            axis.errorbar(x[id(point)], point.loss.mean, yerr=bar, fmt="o" if point.on_frontier else "s", color=color,
+                          markerfacecolor=color if point.on_frontier else "white", capsize=3,
+                          label=f"{point.name} ({point.group.arm_tag})")
+            axis.annotate(point.name, (x[id(point)], point.loss.mean), textcoords="offset points",
+                          xytext=(5, 3 + 8 * rank[id(point)]), fontsize="x-small")
+        line = found.on
+        axis.plot([x[id(p)] for p in line], [p.loss.mean for p in line], "k-", linewidth=1, alpha=0.6,
+                  label="frontier")
+        if math.isfinite(base):
+            axis.axhline(base, color="k", linestyle="--", linewidth=1,
+                         label=f"{analysis.baseline.format} (no weight format)")
+        axis.set_title(found.where)
+        axis.set_xlabel("bits per weight with a format (training state)")
+        axis.set_ylabel("final validation loss")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="x-small")
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    figure.suptitle("memory/loss frontier: mean over seeds, bar = 95% interval\nfilled: on the frontier (no arm "
+                    "with fewer or equal bits has a lower mean loss);\narms with equal bits are drawn side by side",
+                    fontsize="small")
+    figure.subplots_adjust(top=0.8 if rows == 1 else 0.88)
+    return _save(figure, path)
+
+
 FIGURES: dict[str, tuple[Callable[[Analysis, Path], Path | None], str]] = {
     "loss_curves.png": (loss_curves, "Validation loss per format and arm (mean over seeds, band: min to max)"),
     "heatmaps.png": (heatmaps, "Stall ratio and final-loss difference to BF16, format x arm"),
     "flips_updates.png": (flips_updates, "Flip and update rates over training"),
     "rank_vs_bf16.png": (rank_vs_bf16, "Effective rank relative to the BF16 run of the same seed"),
     "collapse.png": (collapse_steps, "Collapse steps of the cells that failed"),
+    "memory_frontier.png": (memory_frontier, "Final validation loss against bits per parameter per format "
+                                             "(the memory/loss frontier)"),
 }
 
 

@@ -6,7 +6,10 @@ Arm roles are read from each run's own config (``summary.arm``): ``adamw`` (FP32
 A, ``adamw-rtn`` B, ``adamw-sr`` C; ``manifold-*``, ``grid-*`` and ``grid-momentum-*`` are
 geometry, told apart by where the weights live: ``geometry-master`` (FP32 masters, the grid
 only sizes the step), ``geometry-stored`` (on the grid, stochastic rounding), ``geometry-rtn``
-(on the grid, round to nearest).
+(on the grid, round to nearest). The non-geometric remedies a geometry arm must beat (DESIGN
+§5.2) have roles of their own: ``eco-rtn`` is ECO (error feedback, Nikdan et al. 2026),
+``adamw-rtn-kahan`` C-kahan (compensated storage); their other variants (``eco-sr``,
+``adamw-sr-kahan``, a geometry arm with ``-kahan``) are other, as mixed storage is.
 
 The manifest's record of the tuning is read by `report_sweeps`.
 """
@@ -36,18 +39,39 @@ GEOMETRY_ROLES = {"master": "geometry-master", "sr": "geometry-stored", "rtn": "
 OPTIMIZER_NAMES = {"manifold": "ManifoldAdamW", "grid": "GridOptim", "grid-momentum": "GridOptim (momentum)"}
 
 
+#: The roles of the AdamW arms and of the non-geometric remedies, by arm tag.
+ROLES = {"adamw": "A", "adamw-rtn": "B", "adamw-sr": "C", "eco-rtn": "ECO", "adamw-rtn-kahan": "C-kahan"}
+#: How text and figures name an arm without a matrix name (its tag's role, or a short name).
+ARM_NAMES = {"eco-sr": "ECO-sr", "adamw-sr-kahan": "C-kahan-sr", "manifold-sr": "D", "manifold-master": "Dm",
+             "manifold-rtn": "D-rtn", "grid-sr": "E", "grid-master": "Em", "grid-rtn": "E-rtn",
+             "grid-momentum-sr": "E-momentum", "grid-momentum-master": "Em-momentum"}
+
+
 def role(arm_tag: str) -> str:
-    """A | B | C | geometry-master | geometry-stored | geometry-rtn | other, from a run's arm tag
-    (TrainConfig.arm). Mixed storage (``*-mixed``) is other: no comparison is about it."""
-    if arm_tag == "adamw":
-        return "A"
-    if arm_tag == "adamw-rtn":
-        return "B"
-    if arm_tag == "adamw-sr":
-        return "C"
+    """A | B | C | ECO | C-kahan | geometry-master | geometry-stored | geometry-rtn | other, from
+    a run's arm tag (TrainConfig.arm). Mixed storage (``*-mixed``), the other ECO and
+    compensated variants are other: no comparison is about them."""
+    if arm_tag in ROLES:
+        return ROLES[arm_tag]
+    if arm_tag.endswith("-kahan"):
+        return "other"
     if geometry_optimizer(arm_tag) is not None:
         return GEOMETRY_ROLES.get(arm_tag.rpartition("-")[2], "other")
     return "other"
+
+
+def arm_name(arm_tag: str) -> str:
+    """A readable name of an arm from its tag: ``C`` (adamw-sr), ``ECO`` (eco-rtn), ``C-kahan``
+    (adamw-rtn-kahan), ``D`` (manifold-sr), ``D-kahan`` (manifold-sr-kahan); the tag itself when
+    it has none."""
+    if arm_tag in ROLES:
+        return ROLES[arm_tag]
+    if arm_tag in ARM_NAMES:
+        return ARM_NAMES[arm_tag]
+    base, _, compensation = arm_tag.rpartition("-")
+    if compensation == "kahan" and base in ARM_NAMES:
+        return f"{ARM_NAMES[base]}-kahan"
+    return arm_tag
 
 
 def geometry_optimizer(arm_tag: str) -> str | None:
@@ -112,6 +136,12 @@ class Group:
     def name(self) -> str:
         """The matrix's group name (``e5m2-C``, ``e1m6-D-post-ln``): the key of its sweep."""
         return group_name(self.format, self.arm, self.layers)
+
+    @property
+    def arm_name(self) -> str:
+        """The arm as text and figures name it: the matrix's name (``ECO``, ``C-kahan``), or for
+        groups read from run folders (whose arm is the tag) a readable name of the tag."""
+        return self.arm if self.arm != self.arm_tag else arm_name(self.arm_tag)
 
     @property
     def label(self) -> str:
