@@ -333,3 +333,27 @@ def test_the_report_never_takes_a_diverged_trial_as_the_choice(tmp_path):
     every = {"key": "lr", "losses": {"0.001": 0.01, "0.002": 0.02}, "best": None,
              "statuses": {"0.001": "diverged", "0.002": "diverged"}}
     assert read_sweep("x", every).best is None and not read_sweep("x", every).settled
+
+
+def test_a_value_inherited_from_another_format_is_that_formats_tuned_choice(tmp_path):
+    """``lr: {from: A, format: bf16}``: every FP8 cell at the BF16 baseline's tuned lr (the FP8
+    recipe's practice); its trials and cells wait for that tuning, and the record names the group."""
+    arms = {"A": {"optimizer": "adamw", "sweep": {"lr": [0.001, 0.002, 0.004]}},
+            "Af": {"optimizer": "adamw", "lr": {"from": "A", "format": "bf16"}},
+            "Cf": {"optimizer": "adamw", "weight_storage": "format", "update_rounding": "stochastic",
+                   "lr": {"from": "A", "format": "bf16"}}}
+    matrix = load_matrix(fake_matrix(tmp_path, arms=arms, cells=[{"formats": ["bf16"], "arms": ["A"]},
+                                                                {"formats": ["E5M2"], "arms": ["Af", "Cf"]}]))
+    assert {t.group: t.inherits for t in matrix.tunings()} == {"bf16-A": {}, "e5m2-Af": {"lr": "bf16-A"},
+                                                               "e5m2-Cf": {"lr": "bf16-A"}}
+    manifest = FakeRunner(matrix, fake_loss).run()
+    assert manifest["sweeps"]["bf16-A"]["best"] == {"lr": 0.008}
+    assert manifest["sweeps"]["e5m2-Af"]["inherited"]["lr"]["group"] == "bf16-A"
+    for entry in manifest["cells"].values():
+        if not entry.get("sweep") and entry["format"] == "E5M2":
+            config = yaml.safe_load((tmp_path / "runs" / entry["folder"] / "config.yaml").read_text())
+            assert config["lr"] == 0.008
+    with pytest.raises(UserError, match=r"cell e5m2-Af: lr: \{from: A\} needs group e3m4-A-post-ln"):
+        load_matrix(fake_matrix(tmp_path, arms={**arms, "Af": {"optimizer": "adamw", "lr": {
+            "from": "A", "format": "E3M4", "layers": "post-ln"}}}, cells=[{"formats": ["bf16"], "arms": ["A"]},
+                                                                          {"formats": ["E5M2"], "arms": ["Af"]}]))

@@ -32,7 +32,9 @@ layers) group it is in, on the tuning seed, by bracketing log grids (`tuning`: e
 extends itself at an edge until the best value has a worse neighbour on both sides; several
 keys by coordinate descent); the chosen values are recorded and used for all seeds. An arm value
 ``{from: C}`` (e.g. ``lr: {from: C}``) is inherited: the value arm C's tuning chose in the same
-format and layers, resolved once that tuning has settled (its trials wait for it).
+format and layers, resolved once that tuning has settled (its trials wait for it); ``{from: A,
+format: bf16}`` takes it from another format (and ``layers: L``; uniform when not given), e.g.
+every FP8 cell at the BF16 baseline's tuned lr, the common FP8 recipe.
 
 The ``sweep`` settings are the protocol of DESIGN §5.1, the same for every group: ``seed`` (the
 tuning seed; default one above the largest evaluation seed, and never one of them),
@@ -282,7 +284,7 @@ class Matrix:
         out = []
         for fmt, arm, layers, _, expected, swept in self._combinations():
             grids = {k: tuple(v) for k, v in self.arms[arm].get("sweep", {}).items()} if swept else {}
-            inherits = {k: group_name(fmt, v[INHERIT], layers) for k, v in self.arms[arm].items() if _inherited(v)}
+            inherits = {k: _source_group(v, fmt, layers) for k, v in self.arms[arm].items() if _inherited(v)}
             if grids or inherits:
                 out.append(Tuning(group_name(fmt, arm, layers), fmt, arm, layers, grids, inherits, expected))
         return out
@@ -347,13 +349,23 @@ def _inherited(value: Any) -> bool:
     return isinstance(value, dict) and INHERIT in value
 
 
+def _source_group(value: dict[str, Any], fmt: str, layers: str) -> str:
+    """The group an inherited value comes from: arm ``from`` in the same format and layers, or in
+    the ``format`` (and ``layers``) it names; a baseline format has no layer policy."""
+    source_fmt = value.get("format", fmt)
+    source_layers = "-" if source_fmt.lower() in BASELINES else value.get("layers", layers if "format" not in value
+                                                                           else "uniform")
+    return group_name(source_fmt, value[INHERIT], source_layers)
+
+
 def _check_inherits(arm: str, values: dict[str, Any], arms: dict[str, dict[str, Any]], where: str) -> None:
     for key, value in values.items():
         if not isinstance(value, dict) or key == "sweep":
             continue
         source = value.get(INHERIT)
-        if set(value) != {INHERIT} or not isinstance(source, str):
-            raise UserError(f"{where}: arm {arm}: {key} is a value or {{from: ARM}} (the value ARM's tuning chose)")
+        if not set(value) <= {INHERIT, "format", "layers"} or not isinstance(source, str):
+            raise UserError(f"{where}: arm {arm}: {key} is a value or {{from: ARM}} (the value ARM's tuning chose; "
+                            "with format: F and layers: L, in that format and layers)")
         if source not in arms or source == arm:
             raise UserError(f"{where}: arm {arm}: {key}: {{from: {source}}} names no other arm; "
                             f"arms: {', '.join(a for a in arms if a != arm)}")
