@@ -14,9 +14,10 @@ from oracles import ALL_FORMATS, gfloat_info, probe_points, same_bits
 
 from altgrad.quantization import get_format, native, quantize
 from altgrad.quantization.kernel import native_nearest_fits, round_float32_bits
-from altgrad.quantization.quantize import _params
+from altgrad.quantization.quantize import _params, draw_seed
 from altgrad.quantization.scaling import cast_to_grid, pow2_scale
 
+SR_BITS = (None, 1, 4, 8, 13, 30)  # the random bits of stochastic rounding (None: the exact rule)
 NATIVE_FORMATS = [f for f in ALL_FORMATS if native_nearest_fits(f.mantissa_bits, f.emin, f.max)]
 BF16_FORMATS = [f for f in NATIVE_FORMATS if f.fits(torch.bfloat16)]
 CPU = torch.device("cpu")
@@ -168,17 +169,19 @@ def test_the_build_is_cached_by_source_and_machine(monkeypatch, tmp_path):
 @pytest.mark.parametrize("fmt, dtype", [(f, d) for f in ALL_FORMATS for d in (torch.float32, torch.bfloat16)
                                         if f.fits(d)], ids=lambda v: getattr(v, "name", str(v)))
 def test_native_stochastic_equals_the_torch_kernel_given_the_same_generator(fmt, dtype):
+    """The exact rule and few-bit rounding (sr_bits) alike."""
     generator = torch.Generator().manual_seed(1)
     n = 50_021
     x = torch.randn(n, generator=generator) * torch.exp2(torch.randint(-30, 30, (n,), generator=generator))
     x[:7] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, fmt.max * 1.5, 1e-42])
     x = x.to(dtype)
     for saturate in (True, False):
-        mine = quantize(x, fmt, rounding="stochastic", saturate=saturate, kernel="native",
-                        generator=torch.Generator().manual_seed(7))
-        reference = quantize(x, fmt, rounding="stochastic", saturate=saturate, kernel="eager",
-                             generator=torch.Generator().manual_seed(7))
-        assert _bits_equal(mine, reference).all(), (fmt.name, saturate)
+        for sr_bits in SR_BITS:
+            mine = quantize(x, fmt, rounding="stochastic", saturate=saturate, kernel="native",
+                            generator=torch.Generator().manual_seed(7), sr_bits=sr_bits)
+            reference = quantize(x, fmt, rounding="stochastic", saturate=saturate, kernel="eager",
+                                 generator=torch.Generator().manual_seed(7), sr_bits=sr_bits)
+            assert _bits_equal(mine, reference).all(), (fmt.name, saturate, sr_bits)
 
 
 @needs_native
@@ -195,12 +198,13 @@ def test_random_bits_carry_into_the_high_word_like_the_reference():
 
 @needs_native
 @given(fmt=st.sampled_from(BF16_FORMATS), xs=st.lists(finite_or_special, min_size=1, max_size=100),
-       reference_amax=st.one_of(st.none(), st.floats(0, 1e6, width=32)), seed=st.integers(0, 2**31))
-def test_the_native_stochastic_cast_equals_the_eager_cast(fmt, xs, reference_amax, seed):
+       reference_amax=st.one_of(st.none(), st.floats(0, 1e6, width=32)), seed=st.integers(0, 2**31),
+       sr_bits=st.sampled_from(SR_BITS))
+def test_the_native_stochastic_cast_equals_the_eager_cast(fmt, xs, reference_amax, seed, sr_bits):
     x = torch.tensor(xs, dtype=torch.float32)
     reference = None if reference_amax is None else torch.tensor(reference_amax)
     results = [cast_to_grid(x, fmt, reference, rounding="stochastic", generator=torch.Generator().manual_seed(seed),
-                            out_dtype=torch.bfloat16, kernel=kernel) for kernel in ("native", "eager")]
+                            out_dtype=torch.bfloat16, kernel=kernel, sr_bits=sr_bits) for kernel in ("native", "eager")]
     assert _bits_equal(results[0][0], results[1][0]).all()
     assert float(results[0][1]) == float(results[1][1])
 
@@ -209,19 +213,22 @@ def test_the_native_stochastic_cast_equals_the_eager_cast(fmt, xs, reference_ama
 FINITE_BFLOAT16 = ALL_BFLOAT16[torch.isfinite(ALL_BFLOAT16)]
 
 
-def _dequantized_reference(x, fmt, reference, rounding, seed, out_dtype):
+def _dequantized_reference(x, fmt, reference, rounding, seed, out_dtype, sr_bits=None):
     """The eager cast's grid values and scale, and those values divided by the scale (float32, exact
     where dequantize_exact holds)."""
     generator = torch.Generator().manual_seed(seed) if rounding == "stochastic" else None
     q, scale, _ = cast_to_grid(x, fmt, reference, rounding=rounding, generator=generator, out_dtype=torch.float32,
-                               kernel="eager")
+                               kernel="eager", sr_bits=sr_bits)
     return q, float(scale), (q * (1.0 / float(scale))).to(out_dtype)
 
 
 @needs_native
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("fmt", BF16_FORMATS, ids=lambda f: f.name)
-def test_a_dequantizing_cast_writes_q_over_scale_bit_for_bit(fmt, rounding):
+@pytest.mark.parametrize("fmt, rounding, sr_bits",
+                         [(f, rounding, None) for rounding in ("nearest", "stochastic") for f in BF16_FORMATS]
+                         + [(get_format(spec), "stochastic", bits) for spec, bits in (("E4M3", 4), ("E5M2", 1),
+                                                                                      ("E3M4", 13), ("E0M7", 8))],
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_a_dequantizing_cast_writes_q_over_scale_bit_for_bit(fmt, rounding, sr_bits):
     """Every finite bfloat16 value, in tensors whose amax gives scales across float32's whole range
     (current scaling: the in-range direct rounding, or the unscale multiply where its constant would
     overflow), and under a stale reference amax (overflow: the general path). Where
@@ -236,8 +243,9 @@ def test_a_dequantizing_cast_writes_q_over_scale_bit_for_bit(fmt, rounding):
             for out_dtype in (torch.float32, torch.bfloat16):
                 generator = torch.Generator().manual_seed(top) if rounding == "stochastic" else None
                 values, scale, _, carried = cast_operand(x, fmt, reference, rounding=rounding, generator=generator,
-                                                         out_dtype=out_dtype, kernel="native")
-                q, scale_ref, dequantized = _dequantized_reference(x, fmt, reference, rounding, top, out_dtype)
+                                                         out_dtype=out_dtype, kernel="native", sr_bits=sr_bits)
+                q, scale_ref, dequantized = _dequantized_reference(x, fmt, reference, rounding, top, out_dtype,
+                                                                   sr_bits)
                 assert scale == scale_ref
                 if dequantize_exact(fmt, scale):
                     assert carried == 1.0 and _bits_equal(values, dequantized).all(), (top, reference, out_dtype)
@@ -313,13 +321,13 @@ def test_the_kernel_dequantizes_exactly_where_dequantize_exact_says(fmt):
 
 
 def _cast_results(x, fmt, rounding, guess, dequantize=True):
-    params = _params(fmt, True, CPU)
-    seed = torch.tensor([12345, 678], dtype=torch.int64) if rounding == "stochastic" else None
+    params = _params(fmt, True, CPU, 5 if rounding == "stochastic-5" else None)
+    seed = torch.tensor([12345, 678], dtype=torch.int64) if rounding.startswith("stochastic") else None
     return native.cast(x, params, None, 0, torch.bfloat16, seed, dequantize, guess)
 
 
 @needs_native
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic", "stochastic-5"])
 @pytest.mark.parametrize("fmt", [get_format(spec) for spec in ("E4M3", "E5M2", "E0M7", "E3M4")], ids=lambda f: f.name)
 def test_a_guessed_scale_never_changes_the_cast(fmt, rounding):
     """The one-pass cast with the stream's last scale: right, too large (values out of range while
@@ -340,6 +348,27 @@ def test_a_guessed_scale_never_changes_the_cast(fmt, rounding):
                 assert _bits_equal(got[0], expected[0]).all(), (x[:3], dtype, guess)
                 assert (got[1], got[3]) == (expected[1], expected[3])  # scale, dequantized
                 assert _bits_equal(torch.tensor(got[2]), torch.tensor(expected[2]))  # amax (NaN too)
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", [get_format(spec) for spec in ("E4M3", "E5M2", "E0M7", "E7M0", "E3M4")],
+                         ids=lambda f: f.name)
+def test_the_native_projection_equals_the_eager_cast_over_its_scale(fmt):
+    """native.project (a stored weight's projection, in place) is cast_to_grid's q(w s) / s at the
+    amax scale, nearest and stochastic with every sr_bits, margins and a tail length."""
+    generator = torch.Generator().manual_seed(fmt.bits)
+    w = torch.randn(4099, generator=generator) * torch.exp2(torch.randint(-20, 4, (4099,), generator=generator))
+    w[:3] = torch.tensor([0.0, -0.0, 1e-30])
+    for rounding, sr_bits in [("nearest", None)] + [("stochastic", bits) for bits in SR_BITS]:
+        for margin in (0, 2):
+            mine = w.clone()
+            seed = draw_seed(torch.Generator().manual_seed(margin), CPU) if rounding == "stochastic" else None
+            scale = native.project(mine, _params(fmt, True, CPU, sr_bits), margin, seed)
+            generator = torch.Generator().manual_seed(margin) if rounding == "stochastic" else None  # the same seed
+            q, scale_ref, _ = cast_to_grid(w, fmt, margin=margin, rounding=rounding, generator=generator,
+                                           out_dtype=torch.float32, kernel="eager", sr_bits=sr_bits)
+            assert scale == float(scale_ref)
+            assert _bits_equal(mine, q * (1.0 / scale)).all(), (rounding, sr_bits, margin)
 
 
 @needs_native

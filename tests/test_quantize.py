@@ -226,13 +226,13 @@ def test_compiled_kernel_is_bit_identical_to_eager(dtype):
     x[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40])
     x = x.to(dtype)
     for fmt in REGISTRY.values():
-        for rounding in ("nearest", "stochastic"):
+        for rounding, sr_bits in (("nearest", None), ("stochastic", None), ("stochastic", 4)):  # sr_bits: data
             for saturate in (True, False):
                 eager = quantize(x, fmt, rounding=rounding, saturate=saturate, kernel="eager",
-                                 generator=torch.Generator().manual_seed(5))
+                                 generator=torch.Generator().manual_seed(5), sr_bits=sr_bits)
                 compiled = quantize(x, fmt, rounding=rounding, saturate=saturate, kernel="compiled",
-                                    generator=torch.Generator().manual_seed(5))
-                assert same_bits(eager.float().numpy(), compiled.float().numpy()).all(), (fmt.name, rounding)
+                                    generator=torch.Generator().manual_seed(5), sr_bits=sr_bits)
+                assert same_bits(eager.float().numpy(), compiled.float().numpy()).all(), (fmt.name, rounding, sr_bits)
 
 
 @pytest.mark.parametrize("fmt", [f for f in ALL_FORMATS if scaling_kernel_fits(f.mantissa_bits, f.emin)],

@@ -45,7 +45,7 @@ import torch
 
 from ..quantization import native
 from ..quantization.codes import magnitude_codes, rungs, top_code, values_of_codes, values_of_rungs
-from ..quantization.kernel import random_bits, use_native
+from ..quantization.kernel import random_bits, sr_bits_value, use_native
 from ..quantization.quantize import draw_seed
 from .base import GRID_LR_UNITS, GridAwareOptimizer, lr_unit_factor
 
@@ -57,17 +57,31 @@ class StepCounts(NamedTuple):
     updates: int
 
 
-def random_rungs(proposed: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+def random_rungs(proposed: torch.Tensor, seed: torch.Tensor, sr_bits: int | None = None) -> torch.Tensor:
     """``floor(v + U)``, U ~ U[0, 1), exactly: floor(v), plus one with probability frac(v) to 2^-30.
 
     30 random bits per element (the counter-based hash of `kernel.random_bits`) are compared
     with ``ceil(frac(v) 2^30)``: every step is exact in float32, so a frac of 0 never moves (a
     float ``U = bits 2^-30`` would round to 1.0 for the top 32 of the 2^30 draws) and E[move] = v.
+
+    With ``sr_bits`` N (1..30), N random bits under the casts' truncation convention
+    (`kernel.round_float32_bits` on the integer grid, sign and magnitude): ``sign(v) (floor|v| +
+    c)`` with the carry ``c = (floor(frac|v| 2^N) + r) >> N``, r the low N bits of the hash. So
+    P(one rung more) = floor(frac|v| 2^N) / 2^N and E[move] = v - sign(v) frac(2^N frac|v|) 2^-N:
+    biased toward not moving, and |v| < 2^-N never moves. N = 30 is this rule with 30 bits, equal
+    in distribution (to 2^-30) to the rule without sr_bits, not bit for bit.
     """
     if proposed.device.type == "cpu" and native.library() is not None:
         bits = native.random_bits(0, proposed.numel(), seed).reshape(proposed.shape)
     else:
         bits = random_bits(seed, proposed.shape, proposed.device)
+    if sr_bits is not None:
+        n = sr_bits_value(sr_bits)
+        magnitude = proposed.abs()
+        whole = torch.floor(magnitude)
+        truncated = ((magnitude - whole) * 2.0**n).to(torch.int32)  # < 2^n, exact; truncation is floor here
+        carry = torch.bitwise_right_shift(truncated + (bits & ((1 << n) - 1)), n)
+        return torch.copysign(whole + carry.float(), proposed)
     whole = torch.floor(proposed)
     return whole + (bits < torch.ceil((proposed - whole) * 2.0**30).to(torch.int32)).float()
 
@@ -186,9 +200,10 @@ class GridOptim(GridAwareOptimizer):
         param.copy_(values_of_rungs(after, fmt) * inverse)
         return int((after != before).sum()), int((param.grad != 0).sum()), bool((target.abs() > top).any())
 
-    def _land(self, before, proposed, seed, top, start=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A stored weight's landing: ``floor(v + U)`` rungs (the random bits of ``seed``) or
-        ``round(v)`` (ties to even), clipped to ±rung_clip, stopped at ±top: (rungs after, target).
+    def _land(self, before, proposed, seed, top, start=None, sr_bits=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A stored weight's landing: ``floor(v + U)`` rungs (the random bits of ``seed``; with
+        ``sr_bits``, `random_rungs`' few-bit rule) or ``round(v)`` (ties to even), clipped to
+        ±rung_clip, stopped at ±top: (rungs after, target).
         With compensation the move starts at the continuous position ``start`` of w + c: the
         rounded quantity is ``start - before + clip(v, ±rung_clip)``, still at most rung_clip rungs."""
         if start is not None:
@@ -196,7 +211,7 @@ class GridOptim(GridAwareOptimizer):
             if bool((offset != 0).any()):
                 proposed = (offset + proposed.clamp(-self.rung_clip, self.rung_clip).double()).float()
         if seed is not None:
-            moves = random_rungs(proposed, seed)
+            moves = random_rungs(proposed, seed, sr_bits)
         else:
             moves = torch.round(proposed)  # half to even
         moves = moves.clamp_(-self.rung_clip, self.rung_clip).to(torch.int32)

@@ -16,6 +16,17 @@ the fraction of a grid step, i.e. E[q(x)] = x. The random bits are a counter-bas
 the element index and a 64-bit seed drawn from a ``torch.Generator``: reproducible, and the
 same in eager and compiled code. Shifts above 30 bits (|x| below 2^-7 of the smallest
 subnormal, P(up) < 2^-7) keep the top 30 bits of the fraction, so P(up) is exact to 2^-30.
+
+Few-bit stochastic rounding (``sr_bits = N``, 1..30; the params slot ``P_SR_BITS``, 30 by
+default, which is the rule above): ``kept = min(shift, N)`` bits, i.e. the fraction of a grid
+step truncated to N bits plus N random bits, as hardware with an N-bit random source does
+(Fitzgibbon and Felix 2025, "SRFastest"; gfloat's ``RoundMode.StochasticFastest``). The noise
+is the low ``kept`` bits of the 30-bit hash, as for the exact rule, so an element whose grid
+step needs at most N bits rounds exactly as without ``sr_bits``. For |x| = (k + f) d (d the grid
+spacing at x, 0 <= f < 1): P(|q| = (k + 1) d) = floor(2^N f) / 2^N, so
+``E[q(x)] - x = -sign(x) d 2^-N frac(2^N f)``: biased toward zero, by less than d 2^-N, and
+exactly unbiased where f is a multiple of 2^-N; |x| < d 2^-N below the smallest subnormal
+always rounds to 0.
 """
 
 from __future__ import annotations
@@ -36,10 +47,21 @@ _RANDOM_BITS = 30
 _MASK32 = 0xFFFFFFFF
 
 # Params tensor layout (int32, on the input's device): kept as data, not Python constants, so
-# that one compiled graph serves every format without recompiling.
-P_MANTISSA, P_EMIN_BIASED, P_MAX_BITS, P_OVERFLOW_BITS = range(4)
+# that one compiled graph serves every format without recompiling. P_SR_BITS: the random bits of
+# stochastic rounding (`sr_bits`; _RANDOM_BITS, the exact rule, by default).
+P_MANTISSA, P_EMIN_BIASED, P_MAX_BITS, P_OVERFLOW_BITS, P_SR_BITS = range(5)
 
 log = logging.getLogger(__name__)
+
+
+def sr_bits_value(sr_bits: int | None) -> int:
+    """The random bits stochastic rounding draws per element: ``sr_bits`` (1..30), or 30 for None
+    (the exact rule; 30 bits give the same bits as None, on every path). ValueError otherwise."""
+    if sr_bits is None:
+        return _RANDOM_BITS
+    if isinstance(sr_bits, bool) or not isinstance(sr_bits, int) or not 1 <= sr_bits <= _RANDOM_BITS:
+        raise ValueError(f"sr_bits must be an integer from 1 to {_RANDOM_BITS} (or None), got {sr_bits!r}")
+    return sr_bits
 
 
 def _mix32(h: torch.Tensor) -> torch.Tensor:
@@ -66,8 +88,8 @@ def random_bits(seed: torch.Tensor, shape: torch.Size, device: torch.device) -> 
 def round_float32_bits(x: torch.Tensor, params: torch.Tensor, seed: torch.Tensor | None) -> torch.Tensor:
     """Round x (float32, bfloat16 or float16) onto the grid described by ``params``.
 
-    ``seed`` None means round-to-nearest-even; otherwise stochastic rounding with that seed.
-    Returns a tensor of x's dtype and shape.
+    ``seed`` None means round-to-nearest-even; otherwise stochastic rounding with that seed and
+    ``params[P_SR_BITS]`` random bits (module doc). Returns a tensor of x's dtype and shape.
     """
     bits = x.float().view(torch.int32)
     mantissa_bits = params[P_MANTISSA]
@@ -92,7 +114,7 @@ def round_float32_bits(x: torch.Tensor, params: torch.Tensor, seed: torch.Tensor
         odd = torch.where(mantissa_bits == 0, exponent_parity, floor_steps) & 1
         steps = torch.bitwise_right_shift(significand + (half - 1) + odd, shift)
     else:
-        kept = torch.clamp(exact_shift, max=_RANDOM_BITS)
+        kept = torch.minimum(exact_shift, params[P_SR_BITS])  # N random bits: the fraction truncated to N
         truncated = torch.bitwise_right_shift(significand, torch.clamp(exact_shift - kept, max=31))
         noise = random_bits(seed, x.shape, x.device) & (torch.bitwise_left_shift(one, kept) - 1)
         steps = torch.bitwise_right_shift(truncated + noise, kept)

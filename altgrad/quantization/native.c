@@ -32,18 +32,19 @@ typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
 
 enum { FLOAT32 = 0, BFLOAT16 = 1 };
 /* params[]: the same int32 layout as kernel.py's params tensor */
-enum { P_MANTISSA, P_EMIN_BIASED, P_MAX_BITS, P_OVERFLOW_BITS };
+enum { P_MANTISSA, P_EMIN_BIASED, P_MAX_BITS, P_OVERFLOW_BITS, P_SR_BITS };
 
 /* The format's params as values (kept in registers in the loops; a pointer would be re-read at
- * every store, which may alias it), and the unscale of a dequantizing cast. */
+ * every store, which may alias it), and the unscale of a dequantizing cast. sr_bits: the random
+ * bits of stochastic rounding, 1..30 (30: the exact rule; kernel.py's module doc). */
 typedef struct {
-    int32_t mantissa, emin_biased, max_bits, overflow_bits;
+    int32_t mantissa, emin_biased, max_bits, overflow_bits, sr_bits;
     int unscaled;  /* write q * unscale (a power of two), not q */
     float unscale;
 } grid_t;
 
 static grid_t grid_of(const int32_t *p) {
-    grid_t g = {p[P_MANTISSA], p[P_EMIN_BIASED], p[P_MAX_BITS], p[P_OVERFLOW_BITS], 0, 1.0f};
+    grid_t g = {p[P_MANTISSA], p[P_EMIN_BIASED], p[P_MAX_BITS], p[P_OVERFLOW_BITS], p[P_SR_BITS], 0, 1.0f};
     return g;
 }
 
@@ -213,7 +214,8 @@ void altgrad_random_bits(int64_t start, int64_t n, const int64_t *seed, int32_t 
     }
 }
 
-/* Stochastic rounding of y = x * scale: the integer rules of kernel.round_float32_bits. */
+/* Stochastic rounding of y = x * scale: the integer rules of kernel.round_float32_bits, with
+ * g.sr_bits random bits (the fraction of a grid step truncated to that many bits). */
 static inline vi round_stochastic(vi bits, vf scale, int scaled, grid_t g, int64_t index, const uint32_t *seed) {
     vi y_bits = scaled_bits(bits, scale, scaled);
     vi magnitude = y_bits & ABS_MASK;
@@ -222,7 +224,7 @@ static inline vi round_stochastic(vi bits, vf scale, int scaled, grid_t g, int64
     vi significand = (magnitude & 0x7fffff) | ((exponent > 0) & (1 << 23));
     vi exponent_target = vmax(exponent_eff, splat(g.emin_biased));
     vi exact_shift = 23 - g.mantissa + exponent_target - exponent_eff;
-    vi kept = vmin(exact_shift, splat(RANDOM_BITS));
+    vi kept = vmin(exact_shift, splat(g.sr_bits));
     vi truncated = significand >> vmin(exact_shift - kept, splat(31));
     vi noise = random_bits(index, seed) & ((splat(1) << kept) - 1);
     vi steps = (truncated + noise) >> kept;
@@ -741,16 +743,20 @@ void altgrad_adam_step(float *w, const float *g, float *m, float *v, int64_t n, 
 }
 
 /* GridOptim on a stored weight: v = -(d step + w decay) rungs, moved floor(v + U) (stochastic:
- * floor(v), plus one with probability frac(v) to 2^-30) or
+ * floor(v), plus one with probability frac(v) to 2^-30; with sr_bits N in 1..30, 0 for none:
+ * sign(v) (floor|v| plus one with probability floor(frac|v| 2^N) / 2^N), the casts' few-bit rule) or
  * round-half-even(v) rungs, clipped to +-clip, along the signed codes, stopped at +-top_code.
  * counts[]: flips (code changed), updates (g != 0), moves the top end stopped. Branch-free, so
  * that the compiler vectorizes the inner loop (table lookups become gathers). */
 void altgrad_grid_step(float *restrict w, const float *restrict g, float *restrict m, float *restrict v, int64_t n,
                        const float *h, int32_t emin, int32_t mantissa, int32_t top_code, int32_t clip,
-                       const float *restrict table, const int64_t *seed, int64_t *counts, int threads) {
+                       const float *restrict table, const int64_t *seed, int32_t sr_bits, int64_t *counts,
+                       int threads) {
     uint32_t words[2] = {0, 0};
     if (seed) seed_words(seed, words);
-    const int stochastic = seed != NULL;
+    const int stochastic = seed != NULL, few = sr_bits > 0;
+    const int32_t few_mask = (1 << sr_bits) - 1; /* sr_bits 0: nothing, and unused */
+    const float few_scale = pow2f(sr_bits);
     const float limit = (float)clip, scale = h[H_SCALE], inverse = h[H_INVERSE], decay = h[H_DECAY],
                 step = h[H_STEP];
     const float beta1 = h[H_BETA1], c1 = h[H_C1], beta2 = h[H_BETA2], c2 = h[H_C2],
@@ -779,6 +785,12 @@ void altgrad_grid_step(float *restrict w, const float *restrict g, float *restri
          * (frac(v) is a float32, times 2^30 exact, its ceiling an integer), so never 1 for frac 0 */
         float whole = floorf(proposed);
         float stochastic_moves = whole + (float)(bits < (int32_t)ceilf((proposed - whole) * 0x1p30f));
+        /* sr_bits N: |v|'s fraction truncated to N bits plus the low N random bits, carried out
+         * (kernel.round_float32_bits' rule on the integer grid: toward zero by frac(2^N f) 2^-N) */
+        float magnitude = fabsf(proposed), magnitude_whole = floorf(magnitude);
+        int32_t truncated = (int32_t)((magnitude - magnitude_whole) * few_scale); /* < 2^N: exact */
+        float few_moves = copysignf(magnitude_whole + (float)((truncated + (bits & few_mask)) >> sr_bits), proposed);
+        stochastic_moves = few ? few_moves : stochastic_moves;
         float nearest_moves = nearbyintf(proposed);
         float moves = stochastic ? stochastic_moves : nearest_moves;
         moves = moves > limit ? limit : moves;

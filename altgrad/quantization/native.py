@@ -130,7 +130,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.altgrad_manifold_step.restype = None
     lib.altgrad_adam_step.argtypes = [p, p, p, p, i64, p, ctypes.c_int]
     lib.altgrad_adam_step.restype = None
-    lib.altgrad_grid_step.argtypes = [p, p, p, p, i64, p, i32, i32, i32, i32, p, p, p, ctypes.c_int]
+    lib.altgrad_grid_step.argtypes = [p, p, p, p, i64, p, i32, i32, i32, i32, p, p, i32, p, ctypes.c_int]
     lib.altgrad_grid_step.restype = None
     lib.altgrad_project.argtypes = [p, i64, p, i32, p, ctypes.c_int]
     lib.altgrad_project.restype = ctypes.c_float
@@ -269,12 +269,16 @@ def adam_step(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor
 
 
 def grid_step(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, hyper: list[float], emin: int,
-              mantissa: int, top_code: int, clip: int, table: torch.Tensor, seed: torch.Tensor | None
-              ) -> tuple[int, int, int]:
-    """GridOptim's step on one float32 tensor, in place: (flips, updates, moves stopped at the top)."""
+              mantissa: int, top_code: int, clip: int, table: torch.Tensor, seed: torch.Tensor | None,
+              sr_bits: int | None = None) -> tuple[int, int, int]:
+    """GridOptim's step on one float32 tensor, in place: (flips, updates, moves stopped at the top).
+    ``sr_bits``: the random bits of a stochastic move (`grid.random_rungs`; None: the exact rule)."""
     counts = (ctypes.c_int64 * 3)()
+    few_bits = 0 if sr_bits is None else int(sr_bits)
+    if sr_bits is not None and not 1 <= few_bits <= 30:
+        raise ValueError(f"sr_bits must be from 1 to 30 (or None), got {sr_bits!r}")
     library().altgrad_grid_step(w.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), w.numel(), _floats(hyper),
-                                emin, mantissa, top_code, clip, table.data_ptr(), _seed_words(seed), counts,
+                                emin, mantissa, top_code, clip, table.data_ptr(), _seed_words(seed), few_bits, counts,
                                 torch.get_num_threads())
     return counts[0], counts[1], counts[2]
 

@@ -15,11 +15,13 @@ from .kernel import (
     P_MANTISSA,
     P_MAX_BITS,
     P_OVERFLOW_BITS,
+    P_SR_BITS,
     round_float32_bits,
     round_nearest_by_scaling,
     native_nearest_fits,
     run_compiled,
     scaling_kernel_fits,
+    sr_bits_value,
     use_native,
 )
 
@@ -35,14 +37,19 @@ def float32_bits(value: float) -> int:
     return struct.unpack("<i", struct.pack("<f", value))[0]
 
 
-@lru_cache(maxsize=None)
-def _params(fmt: FloatFormat, saturate: bool, device: torch.device) -> torch.Tensor:
-    """The kernel's view of a format: mantissa bits, emin, max and what overflow becomes.
+def _params(fmt: FloatFormat, saturate: bool, device: torch.device, sr_bits: int | None = None) -> torch.Tensor:
+    """The kernel's view of a format: mantissa bits, emin, max, what overflow becomes, and the
+    random bits of its stochastic rounding (``sr_bits``, `kernel.sr_bits_value`: None is 30).
 
     Overflow (a finite value rounding beyond max) saturates to ±max, or with saturate=False
     becomes inf where the format has inf, else NaN where it has NaN, else ±max (a format with
     neither has nothing else to give). Input ±inf follows the same rule, as in gfloat.
     """
+    return _format_params(fmt, saturate, device, sr_bits_value(sr_bits))  # checked before the cache
+
+
+@lru_cache(maxsize=None)
+def _format_params(fmt: FloatFormat, saturate: bool, device: torch.device, sr_bits: int) -> torch.Tensor:
     max_bits = float32_bits(fmt.max)
     if saturate:
         overflow = max_bits
@@ -52,11 +59,12 @@ def _params(fmt: FloatFormat, saturate: bool, device: torch.device) -> torch.Ten
         overflow = _NAN_BITS
     else:
         overflow = max_bits
-    values = [0] * 4
+    values = [0] * 5
     values[P_MANTISSA] = fmt.mantissa_bits
     values[P_EMIN_BIASED] = fmt.emin + 127
     values[P_MAX_BITS] = max_bits
     values[P_OVERFLOW_BITS] = overflow
+    values[P_SR_BITS] = sr_bits
     return torch.tensor(values, dtype=torch.int32, device=device)
 
 
@@ -83,13 +91,16 @@ def quantize(
     saturate: bool = True,
     generator: torch.Generator | None = None,
     kernel: str = "auto",
+    sr_bits: int | None = None,
 ) -> torch.Tensor:
     """Round every element of x to a value of ``fmt`` (fake quantization, x's dtype kept).
 
     - ``rounding="nearest"``: round to nearest, ties to even, in one rounding.
     - ``rounding="stochastic"``: round up with probability equal to the fraction of a grid
       step, so E[q(x)] = x inside the range; reproducible from ``generator`` (default:
-      torch's global generator, so ``torch.manual_seed`` fixes it).
+      torch's global generator, so ``torch.manual_seed`` fixes it). ``sr_bits`` N (1..30):
+      with N random bits, the fraction truncated to N bits (biased toward zero; `kernel`'s
+      module doc gives the bias); None: the exact rule.
     - ``saturate``: overflow to ±max (default); otherwise to inf if the format has it.
     NaN stays NaN, -0 stays -0. ``kernel``: auto | native | compiled | eager (bit-identical).
     """
@@ -97,7 +108,7 @@ def quantize(
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     _check_fits(fmt, x.dtype)
-    params = _params(fmt, bool(saturate), x.device)
+    params = _params(fmt, bool(saturate), x.device, sr_bits)
     seed = draw_seed(generator, x.device) if rounding == "stochastic" else None
     by_scaling = seed is None and scaling_kernel_fits(fmt.mantissa_bits, fmt.emin)
     native_fits = seed is not None or native_nearest_fits(fmt.mantissa_bits, fmt.emin, fmt.max)
@@ -117,12 +128,12 @@ class _QuantizeSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, fmt, rounding, saturate, generator):  # noqa: D401 - autograd API
-        return quantize(x, fmt, rounding=rounding, saturate=saturate, generator=generator)
+    def forward(ctx, x, fmt, rounding, saturate, generator, sr_bits):  # noqa: D401 - autograd API
+        return quantize(x, fmt, rounding=rounding, saturate=saturate, generator=generator, sr_bits=sr_bits)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return grad_output, None, None, None, None
+        return grad_output, None, None, None, None, None
 
 
 def quantize_ste(
@@ -132,6 +143,7 @@ def quantize_ste(
     rounding: Rounding = "nearest",
     saturate: bool = True,
     generator: torch.Generator | None = None,
+    sr_bits: int | None = None,
 ) -> torch.Tensor:
     """`quantize` with a straight-through gradient (d q(x) / dx := 1)."""
-    return _QuantizeSTE.apply(x, get_format(fmt), rounding, saturate, generator)
+    return _QuantizeSTE.apply(x, get_format(fmt), rounding, saturate, generator, sr_bits)

@@ -152,6 +152,7 @@ def cast_to_grid(
     generator: torch.Generator | None = None,
     out_dtype: torch.dtype | None = None,
     kernel: str = "auto",
+    sr_bits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor | float]:
     """``(q(x * scale), scale, amax(x))``: the GEMM operand cast.
 
@@ -161,11 +162,12 @@ def cast_to_grid(
     (power-of-two scales), else as one compiled graph, also for small
     tensors; all bit-identical. Equals ``quantize(x * scale_from_amax(amax, ...), ...)``.
     scale and amax are Python floats from the native kernel (no tensor ops for scalars), else
-    0-d tensors on x's device (no host sync on an accelerator).
+    0-d tensors on x's device (no host sync on an accelerator). ``sr_bits``: the random bits of
+    stochastic rounding (`quantize.quantize`; None: the exact rule).
     """
     q, scale, amax, _ = cast_operand(x, fmt, reference_amax, margin=margin, power_of_two=power_of_two,
                                      rounding=rounding, generator=generator, out_dtype=out_dtype, kernel=kernel,
-                                     dequantize=False)
+                                     dequantize=False, sr_bits=sr_bits)
     return q, scale, amax
 
 
@@ -189,6 +191,7 @@ def cast_operand(
     kernel: str = "auto",
     dequantize: bool = True,
     guess: torch.Tensor | float | None = None,
+    sr_bits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor | float, torch.Tensor | float]:
     """`cast_to_grid` for a GEMM operand: ``(values, scale, amax(x), carried)``, values ≈ x * carried.
 
@@ -198,9 +201,9 @@ def cast_operand(
     where reading the scale would wait for the device, or a scale beyond that range) the values
     are the scaled grid values and ``carried`` is ``scale``. ``guess``: the scale this stream
     had last time; the native kernel then casts in one pass where it is still right (the result
-    never depends on it).
+    never depends on it). ``sr_bits``: as `cast_to_grid`.
     """
-    params = _params(fmt, True, x.device)
+    params = _params(fmt, True, x.device, sr_bits)
     out_dtype = out_dtype or x.dtype
     seed = draw_seed(generator, x.device) if rounding == "stochastic" else None
     by_scaling = seed is None and scaling_kernel_fits(fmt.mantissa_bits, fmt.emin)
@@ -317,10 +320,11 @@ def scaled_quantize(
     rounding: Rounding = "nearest",
     saturate: bool = True,
     generator: torch.Generator | None = None,
+    sr_bits: int | None = None,
 ) -> tuple[torch.Tensor, QuantStats]:
     """``q(x * scale) / scale`` and the statistics of that rounding."""
     fmt = get_format(fmt)
     scale_t = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
     scaled = x.float() * scale_t
-    q = quantize(scaled, fmt, rounding=rounding, saturate=saturate, generator=generator)
+    q = quantize(scaled, fmt, rounding=rounding, saturate=saturate, generator=generator, sr_bits=sr_bits)
     return (q / scale_t).to(x.dtype), measure_quantization(scaled, q, fmt, scale_t)
