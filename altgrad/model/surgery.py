@@ -58,7 +58,7 @@ class QuantPolicy:
 #: Keys of one rule in a YAML policy (besides ``layers``) and of the defaults they fall back on.
 RULE_KEYS = ("format", "weight", "activation", "gradient", "rounding", "grad_rounding", "scaling",
              "amax_history_len", "scale_margin", "power_of_two_scales", "gemm_dtype", "weight_storage",
-             "update_rounding")
+             "update_rounding", "sr_bits")
 
 
 def _operand_format(value: Any, where: str):
@@ -103,7 +103,8 @@ def rule_config(rule: dict[str, Any], defaults: dict[str, Any], where: str) -> L
                                  rounding=values["rounding"], grad_rounding=values["grad_rounding"],
                                  scaling=scaling, gemm_dtype=values["gemm_dtype"],
                                  weight_storage=values.get("weight_storage", "master"),
-                                 update_rounding=values.get("update_rounding", "nearest"))
+                                 update_rounding=values.get("update_rounding", "nearest"),
+                                 sr_bits=values.get("sr_bits"))
     except ValueError as error:
         raise UserError(f"{where}: {error}") from None
 

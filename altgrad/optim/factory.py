@@ -86,7 +86,8 @@ def format_weights(model: nn.Module, compensation: torch.dtype | None = None) ->
         seen.add(id(layer.weight))
         stored = config.weight_storage == "format"
         weight = FormatWeight(name, layer.weight, config.weight, stored, config.update_rounding,
-                              margin=config.scaling.margin, compensation=compensation if stored else None)
+                              margin=config.scaling.margin, compensation=compensation if stored else None,
+                              sr_bits=config.sr_bits)
         if stored:
             layer.quantizers["weight"].stored = weight
         weights.append(weight)

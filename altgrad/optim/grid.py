@@ -172,7 +172,8 @@ class GridOptim(GridAwareOptimizer):
                 and use_native("auto", native.fits_step(*tensors)):
             hyper = hyper + [float(scale), 1.0 / float(scale)]
             flips, updates, blocked = native.grid_step(param.data, *tensors[1:], hyper, fmt.emin, fmt.mantissa_bits,
-                                                       top_code(fmt), self.rung_clip, _table(fmt), seed)
+                                                       top_code(fmt), self.rung_clip, _table(fmt), seed,
+                                                       weight.sr_bits)
             return flips, updates, blocked > 0
         direction = self._direction(param, hyper)
         proposed = self._proposal(direction, param, hyper[6], hyper[7])
@@ -180,7 +181,7 @@ class GridOptim(GridAwareOptimizer):
         top = top_code(fmt)
         # where the move starts: the weight's rung, or with compensation the position of w + c
         start = before.double() if compensation is None else positions((param + compensation) * scale, fmt)
-        after, target = self._land(before, proposed, seed, top, start)
+        after, target = self._land(before, proposed, seed, top, start, weight.sr_bits)
         inverse = 1.0 / scale
         if self.recording:
             # the intended step: the continuous move from the start (GridOptim on a master);
@@ -189,7 +190,7 @@ class GridOptim(GridAwareOptimizer):
             without = self._proposal(direction, param, hyper[6], 0.0)
             intended = values_at(self._intended(start, proposed, fmt), fmt)
             intended_without = values_at(self._intended(start, without, fmt), fmt)
-            landed_without, _ = self._land(before, without, seed, top, start)
+            landed_without, _ = self._land(before, without, seed, top, start, weight.sr_bits)
             delta = (intended * inverse).float() - w
             decay = ((intended - intended_without) * inverse).float()
             landed = (values_of_rungs(after, fmt) - values_of_rungs(landed_without, fmt)) * inverse

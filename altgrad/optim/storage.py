@@ -47,7 +47,7 @@ class FormatWeight:
     """One weight with a format: its grid, its scale, and (when stored) its projection."""
 
     def __init__(self, name: str, param: nn.Parameter, fmt: FloatFormat, stored: bool, update_rounding: str,
-                 margin: int = 0, compensation: torch.dtype | None = None):
+                 margin: int = 0, compensation: torch.dtype | None = None, sr_bits: int | None = None):
         if compensation is not None and not stored:
             raise ValueError(f"{name}: a compensation buffer keeps what the grid could not hold; "
                              "an FP32 master has no grid to lose it to")
@@ -57,6 +57,9 @@ class FormatWeight:
         self.stored = stored
         self.update_rounding = update_rounding
         self.margin = margin
+        # the random bits of the stochastic update rounding (projection, landing, rescale, GridOptim's
+        # rung move): 1..30, few-bit rounding (`quantize.quantize`); None: the exact rule
+        self.sr_bits = sr_bits
         self.scale = torch.ones((), dtype=torch.float32, device=param.device)  # stored: the storage scale
         self.rescales = torch.zeros((), dtype=torch.int64, device=param.device)
         # On CPU the scale is also kept as a Python float: no tensor ops for a scalar every step.
@@ -117,10 +120,10 @@ class FormatWeight:
         fmt, param = self.fmt, self.param.data
         if self._native(rounding == "stochastic" or native_nearest_fits(fmt.mantissa_bits, fmt.emin, fmt.max)):
             seed = draw_seed(generator, param.device) if rounding == "stochastic" else None
-            scale = native.project(param, _params(fmt, True, param.device), self.margin, seed)
+            scale = native.project(param, _params(fmt, True, param.device, self.sr_bits), self.margin, seed)
         else:
             q, scale, _ = cast_to_grid(param, fmt, margin=self.margin, rounding=rounding, generator=generator,
-                                       out_dtype=torch.float32)
+                                       out_dtype=torch.float32, sr_bits=self.sr_bits)
             param.copy_(q * (1.0 / scale))  # 1/s is a power of two: exact
         self._set_scale(scale, count)
 
@@ -147,7 +150,8 @@ class FormatWeight:
             generator = torch.Generator()  # the optimizers' generator is a CPU one (base.py)
             generator.set_state(generator_state)
         scale = self.forward_scale()
-        q = quantize(y.detach().float() * scale, self.fmt, rounding=self.update_rounding, generator=generator)
+        q = quantize(y.detach().float() * scale, self.fmt, rounding=self.update_rounding, generator=generator,
+                     sr_bits=self.sr_bits)
         return q * (1.0 / scale)
 
     @torch.no_grad()
@@ -162,7 +166,8 @@ class FormatWeight:
         """Change the scale by a power of two ``factor`` and re-round the tensor onto the new grid."""
         scale = self.scale * factor
         before = self.param.detach().clone() if self.compensation is not None else None
-        q = quantize(self.param.detach() * scale, self.fmt, rounding=self.update_rounding, generator=generator)
+        q = quantize(self.param.detach() * scale, self.fmt, rounding=self.update_rounding, generator=generator,
+                     sr_bits=self.sr_bits)
         self.param.copy_(q * (1.0 / scale))
         self._set_scale(scale, count=True)
         if before is not None:

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import linear_op, native
 from .formats import FloatFormat, get_format
-from .kernel import use_native
+from .kernel import sr_bits_value, use_native
 from .quantize import ROUNDINGS, quantize
 from .scaling import AmaxTracker, QuantStats, ScalingConfig, cast_operand, dequantize_exact, measure_cast
 
@@ -58,12 +58,16 @@ class LinearQuantConfig:
     gemm_dtype: str = "bf16"
     weight_storage: str = "master"  # master: FP32 weights, cast each forward; format: the weight lives on its grid
     update_rounding: str = "nearest"  # how an optimizer writes w + delta onto the grid (format storage)
+    # the random bits of every stochastic rounding of the layer (operand casts, update rounding):
+    # N in 1..30 (few-bit rounding, biased toward zero: `quantize.quantize`); None: the exact rule
+    sr_bits: int | None = None
 
     def __post_init__(self) -> None:
         for name in OPERANDS:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, get_format(value))
+        sr_bits_value(self.sr_bits)  # ValueError outside 1..30
         if self.rounding not in ROUNDINGS or self.grad_rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}")
         if self.gemm_dtype not in GEMM_DTYPES:
@@ -95,10 +99,11 @@ class OperandQuantizer:
     """Quantizes one operand stream of one layer (its scale history, its random stream, its stats)."""
 
     def __init__(self, fmt: FloatFormat | None, rounding: str, scaling: ScalingConfig, seed: int,
-                 track_alive: bool = False):
+                 track_alive: bool = False, sr_bits: int | None = None):
         self.fmt = fmt
         self.track_alive = track_alive
         self.rounding = rounding
+        self.sr_bits = sr_bits  # random bits of stochastic rounding (None: the exact rule)
         self.tracker = AmaxTracker(scaling, fmt) if fmt is not None else None
         self.generator = torch.Generator().manual_seed(seed) if rounding == "stochastic" else None
         # The C++ cast of this stream (`linear_op.native_stream`), or None. It holds the last scale
@@ -134,11 +139,12 @@ class OperandQuantizer:
                 q, carried = (x * scale).to(dtype), scale
         elif scaling.mode == "none":
             scale = carried = 1.0
-            q = quantize(x, self.fmt, rounding=self.rounding, generator=self.generator).to(dtype)
+            q = quantize(x, self.fmt, rounding=self.rounding, generator=self.generator, sr_bits=self.sr_bits).to(dtype)
         else:
             q, scale, amax, carried = cast_operand(x, self.fmt, self.tracker.reference_amax(), margin=scaling.margin,
                                                    power_of_two=scaling.power_of_two, rounding=self.rounding,
-                                                   generator=self.generator, out_dtype=dtype, guess=self.last_scale)
+                                                   generator=self.generator, out_dtype=dtype, guess=self.last_scale,
+                                                   sr_bits=self.sr_bits)
             if record:
                 self.tracker.record_amax(amax)
         if self.collecting:
@@ -157,7 +163,7 @@ class OperandQuantizer:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update({"sr_bits": None, **state})  # a stream pickled before sr_bits: the exact rule
         self.native = self._native_stream()
         self.collecting, self.last_scale = self._collecting, self._last_scale
 
@@ -281,10 +287,13 @@ class QuantizedLinear(nn.Linear):
                  seed: int = 0, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.config = config
+        sr_bits = config.sr_bits
         self.quantizers = {
-            "activation": OperandQuantizer(config.activation, config.rounding, config.scaling, seed, track_alive=True),
-            "weight": OperandQuantizer(config.weight, config.rounding, config.scaling, seed + 1),
-            "gradient": OperandQuantizer(config.gradient, config.grad_rounding, config.scaling, seed + 2),
+            "activation": OperandQuantizer(config.activation, config.rounding, config.scaling, seed, track_alive=True,
+                                           sr_bits=sr_bits),
+            "weight": OperandQuantizer(config.weight, config.rounding, config.scaling, seed + 1, sr_bits=sr_bits),
+            "gradient": OperandQuantizer(config.gradient, config.grad_rounding, config.scaling, seed + 2,
+                                         sr_bits=sr_bits),
         }
         self.exact_scales = config.scaling.power_of_two or config.scaling.mode == "none"
         linear_op.module()  # built (once, cached) with the first layer, not inside a run's first timed step
@@ -365,7 +374,8 @@ class QuantizedLinear(nn.Linear):
         for operand in formats:
             old = self.quantizers[operand]
             rounding = old_config.grad_rounding if operand == "gradient" else old_config.rounding
-            new = OperandQuantizer(getattr(self.config, operand), rounding, old_config.scaling, 0, old.track_alive)
+            new = OperandQuantizer(getattr(self.config, operand), rounding, old_config.scaling, 0, old.track_alive,
+                                   sr_bits=old_config.sr_bits)
             new.generator, new.stored = old.generator, old.stored
             if old.tracker is not None and new.tracker is not None:
                 new.tracker.load_state_dict(old.tracker.state_dict())
@@ -382,4 +392,5 @@ class QuantizedLinear(nn.Linear):
         cfg = self.config
         return (f"{super().extra_repr()}, weight={cfg.format_name('weight')}, "
                 f"activation={cfg.format_name('activation')}, gradient={cfg.format_name('gradient')}, "
-                f"rounding={cfg.rounding}, gemm={cfg.gemm_dtype}, storage={cfg.weight_storage}")
+                f"rounding={cfg.rounding}, gemm={cfg.gemm_dtype}, storage={cfg.weight_storage}"
+                + ("" if cfg.sr_bits is None else f", sr_bits={cfg.sr_bits}"))

@@ -25,7 +25,7 @@ WANDB_MODES = ("disabled", "offline", "online")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("exact", "fused")
 POLICY_DEFAULT_KEYS = ("rounding", "grad_rounding", "scaling", "amax_history_len", "scale_margin",
-                       "power_of_two_scales", "gemm_dtype", "weight_storage", "update_rounding")
+                       "power_of_two_scales", "gemm_dtype", "weight_storage", "update_rounding", "sr_bits")
 #: What an optimizer implies when weight_storage / update_rounding are not given (DESIGN §4 arms):
 #: adamw -> FP32 masters (arm A; with format storage, nearest: arm B); manifold -> D; grid -> E;
 #: eco -> stored, round-to-nearest (its error feedback is the remedy for stalling, Nikdan et al.).
@@ -99,6 +99,10 @@ class TrainConfig:
     grad_format: str = "E5M2"
     rounding: str = "nearest"
     grad_rounding: str = "nearest"
+    # the random bits of every stochastic rounding (weights, activations, gradients, update rounding):
+    # N in 1..30 rounds with N bits as hardware does (the fraction of a grid step truncated to N bits:
+    # biased toward zero by less than 2^-N of a step; quantization/kernel.py); None: the exact rule
+    sr_bits: int | None = None
     scaling: str = "current"
     amax_history_len: int = 16
     scale_margin: int = 0
@@ -160,6 +164,8 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.weight_storage in (None, *WEIGHT_STORAGES), f"weight_storage must be one of {', '.join(WEIGHT_STORAGES)}"),
             (self.update_rounding in (None, *ROUNDINGS), f"update_rounding must be one of {', '.join(ROUNDINGS)}"),
+            (self.sr_bits is None or (isinstance(self.sr_bits, int) and not isinstance(self.sr_bits, bool)
+                                      and 1 <= self.sr_bits <= 30), "sr_bits must be an integer from 1 to 30"),
             (self.compensation in COMPENSATIONS, f"compensation must be one of {', '.join(COMPENSATIONS)}"),
             (self.compensation_dtype in COMPENSATION_DTYPES,
              f"compensation_dtype must be one of {', '.join(COMPENSATION_DTYPES)}"),
