@@ -448,4 +448,6 @@ class Trainer:
         self.counters["alerting"] = [n for n in alerting if n in crossed or n not in judged]
 
     def _layer_summary(self) -> dict[str, dict[str, Any]]:
-        return layer_summary(self.layers, self.model, self.monitors, self.shifter, self.config.optimizer)
+        compensation = self.config.compensation
+        return layer_summary(self.layers, self.model, self.monitors, self.shifter, self.config.optimizer,
+                             None if compensation == "none" else f"{compensation} {self.config.compensation_dtype}")
