@@ -20,7 +20,10 @@ import pytest
 import torch
 from gfloat import RoundMode, round_ndarray
 from oracles import EIGHT_BIT_FORMATS, gfloat_info, same_bits
+from torch import nn
 
+from altgrad.model.surgery import build_policy, quantize_model
+from altgrad.optim import OptimizerSpec, build_optimizer
 from altgrad.optim.grid import random_rungs
 from altgrad.quantization import get_format, native, quantize
 from altgrad.quantization.kernel import random_bits, round_float32_bits, sr_bits_value
@@ -365,3 +368,161 @@ def test_without_sr_bits_every_rounding_is_todays_bit_for_bit(kernel):
     assert {k: v for k, v in thirty.items() if k != "rungs"} == {k: v for k, v in RECORDED.items() if k != "rungs"}
     eight = recorded(kernel, sr_bits=8)
     assert all(eight[key] != RECORDED[key] for key in RECORDED if key != "rungs")
+
+
+# ---- carried through the configuration to every rounding of a run ---------------------------------
+ARMS = {"adamw-sr": OptimizerSpec("adamw"), "manifold-sr": OptimizerSpec("manifold", grid_lr=1.5),
+        "grid-sr": OptimizerSpec("grid", grid_lr=0.7, rung_clip=2)}
+#: `trained` before sr_bits existed (commit 5bdb028), on both paths.
+RECORDED_TRAINING = {"adamw-sr": "b9c233ed577a697c", "manifold-sr": "ede17e402d5b05f5", "grid-sr": "a0255ff4c68719fe"}
+
+
+def trained(arm: str, fmt: str = "E4M3", steps: int = 3, record: bool = False, **sr) -> str:
+    """A Linear whose operands and update all round stochastically, a few steps of ``arm``: the
+    digest of its outputs, input gradients and weights (ALTGRAD_KERNEL picks the path)."""
+    torch.manual_seed(3)
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(16, 8))
+    defaults = dict(rounding="stochastic", grad_rounding="stochastic", scaling="current", amax_history_len=4,
+                    scale_margin=0, power_of_two_scales=True, gemm_dtype="bf16", gradient="E5M2",
+                    weight_storage="format", update_rounding="stochastic", **sr)
+    quantize_model(model, build_policy([{"layers": "fc", "format": fmt}], defaults), seed=11)
+    with torch.no_grad():
+        model.fc.weight.mul_(torch.linspace(0.01, 3.0, 128).reshape(8, 16))
+    optimizer = build_optimizer(model, ARMS[arm], seed=7)
+    optimizer.recording = record  # the torch code, landing each step twice (with and without decay)
+    generator = torch.Generator().manual_seed(5)
+    seen = []
+    for _ in range(steps):
+        x = torch.randn(4, 16, generator=generator, requires_grad=True)
+        y = model(x)
+        (y.float() * torch.linspace(-1, 1, 8)).sum().backward()
+        seen += [y, x.grad]
+        optimizer.step()
+        optimizer.zero_grad()
+    return digest(*seen, model.fc.weight)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "eager"])
+def test_a_run_without_sr_bits_is_todays_bit_for_bit(monkeypatch, kernel):
+    monkeypatch.setenv("ALTGRAD_KERNEL", kernel)
+    assert {arm: trained(arm) for arm in ARMS} == RECORDED_TRAINING
+    assert {arm: trained(arm, sr_bits=None) for arm in ARMS} == RECORDED_TRAINING
+    thirty = {arm: trained(arm, sr_bits=30) for arm in ARMS}
+    assert thirty["adamw-sr"] == RECORDED_TRAINING["adamw-sr"]  # casts and projections: 30 bits are the default
+    assert thirty["manifold-sr"] == RECORDED_TRAINING["manifold-sr"]
+    assert thirty["grid-sr"] != RECORDED_TRAINING["grid-sr"]  # the rung move: the truncation rule (random_rungs)
+
+
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_few_bit_runs_are_bit_identical_on_the_native_and_torch_paths(monkeypatch, arm):
+    """Casts, projections and rung moves with N bits: native kernels == torch code, and a recorded
+    step (the torch code, landing twice) == an unrecorded one; fewer bits change the run."""
+    digests = set()
+    for sr_bits in (1, 4, 8, 13, 30):
+        runs = set()
+        for kernel, record in (("auto", False), ("eager", False), ("auto", True)):
+            monkeypatch.setenv("ALTGRAD_KERNEL", kernel)
+            runs.add(trained(arm, sr_bits=sr_bits, record=record))
+        assert len(runs) == 1, (arm, sr_bits)
+        digests |= runs
+    assert len(digests) == 5
+
+
+def test_train_config_validates_sr_bits_and_carries_it_into_every_layer():
+    from altgrad.errors import UserError
+    from altgrad.training.config import TrainConfig
+
+    config = TrainConfig(format="E4M3", rounding="stochastic", sr_bits=8)
+    assert [rule.config.sr_bits for rule in config.quant_policy().rules] == [8]
+    assert config.arm == TrainConfig(format="E4M3", rounding="stochastic").arm  # recorded in the config, not the tag
+    assert TrainConfig(format="E4M3").quant_policy().rules[0].config.sr_bits is None
+    for bad in (0, 31, -3, True, 2.5, "8"):
+        with pytest.raises(UserError, match="sr_bits"):
+            TrainConfig(format="E4M3", sr_bits=bad)
+    mixed = TrainConfig(sr_bits=12, policy=({"layers": "lm_head", "format": "E5M2", "sr_bits": 4},
+                                            {"layers": "*", "format": "E4M3"}))
+    assert [rule.config.sr_bits for rule in mixed.quant_policy().rules] == [4, 12]
+    with pytest.raises(UserError, match="sr_bits"):
+        TrainConfig(policy=({"layers": "*", "format": "E4M3", "sr_bits": 40},))
+
+
+def test_sr_bits_from_a_yaml_file(tmp_path):
+    from altgrad.errors import UserError
+    from altgrad.training.config import resolve_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("format: E4M3\nrounding: stochastic\nsr_bits: 8\n")
+    assert resolve_config(path).quant_policy().rules[0].config.sr_bits == 8
+    assert resolve_config(path, {"sr_bits": 13}).sr_bits == 13
+    path.write_text("format: E4M3\nsr_bits: eight\n")
+    with pytest.raises(UserError, match="sr_bits"):
+        resolve_config(path)
+
+
+def test_the_layer_casts_every_operand_with_its_sr_bits():
+    """Each operand stream rounds as cast_operand with the layer's sr_bits (current scaling) or as
+    quantize (no scaling), the gradient too; a new format keeps them; LinearQuantConfig checks them."""
+    from altgrad.quantization import ScalingConfig
+    from altgrad.quantization.linear import LinearQuantConfig, QuantizedLinear
+    from altgrad.quantization.scaling import cast_operand
+
+    with pytest.raises(ValueError, match="sr_bits"):
+        LinearQuantConfig(weight="E4M3", activation="E4M3", gradient="E5M2", sr_bits=0)
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(0)) * 0.3
+    for mode in ("current", "none"):
+        config = LinearQuantConfig(weight="E4M3", activation="E4M3", gradient="E5M2", rounding="stochastic",
+                                   grad_rounding="stochastic", scaling=ScalingConfig(mode=mode), sr_bits=2)
+        layer = QuantizedLinear.from_linear(nn.Linear(16, 8), config, name="fc")
+        for name in ("activation", "weight", "gradient"):
+            stream = layer.quantizers[name]
+            assert stream.sr_bits == 2
+            state = stream.generator.get_state()
+
+            def cast(sr_bits):
+                generator = torch.Generator()
+                generator.set_state(state)
+                if mode == "current":
+                    return cast_operand(x, stream.fmt, None, rounding="stochastic", generator=generator,
+                                        out_dtype=torch.float32, sr_bits=sr_bits)[0]
+                return quantize(x, stream.fmt, rounding="stochastic", generator=generator, sr_bits=sr_bits)
+
+            q, _ = stream(x, torch.float32)
+            assert torch.equal(bits_of(q), bits_of(cast(2))), (mode, name)
+            assert not torch.equal(bits_of(q), bits_of(cast(None))), (mode, name)
+        layer.reformat(weight=get_format("E5M2"))
+        assert layer.quantizers["weight"].sr_bits == 2 and "sr_bits=2" in repr(layer)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "eager"])
+def test_a_stored_weight_lands_and_rescales_with_its_sr_bits(monkeypatch, kernel):
+    """The factory gives every FormatWeight its layer's sr_bits; `land` (the step records) equals
+    what `project` wrote on either path, and `rescale` re-rounds with the same bits."""
+    from altgrad.optim import FormatWeight
+
+    monkeypatch.setenv("ALTGRAD_KERNEL", kernel)
+    values = torch.randn(257, generator=torch.Generator().manual_seed(1))
+    weight = FormatWeight("w", nn.Parameter(values.clone()), get_format("E4M3"), stored=True,
+                          update_rounding="stochastic", sr_bits=3)
+    y = weight.param.detach() + 0.01 * torch.randn(257, generator=torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    with torch.no_grad():
+        weight.param.copy_(y)
+    weight.project(generator)
+    assert torch.equal(bits_of(weight.land(y, state)), bits_of(weight.param))
+    scale = float(weight.scale) * 0.5
+    state = generator.get_state()
+    before = weight.param.detach().clone()
+    weight.rescale(0.5, generator)
+    generator.set_state(state)
+    expected = quantize(before * scale, weight.fmt, rounding="stochastic", generator=generator, sr_bits=3) / scale
+    assert torch.equal(bits_of(weight.param), bits_of(expected))
+
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(16, 8))
+    defaults = dict(rounding="nearest", grad_rounding="nearest", scaling="current", amax_history_len=4,
+                    scale_margin=0, power_of_two_scales=True, gemm_dtype="bf16", gradient="E5M2",
+                    weight_storage="format", update_rounding="stochastic", sr_bits=9)
+    quantize_model(model, build_policy([{"layers": "fc", "format": "E4M3"}], defaults))
+    assert [w.sr_bits for w in build_optimizer(model, OptimizerSpec("grid")).weights] == [9]
