@@ -36,6 +36,7 @@ ARMS = {
     "C-kahan adamw, format, nearest, bf16 buffer": dict(optimizer="adamw", weight_storage="format",
                                                         compensation="kahan"),
     "D-kahan manifold, format, stochastic, bf16 buffer": dict(optimizer="manifold", compensation="kahan"),
+    "E-kahan grid, stochastic rungs, bf16 buffer": dict(optimizer="grid", compensation="kahan"),
 }
 
 
