@@ -742,34 +742,24 @@ void altgrad_adam_step(float *w, const float *g, float *m, float *v, int64_t n, 
     }
 }
 
-/* GridOptim on a stored weight: v = -(d step + w decay) rungs, moved floor(v + U) (stochastic:
- * floor(v), plus one with probability frac(v) to 2^-30; with sr_bits N in 1..30, 0 for none:
- * sign(v) (floor|v| plus one with probability floor(frac|v| 2^N) / 2^N), the casts' few-bit rule) or
- * round-half-even(v) rungs, clipped to +-clip, along the signed codes, stopped at +-top_code.
- * counts[]: flips (code changed), updates (g != 0), moves the top end stopped. Branch-free, so
- * that the compiler vectorizes the inner loop (table lookups become gathers). */
-void altgrad_grid_step(float *restrict w, const float *restrict g, float *restrict m, float *restrict v, int64_t n,
-                       const float *h, int32_t emin, int32_t mantissa, int32_t top_code, int32_t clip,
-                       const float *restrict table, const int64_t *seed, int32_t sr_bits, int64_t *counts,
-                       int threads) {
-    uint32_t words[2] = {0, 0};
-    if (seed) seed_words(seed, words);
-    const int stochastic = seed != NULL, few = sr_bits > 0;
-    const int32_t few_mask = (1 << sr_bits) - 1; /* sr_bits 0: nothing, and unused */
-    const float few_scale = pow2f(sr_bits);
-    const float limit = (float)clip, scale = h[H_SCALE], inverse = h[H_INVERSE], decay = h[H_DECAY],
-                step = h[H_STEP];
+/* The moves of one chunk [start, end) of altgrad_grid_step, and its counts. few (sr_bits > 0) is a
+ * constant where it is inlined: each loop computes only its own stochastic rule (the default
+ * loop is the one without sr_bits, op for op). Branch-free otherwise, so that the compiler
+ * vectorizes the loop (table lookups become gathers). */
+typedef struct { int32_t flips, updates, stopped; } grid_counts_t;
+
+static inline __attribute__((always_inline)) grid_counts_t grid_chunk(
+    float *restrict w, const float *restrict g, float *restrict m, float *restrict v, int64_t start, int64_t end,
+    const float *h, int32_t emin, int32_t mantissa, int32_t top_code, float limit, const float *restrict table,
+    uint32_t seed0, uint32_t seed1, int stochastic, const int few, int32_t sr_bits) {
+    const float scale = h[H_SCALE], inverse = h[H_INVERSE], decay = h[H_DECAY], step = h[H_STEP];
     const float beta1 = h[H_BETA1], c1 = h[H_C1], beta2 = h[H_BETA2], c2 = h[H_C2],
                 inv_bias2_sqrt = h[H_INV_BIAS2_SQRT], eps = h[H_EPS];
-    const uint32_t seed0 = words[0], seed1 = words[1];
-    int64_t flips = 0, updates = 0, blocked = 0;
-    const int64_t chunk = 4096, chunks = (n + chunk - 1) / chunk;
-    #pragma omp parallel for num_threads(threads) reduction(+ : flips, updates, blocked) if(n >= 16384)
-    for (int64_t c = 0; c < chunks; c++) {
-    int32_t flip = 0, update = 0, stop = 0; /* per chunk: the inner loop vectorizes */
-    int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+    const int32_t few_mask = few ? (1 << sr_bits) - 1 : 0;
+    const float few_scale = few ? pow2f(sr_bits) : 1.0f;
+    int32_t flip = 0, update = 0, stop = 0;
     #pragma omp simd reduction(+ : flip, update, stop)
-    for (int64_t i = c * chunk; i < end; i++) {
+    for (int64_t i = start; i < end; i++) {
         float wi = w[i], gi = g[i];
         int32_t bits = (int32_t)random_bits_at(i, seed0, seed1); /* uniform on [0, 2^30) */
         float mm = m[i] * beta1 + gi * c1;
@@ -781,16 +771,20 @@ void altgrad_grid_step(float *restrict w, const float *restrict g, float *restri
         proposed = proposed != proposed ? 0.0f : proposed; /* torch.nan_to_num */
         proposed = proposed > 3.4028234663852886e38f ? limit : proposed;
         proposed = proposed < -3.4028234663852886e38f ? -limit : proposed;
-        /* floor(v) + 1 with probability frac(v), to 2^-30: bits < ceil(frac 2^30), all exact
-         * (frac(v) is a float32, times 2^30 exact, its ceiling an integer), so never 1 for frac 0 */
-        float whole = floorf(proposed);
-        float stochastic_moves = whole + (float)(bits < (int32_t)ceilf((proposed - whole) * 0x1p30f));
-        /* sr_bits N: |v|'s fraction truncated to N bits plus the low N random bits, carried out
-         * (kernel.round_float32_bits' rule on the integer grid: toward zero by frac(2^N f) 2^-N) */
-        float magnitude = fabsf(proposed), magnitude_whole = floorf(magnitude);
-        int32_t truncated = (int32_t)((magnitude - magnitude_whole) * few_scale); /* < 2^N: exact */
-        float few_moves = copysignf(magnitude_whole + (float)((truncated + (bits & few_mask)) >> sr_bits), proposed);
-        stochastic_moves = few ? few_moves : stochastic_moves;
+        float stochastic_moves;
+        if (few) {
+            /* sr_bits N: |v|'s fraction truncated to N bits plus the low N random bits, carried out
+             * (kernel.round_float32_bits' rule on the integer grid: toward zero by frac(2^N f) 2^-N) */
+            float magnitude = fabsf(proposed), magnitude_whole = floorf(magnitude);
+            int32_t truncated = (int32_t)((magnitude - magnitude_whole) * few_scale); /* < 2^N: exact */
+            stochastic_moves = copysignf(magnitude_whole + (float)((truncated + (bits & few_mask)) >> sr_bits),
+                                         proposed);
+        } else {
+            /* floor(v) + 1 with probability frac(v), to 2^-30: bits < ceil(frac 2^30), all exact
+             * (frac(v) is a float32, times 2^30 exact, its ceiling an integer), so never 1 for frac 0 */
+            float whole = floorf(proposed);
+            stochastic_moves = whole + (float)(bits < (int32_t)ceilf((proposed - whole) * 0x1p30f));
+        }
         float nearest_moves = nearbyintf(proposed);
         float moves = stochastic ? stochastic_moves : nearest_moves;
         moves = moves > limit ? limit : moves;
@@ -818,9 +812,35 @@ void altgrad_grid_step(float *restrict w, const float *restrict g, float *restri
         flip += target != rung;
         update += gi != 0.0f;
     }
-    flips += flip;
-    updates += update;
-    blocked += stop;
+    return (grid_counts_t){flip, update, stop};
+}
+
+/* GridOptim on a stored weight: v = -(d step + w decay) rungs, moved floor(v + U) (stochastic:
+ * floor(v), plus one with probability frac(v) to 2^-30; with sr_bits N in 1..30, 0 for none:
+ * sign(v) (floor|v| plus one with probability floor(frac|v| 2^N) / 2^N), the casts' few-bit rule) or
+ * round-half-even(v) rungs, clipped to +-clip, along the signed codes, stopped at +-top_code.
+ * counts[]: flips (code changed), updates (g != 0), moves the top end stopped. */
+void altgrad_grid_step(float *restrict w, const float *restrict g, float *restrict m, float *restrict v, int64_t n,
+                       const float *h, int32_t emin, int32_t mantissa, int32_t top_code, int32_t clip,
+                       const float *restrict table, const int64_t *seed, int32_t sr_bits, int64_t *counts,
+                       int threads) {
+    uint32_t words[2] = {0, 0};
+    if (seed) seed_words(seed, words);
+    const int stochastic = seed != NULL;
+    const float limit = (float)clip;
+    int64_t flips = 0, updates = 0, blocked = 0;
+    const int64_t chunk = 4096, chunks = (n + chunk - 1) / chunk;
+    #pragma omp parallel for num_threads(threads) reduction(+ : flips, updates, blocked) if(n >= 16384)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+        grid_counts_t done = sr_bits > 0
+            ? grid_chunk(w, g, m, v, c * chunk, end, h, emin, mantissa, top_code, limit, table, words[0], words[1],
+                         stochastic, 1, sr_bits)
+            : grid_chunk(w, g, m, v, c * chunk, end, h, emin, mantissa, top_code, limit, table, words[0], words[1],
+                         stochastic, 0, 0);
+        flips += done.flips;
+        updates += done.updates;
+        blocked += done.stopped;
     }
     counts[0] = flips;
     counts[1] = updates;
