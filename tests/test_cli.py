@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from altgrad.cli import app
@@ -63,3 +65,16 @@ def test_name_and_all_together_is_an_error():
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("altgrad ")
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--sr-bits", "0"], "sr_bits must be an integer from 1 to 30"),
+    (["--optimizer", "eco", "--weight-storage", "master"], "needs weight_storage format"),
+    (["--compensation", "kahan"], "needs weight_storage format"),
+    (["--weight-storage", "format", "--compensation", "simple"], "compensation must be one of none, kahan"),
+])
+def test_bad_remedy_options_are_one_line_and_exit_code_2(tmp_path, options, message):
+    result = runner.invoke(app, ["train", "--preset", "tiny", "--format", "E5M2", "--runs-dir", str(tmp_path), *options])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
+    assert not any(tmp_path.iterdir())  # nothing written

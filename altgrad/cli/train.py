@@ -204,6 +204,9 @@ def train(
     grad_format: Optional[str] = typer.Option(None, "--grad-format", help="Gradient format (default E5M2)."),
     rounding: Optional[str] = typer.Option(None, help="nearest | stochastic (weights and activations)"),
     grad_rounding: Optional[str] = typer.Option(None, "--grad-rounding", help="nearest | stochastic"),
+    sr_bits: Optional[int] = typer.Option(
+        None, "--sr-bits", help="Stochastic rounding with N random bits (1-30, as hardware draws; biased toward "
+                                "zero by under 2^-N of a grid step) for every operand and update; default exact."),
     scaling: Optional[str] = typer.Option(None, help="current | delayed | none (per-tensor amax scaling)"),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", "-o",
                                             help="adamw | manifold (steps in ULPs) | grid (moves in codes) | "
@@ -267,6 +270,7 @@ def train(
                          wandb=wandb,
                          adapt_threads=adapt_threads,
                          format=fmt, grad_format=grad_format, rounding=rounding, grad_rounding=grad_rounding,
+                         sr_bits=sr_bits,
                          scaling=scaling, use_shadow=shadow, shadow_interval=shadow_interval,
                          stats_interval=stats_interval, optimizer=optimizer, weight_storage=weight_storage,
                          update_rounding=update_rounding, compensation=compensation, grid_lr=grid_lr, grid_lr_unit=grid_lr_unit,

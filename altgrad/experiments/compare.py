@@ -24,7 +24,7 @@ from .runs import RunRecord
 #: validation set. Every other key (model shape, data, seed, steps, batch, learning rate and
 #: schedule, weight decay, dropout, the clipping bound, evaluation batches) must be equal.
 PRECISION_KEYS = frozenset({
-    "precision", "format", "grad_format", "rounding", "grad_rounding", "scaling", "amax_history_len",
+    "precision", "format", "grad_format", "rounding", "grad_rounding", "sr_bits", "scaling", "amax_history_len",
     "scale_margin", "power_of_two_scales", "gemm_dtype", "policy", "format_shift", "shift_patience",
     "grad_clip_mode",  # the precision policy and its failure handling (the same for a run without FP8 layers)
 })
