@@ -53,6 +53,25 @@ def test_ranks_are_taken_on_the_weight_the_forward_pass_uses(storage):
     assert torch.equal(forward_weight(model.lm_head), model.lm_head.weight.detach())  # high precision: as is
 
 
+def test_a_stochastic_forward_weight_rounds_with_the_runs_random_bits():
+    """The rank (and bit-stall) measurement casts a master weight as the run does: its stochastic
+    rounding with its sr_bits (one fixed draw, seed 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(32, 16))
+    defaults = dict(rounding="stochastic", grad_rounding="nearest", scaling="current", amax_history_len=4,
+                    scale_margin=0, power_of_two_scales=True, gemm_dtype="bf16", gradient="E5M2",
+                    weight_storage="master", update_rounding="nearest", sr_bits=1)
+    quantize_model(model, build_policy([{"layers": "fc", "format": "E3M4"}], defaults))
+    weight = model.fc.weight.detach()
+    scale = 2.0 ** math.floor(math.log2(124 / float(weight.abs().max())))  # E3M4 max 124
+
+    def cast(bits):
+        return quantize(weight * scale, get_format("E3M4"), rounding="stochastic",
+                        generator=torch.Generator().manual_seed(0), sr_bits=bits) / scale
+    assert torch.equal(forward_weight(model.fc), cast(1)) and not torch.equal(cast(1), cast(None))
+
+
 def test_rank_drops_warn_and_critical_layers_warn_first():
     model = model_with("master")
     monitor = RankMonitor(model, interval=1, threshold=0.3, critical_layers=("lm_head",), critical_multiplier=0.5)
@@ -107,3 +126,21 @@ def test_a_collapsing_layer_warns_once_per_excursion_and_is_counted(tmp_path, ti
     for key in ("rank/stable/lm_head", "rank/effective/transformer.h.1.mlp.c_fc", "rank/spectral_norm/lm_head",
                 "rank/effective"):
         assert key in record
+
+
+def test_the_update_monitors_grid_of_a_master_weight_rounds_with_the_runs_random_bits():
+    from altgrad.training.monitors.updates import _scaled_grid
+
+    torch.manual_seed(1)
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(32, 16))
+    defaults = dict(rounding="stochastic", grad_rounding="nearest", scaling="current", amax_history_len=4,
+                    scale_margin=0, power_of_two_scales=True, gemm_dtype="bf16", gradient="E5M2",
+                    weight_storage="master", update_rounding="nearest", sr_bits=2)
+    quantize_model(model, build_policy([{"layers": "fc", "format": "E4M3"}], defaults))
+    weight, scale = model.fc.weight.detach(), 1024.0
+
+    def cast(bits):
+        return quantize(weight * scale, get_format("E4M3"), rounding="stochastic",
+                        generator=torch.Generator().manual_seed(7), sr_bits=bits)
+    assert torch.equal(_scaled_grid(model.fc, scale, 7), cast(2)) and not torch.equal(cast(2), cast(None))

@@ -52,7 +52,8 @@ def forward_weight(layer: nn.Linear) -> torch.Tensor:
         scale = scale_from_amax(weight.abs().amax(), layer.weight_format, layer.config.scaling.margin)
     rounding = layer.config.rounding  # the run's own weight rounding; stochastic: one fixed draw
     generator = torch.Generator().manual_seed(0) if rounding == "stochastic" else None
-    return quantize(weight * scale, layer.weight_format, rounding=rounding, generator=generator) / scale
+    return quantize(weight * scale, layer.weight_format, rounding=rounding, generator=generator,
+                    sr_bits=layer.config.sr_bits) / scale
 
 
 def rank_measures(weight: torch.Tensor) -> dict[str, float]:

@@ -141,7 +141,8 @@ def _scaled_grid(layer: QuantizedLinear, scale, generator_seed: int) -> torch.Te
         return weight * scale
     config = layer.config
     generator = torch.Generator().manual_seed(generator_seed) if config.rounding == "stochastic" else None
-    return quantize(weight.float() * scale, layer.weight_format, rounding=config.rounding, generator=generator)
+    return quantize(weight.float() * scale, layer.weight_format, rounding=config.rounding, generator=generator,
+                    sr_bits=config.sr_bits)
 
 
 def _on_grid(layer: QuantizedLinear, scale, generator_seed: int) -> torch.Tensor:
