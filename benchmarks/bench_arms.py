@@ -29,6 +29,8 @@ ARMS = {
     "C adamw, format, stochastic": dict(weight_storage="format", update_rounding="stochastic"),
     "D manifold, format, stochastic": dict(optimizer="manifold"),
     "E grid, stochastic rungs": dict(optimizer="grid"),
+    "ECO adamw, format, nearest, error feedback": dict(optimizer="eco"),
+    "C-kahan adamw, format, nearest, bf16 buffer": dict(weight_storage="format", compensation="kahan"),
 }
 
 
