@@ -144,7 +144,7 @@ def test_the_shipped_matrices_load():
     assert seeds["e5m2-B"] == {1337, 1338, 1339} and small.tuning_seed == 1342 and small.budget == 5
     assert "e5m2-B" not in {c.group for c in small.sweep_cells()} and small.arms["B"]["lr"] == {"from": "A"}
     assert all(c.expected_failure for c in small.cells() if c.format == "E7M0")
-    assert {c.config.lr for c in small.sweep_cells() if c.format == "bf16"} == {0.001, 0.002, 0.004}  # every arm
+    assert {c.config.lr for c in small.sweep_cells() if c.format == "bf16"} == {0.002, 0.004, 0.008}  # every arm
     assert len(load_matrix(CONFIGS / "matrix" / "tiny.yaml").cells()) == 27
     assert load_matrix(CONFIGS / "matrix" / "paper.yaml").preset == "paper"
 
