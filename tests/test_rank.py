@@ -30,15 +30,16 @@ def test_rank_measures_on_constructed_matrices():
     assert math.isnan(zero["effective"]) and math.isnan(zero["stable"])  # undefined, never 0
 
 
-def model_with(storage):
-    torch.manual_seed(0)
+def model_with(storage, fmt="E3M4", seed=0, **settings):
+    """fc in ``fmt`` (``settings``: the policy's defaults changed), lm_head in high precision."""
+    torch.manual_seed(seed)
     model = nn.Sequential()
     model.add_module("fc", nn.Linear(32, 16))
     model.add_module("lm_head", nn.Linear(16, 32))
     defaults = dict(rounding="nearest", grad_rounding="nearest", scaling="current", amax_history_len=4,
                     scale_margin=0, power_of_two_scales=True, gemm_dtype="bf16", gradient="E5M2",
-                    weight_storage=storage, update_rounding="nearest")
-    quantize_model(model, build_policy([{"layers": "fc", "format": "E3M4"}], defaults))
+                    weight_storage=storage, update_rounding="nearest") | settings
+    quantize_model(model, build_policy([{"layers": "fc", "format": fmt}], defaults))
     build_optimizer(model, OptimizerSpec("adamw"))
     return model
 
@@ -56,13 +57,7 @@ def test_ranks_are_taken_on_the_weight_the_forward_pass_uses(storage):
 def test_a_stochastic_forward_weight_rounds_with_the_runs_random_bits():
     """The rank (and bit-stall) measurement casts a master weight as the run does: its stochastic
     rounding with its sr_bits (one fixed draw, seed 0)."""
-    torch.manual_seed(0)
-    model = nn.Sequential()
-    model.add_module("fc", nn.Linear(32, 16))
-    defaults = dict(rounding="stochastic", grad_rounding="nearest", scaling="current", amax_history_len=4,
-                    scale_margin=0, power_of_two_scales=True, gemm_dtype="bf16", gradient="E5M2",
-                    weight_storage="master", update_rounding="nearest", sr_bits=1)
-    quantize_model(model, build_policy([{"layers": "fc", "format": "E3M4"}], defaults))
+    model = model_with("master", rounding="stochastic", sr_bits=1)
     weight = model.fc.weight.detach()
     scale = 2.0 ** math.floor(math.log2(124 / float(weight.abs().max())))  # E3M4 max 124
 
@@ -131,13 +126,7 @@ def test_a_collapsing_layer_warns_once_per_excursion_and_is_counted(tmp_path, ti
 def test_the_update_monitors_grid_of_a_master_weight_rounds_with_the_runs_random_bits():
     from altgrad.training.monitors.updates import _scaled_grid
 
-    torch.manual_seed(1)
-    model = nn.Sequential()
-    model.add_module("fc", nn.Linear(32, 16))
-    defaults = dict(rounding="stochastic", grad_rounding="nearest", scaling="current", amax_history_len=4,
-                    scale_margin=0, power_of_two_scales=True, gemm_dtype="bf16", gradient="E5M2",
-                    weight_storage="master", update_rounding="nearest", sr_bits=2)
-    quantize_model(model, build_policy([{"layers": "fc", "format": "E4M3"}], defaults))
+    model = model_with("master", "E4M3", seed=1, rounding="stochastic", sr_bits=2)
     weight, scale = model.fc.weight.detach(), 1024.0
 
     def cast(bits):

@@ -20,6 +20,21 @@ from .report_memory import SAME_BITS  # noqa: E402
 from .stats import mean  # noqa: E402
 
 
+def _label(axis, title: str, xlabel: str, ylabel: str) -> None:
+    """A panel's title, axis labels, grid and legend, as every figure here draws them."""
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="x-small")
+
+
+def _hide_unused(axes, used: int) -> None:
+    """Hide the grid's panels past the ``used`` ones."""
+    for axis in list(axes.flat)[used:]:
+        axis.set_visible(False)
+
+
 def _save(figure, path: Path) -> Path:
     figure.tight_layout()
     atomic_write(path, lambda stream: figure.savefig(stream, format="png", dpi=110))
@@ -79,13 +94,8 @@ def loss_curves(analysis: Analysis, path: Path) -> Path | None:
         if late:
             low, high = min(late), max(late)
             axis.set_ylim(low - 0.05 * (high - low + 1e-3), high + 0.05 * (high - low + 1e-3))
-        axis.set_title(fmt + layer_suffix(layers, " ({})"))
-        axis.set_xlabel("step")
-        axis.set_ylabel("validation loss")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize="x-small")
-    for axis in list(axes.flat)[len(panels):]:
-        axis.set_visible(False)
+        _label(axis, fmt + layer_suffix(layers, " ({})"), "step", "validation loss")
+    _hide_unused(axes, len(panels))
     figure.suptitle("validation loss: mean over seeds, band = min..max over seeds", fontsize="small")
     figure.subplots_adjust(top=0.85)
     return _save(figure, path)
@@ -268,13 +278,8 @@ def memory_frontier(analysis: Analysis, path: Path) -> Path | None:
         if math.isfinite(base):
             axis.axhline(base, color="k", linestyle="--", linewidth=1,
                          label=f"{analysis.baseline.format} (no weight format)")
-        axis.set_title(found.where)
-        axis.set_xlabel("bits per weight with a format (training state)")
-        axis.set_ylabel("final validation loss")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize="x-small")
-    for axis in list(axes.flat)[len(panels):]:
-        axis.set_visible(False)
+        _label(axis, found.where, "bits per weight with a format (training state)", "final validation loss")
+    _hide_unused(axes, len(panels))
     figure.suptitle("memory/loss frontier: mean over seeds, bar = 95% interval\nfilled: on the frontier (no arm "
                     "with fewer or equal bits has a lower mean loss);\narms with equal bits are drawn side by side",
                     fontsize="small")
