@@ -50,14 +50,15 @@ def beyond(rule, thresholds=EXACT):
 
 @pytest.mark.parametrize("rule", RULES, ids=[r.name for r in RULES])
 def test_each_rule_crosses_strictly_beyond_its_threshold_and_names_its_stage(rule):
+    stored = rule.storage != "master"  # where the rule applies
     records = stream({10: at(rule), 20: beyond(rule)})  # exactly at the threshold at step 10: no crossing
-    result = attribute(records, EXACT, stored=True, reference=REFERENCE)
+    result = attribute(records, EXACT, stored=stored, reference=REFERENCE)
     assert (result.stage, result.step) == (rule.stage, 20)
     first = result.stages[rule.stage].first
     assert first.rule is rule and first.step == 20
     assert [s for s in STAGES if result.stages[s].status == "crossed"] == [rule.stage]
-    only_at = attribute(stream({10: at(rule), 20: at(rule)}), EXACT, stored=True, reference=REFERENCE)
-    assert only_at.stage == "none" and judge(rule, stream({10: at(rule)}), EXACT, stored=True,
+    only_at = attribute(stream({10: at(rule), 20: at(rule)}), EXACT, stored=stored, reference=REFERENCE)
+    assert only_at.stage == "none" and judge(rule, stream({10: at(rule)}), EXACT, stored=stored,
                                              reference={s: 3.0 for s in (0, 10, 20, 30)}).status == "not crossed"
 
 
@@ -105,6 +106,23 @@ def test_the_stall_and_update_rules_apply_to_stored_weights_and_the_a_vs_c_rule_
     assert attribute(behind, stored=True, reference=REFERENCE).stage == "optimizer"
     assert attribute(behind, stored=True, reference=[{"step": 30, "val_loss": 3.0}]).stage == "none"  # no pair at 20
 
+
+
+def test_the_weights_cast_rules_apply_under_masters_only():
+    """A stored weight is its grid value: its cast is exact (no SNR logged), so its cast rules do
+    not apply; the activation's still do."""
+    noisy = stream({10: {"quant/snr_db/weight": 10.0, "quant/underflow_rate/weight": 0.9,
+                         "quant/overflow_rate/weight": 0.5}})
+    assert (attribute(noisy, stored=False).stage, attribute(noisy, stored=False).step) == ("forward", 10)
+    on_grid = attribute(noisy, stored=True)
+    assert on_grid.stage == "none"
+    weight_rules = [r for r in on_grid.stages["forward"].rules if r.rule.metric.endswith("/weight")]
+    assert len(weight_rules) == 3 and {r.status for r in weight_rules} == {"not applicable"}
+    no_snr = [{k: v for k, v in r.items() if k != "quant/snr_db/weight"} for r in stream()]
+    assert "quant/snr_db/weight" not in attribute(no_snr, stored=True).stages["forward"].not_measured
+    assert "quant/snr_db/weight" in attribute(no_snr, stored=False).stages["forward"].not_measured
+    activation = stream({10: {"quant/snr_db/activation": 10.0}})
+    assert attribute(activation, stored=True).stage == "forward"
 
 def test_the_earliest_stage_is_attributed_and_a_tie_goes_upstream():
     forward = {"quant/snr_db/activation": 10.0}

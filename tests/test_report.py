@@ -191,6 +191,7 @@ def test_the_report_on_a_tiny_real_matrix(tiny_matrix, tiny_data, tmp_path):
     assert data["not_compared"] == [{"format": "E5M2", "layers": "uniform", "optimizer": "grid",
                                      "missing": ["GridOptim on FP32 masters"]}]
     assert data["null_control"]["status"] == "absent" and data["tuning"] == []
+    assert "sweet_spot" not in data and "failure_stages" not in data  # no layer type alone: no such sections
     assert data["answer"].startswith("Not established for any format: E5M2 ManifoldAdamW")
     assert groups[("E5M2", "D")]["step_sizes"]["optim/rel_update_intended"]["n"] == 3  # measured by the runs
     assert data["noise_floor"]["bf16_seed_sd"] == pytest.approx(

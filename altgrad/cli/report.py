@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..experiments.matrix import layer_suffix
 from ..experiments.report_checks import side_effects
+from ..experiments.report_failures import format_sentences
 from ..experiments.report_files import _f, step_rows, tuning_rows, write_report
 from ..experiments.report_files import interval as _interval
 from .common import console, user_errors
@@ -77,6 +78,12 @@ def report(
             console.print(f"[dim]not compared:[/] {n.text}")
         for found in analysis.frontiers:
             console.print(f"[bold]memory/loss frontier:[/] {found.text}", soft_wrap=True)
+        if analysis.sweet_spot is not None:
+            for line in analysis.sweet_spot.lines:
+                console.print(f"[bold]sweet spot:[/] {line.sentence}", soft_wrap=True)
+        if analysis.failures is not None:
+            for line in format_sentences(analysis.failures):
+                console.print(f"[bold]where it fails:[/] {line}", soft_wrap=True)
         console.print(f"[bold]null control:[/] {analysis.null_control.status}")
         console.print(f"[bold]answer:[/] {analysis.answer}")
         for note in analysis.notes:

@@ -23,8 +23,11 @@ crosses its threshold (issue 23 §3), from the records the run already logs (met
   as fine.
 - Applicability: the stall, bit-stall and realized/intended rules only where the weights are
   stored on the grid (``weight_storage: format``): under FP32 masters the master accumulates what
-  its cast does not show, so a stalled cast loses nothing (DESIGN §4). The A-vs-C rule needs the
-  arm-A run of the same seed (``reference``). Otherwise a rule is *not applicable*.
+  its cast does not show, so a stalled cast loses nothing (DESIGN §4). The weight's cast rules
+  (overflow, underflow, SNR) only under FP32 masters: a stored weight is its grid value, so its
+  forward cast is exact (no noise, so no SNR is logged, and rates of 0), and what the format does
+  to it happens where it is stored, the optimizer's rules. The A-vs-C rule needs the arm-A run of
+  the same seed (``reference``). Otherwise a rule is *not applicable*.
 - A stage's first step is the earliest of its rules' first crossings (a tie between its rules:
   the first in `RULES`). The **attributed stage** is the stage with the earliest first step; a
   tie in step goes upstream, forward before backward before optimizer: an upstream failure causes
@@ -98,7 +101,7 @@ class Rule:
     above: bool  # crossed when value > threshold; False: when value < threshold
     what: str
     over: str | None = None  # a ratio: the record's key of its denominator
-    stored_only: bool = False  # only for weights stored on the grid
+    storage: str | None = None  # "format": only for weights stored on the grid; "master": only under FP32 masters
     paired: bool = False  # the run's value minus the reference run's at the same step
 
     @property
@@ -108,21 +111,21 @@ class Rule:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("forward", "quant/overflow_rate/weight", "overflow", True, "weight overflow"),
+    Rule("forward", "quant/overflow_rate/weight", "overflow", True, "weight overflow", storage="master"),
     Rule("forward", "quant/overflow_rate/activation", "overflow", True, "activation overflow"),
-    Rule("forward", "quant/underflow_rate/weight", "underflow", True, "weight underflow"),
+    Rule("forward", "quant/underflow_rate/weight", "underflow", True, "weight underflow", storage="master"),
     Rule("forward", "quant/underflow_rate/activation", "underflow", True, "activation underflow"),
-    Rule("forward", "quant/snr_db/weight", "snr_db", False, "weight SNR"),
+    Rule("forward", "quant/snr_db/weight", "snr_db", False, "weight SNR", storage="master"),
     Rule("forward", "quant/snr_db/activation", "snr_db", False, "activation SNR"),
     Rule("forward", "quant/dead_fraction_sampled", "dead_fraction", True, "dead input units"),
     Rule("backward", "quant/overflow_rate/gradient", "overflow", True, "gradient overflow"),
     Rule("backward", "quant/underflow_rate/gradient", "underflow", True, "gradient underflow"),
     Rule("backward", "quant/snr_db/gradient", "snr_db", False, "gradient SNR"),
     Rule("backward", "grad_cos_sim/mean", "grad_cos", False, "gradient cosine vs the FP32 shadow"),
-    Rule("optimizer", "optim/stall_ratio", "bit_stall", True, "stall ratio", stored_only=True),
-    Rule("optimizer", "quant/bit_stall_rate", "bit_stall", True, "bit-stall rate", stored_only=True),
+    Rule("optimizer", "optim/stall_ratio", "bit_stall", True, "stall ratio", storage="format"),
+    Rule("optimizer", "quant/bit_stall_rate", "bit_stall", True, "bit-stall rate", storage="format"),
     Rule("optimizer", "optim/rel_update_realized", "update_ratio", False, "realized / intended update",
-         over="optim/rel_update_intended", stored_only=True),
+         over="optim/rel_update_intended", storage="format"),
     Rule("optimizer", "val_loss", "storage_gap", True, "validation loss above arm A's (same seed)", paired=True),
 )
 
@@ -190,7 +193,7 @@ def judge(rule: Rule, records: list[dict[str, Any]], thresholds: Thresholds, *, 
           reference: dict[int, float] | None = None) -> RuleResult:
     """One rule on one run's records (the module doc: strictly beyond, missing is not measured)."""
     threshold = getattr(thresholds, rule.threshold)
-    if (rule.stored_only and not stored) or (rule.paired and reference is None):
+    if rule.storage not in (None, "format" if stored else "master") or (rule.paired and reference is None):
         return RuleResult(rule, "not applicable", threshold)
     points = _values(records, rule, reference)
     if not points:

@@ -23,6 +23,9 @@ with each group's tuning record (`Sweep`) and the matrix's tuning protocol (`Pro
 - Memory per parameter (`report_memory`): each group's bits per weight with a format from its
   runs' summaries, and per format the memory/loss frontier, with what each arm's place on it
   rests on (DESIGN §5.2: the remedies' memory beside each).
+- Where a matrix quantizes layer types alone (issue 23): the sweet spot per layer type
+  (`report_sweet_spot`) and where each format fails (`report_failures`, `failure_stage`); absent
+  otherwise.
 """
 
 from __future__ import annotations
@@ -39,9 +42,11 @@ from .matrix import layer_suffix
 from .report_checks import (ARM_OWN_KEYS, CHECKS, EFFECTS, Check, Comparison, Effect, NotCompared, NullCheck,
                             NullControl, compare_formats, find_group, null_control, number_text, same_grid,
                             side_effects, uniform_grid)
+from .report_failures import FailureMap, failure_map
 from .report_memory import Frontier, GroupMemory, frontiers, group_memory
 from .report_runs import Cell, Group, collect, role
 from .report_sweeps import Protocol, Sweep, read_protocol, read_sweeps
+from .report_sweet_spot import SweetSpot, has_layer_types, sweet_spot
 from .stats import CONFIDENCE, Paired, mean, paired_difference, sample_sd
 
 __all__ = ["ARM_OWN_KEYS", "CHECKS", "EFFECTS", "Analysis", "Cell", "Check", "Comparison", "Effect", "Group",
@@ -70,6 +75,8 @@ class Analysis:
     notes: list[str] = field(default_factory=list)
     memory: dict[str, GroupMemory] = field(default_factory=dict)  # group key -> its bits per parameter
     frontiers: list[Frontier] = field(default_factory=list)  # per format: the memory/loss frontier
+    sweet_spot: SweetSpot | None = None  # per arm and layer type (only where layer types run alone)
+    failures: FailureMap | None = None  # per (format, layer type, arm): the stage each loss is attributed to
 
     def sweep(self, group: Group) -> Sweep | None:
         return self.sweeps.get(group.name)
@@ -306,10 +313,11 @@ def analyse(groups: list[Group], manifest: dict[str, Any] | None = None) -> Anal
     limits = _limits(groups)
     answer = _answer(comparisons, not_compared, null, _tuning_sentence(protocol, sweeps), limits)
     memory = {g.key: group_memory(g) for g in groups}
+    spot = sweet_spot(groups, baseline, sweeps, protocol) if has_layer_types(groups) else None
     return Analysis(groups, baseline, sample_sd(list(base_losses.values())), vs_baseline, vs_arm_a, comparisons,
                     not_compared, null, sweeps, protocol, {g.key: step_sizes(g) for g in groups}, answer, limits,
                     _notes(groups, sweeps) + _memory_notes(groups, memory), memory,
-                    frontiers(groups, memory, sweeps))
+                    frontiers(groups, memory, sweeps), spot, failure_map(groups, spot) if has_layer_types(groups) else None)
 
 
 # ---- report.json -------------------------------------------------------------------------------
@@ -339,6 +347,11 @@ def to_json(analysis: Analysis, runs_dir: Path, manifest: dict[str, Any]) -> dic
                 "memory": analysis.memory[g.key].to_dict() if g.key in analysis.memory else None}
 
     null = analysis.null_control
+    layer_types = {}  # only where layer types run alone: every other report.json is unchanged
+    if analysis.sweet_spot is not None:
+        layer_types["sweet_spot"] = analysis.sweet_spot.to_dict()
+    if analysis.failures is not None:
+        layer_types["failure_stages"] = analysis.failures.to_dict()
     return {"runs_dir": str(runs_dir), "matrix": manifest.get("matrix"),
             "method": f"paired by seed; mean of the per-seed differences with a {CONFIDENCE:.0%} Student-t "
                       "interval (t quantile with n-1 degrees of freedom, sample standard deviation) and a "
@@ -365,5 +378,6 @@ def to_json(analysis: Analysis, runs_dir: Path, manifest: dict[str, Any]) -> dic
             "groups": [group_dict(g) for g in analysis.groups],
             "memory_frontier": [f.to_dict() for f in analysis.frontiers],
             "code_versions": code_versions(analysis.groups),
+            **layer_types,
             "sweeps": manifest.get("sweeps", {}), "answer": analysis.answer, "limits": analysis.limits,
             "notes": analysis.notes}

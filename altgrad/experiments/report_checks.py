@@ -251,7 +251,7 @@ def number_text(value: float, spec: str = ".4f") -> str:
     return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
 
 
-def _resolution(sweeps: list[Sweep | None]) -> float:
+def tuning_resolution(sweeps: list[Sweep | None]) -> float:
     """The tuning resolution of a comparison: the largest of its groups' (NaN when a group's own
     tuning did not record a finite one; a group whose values were all inherited adds none)."""
     values = []
@@ -263,7 +263,7 @@ def _resolution(sweeps: list[Sweep | None]) -> float:
     return max(values) if values and all(math.isfinite(v) for v in values) else math.nan
 
 
-def _tuned(label: str, sweep: Sweep | None) -> list[str]:
+def tuning_reasons(label: str, sweep: Sweep | None) -> list[str]:
     """Why a group's tuning does not count as tuned (empty: it does)."""
     if sweep is None:
         return [f"{label} has no sweep: its values were not tuned"]
@@ -288,7 +288,7 @@ def _tuned(label: str, sweep: Sweep | None) -> list[str]:
     return out
 
 
-def _horizon(label: str, group: Group, sweep: Sweep | None, protocol: Protocol) -> list[str]:
+def horizon_reasons(label: str, group: Group, sweep: Sweep | None, protocol: Protocol) -> list[str]:
     if sweep is None:
         return [f"{label} has no sweep, so no tuning horizon"]
     cells = group.max_steps or protocol.cell_max_steps
@@ -355,9 +355,9 @@ def _checks(effect: Effect, groups: dict[str, Group], sweeps: dict[str, Sweep | 
     def check(name: str, problems: list[str], fine: str) -> None:
         checks.append(Check(name, not problems, "; ".join(problems) if problems else fine))
 
-    check("tuned_interior", [r for p in parts for r in _tuned(labels[p], sweeps[p])],
+    check("tuned_interior", [r for p in parts for r in tuning_reasons(labels[p], sweeps[p])],
           "every group's tuned values are interior optima")
-    check("same_horizon", [r for p in parts for r in _horizon(labels[p], groups[p], sweeps[p], protocol)],
+    check("same_horizon", [r for p in parts for r in horizon_reasons(labels[p], groups[p], sweeps[p], protocol)],
           "every group was tuned at its cells' horizon")
     budgets = {p: sweeps[p].budget if sweeps[p] is not None else None for p in parts}
     unknown = [f"{labels[p]}'s tuning budget is not recorded" for p in parts if budgets[p] is None]
@@ -425,8 +425,8 @@ def null_control(groups: list[Group], sweeps: dict[str, Sweep]) -> NullControl:
         if d is None or c is None:
             continue
         paired = paired_difference(d.losses(), c.losses())
-        resolution = _resolution([sweeps.get(d.name), sweeps.get(c.name)])
-        reasons = [r for g in (d, c) for r in _tuned(f"{g.arm}", sweeps.get(g.name))]
+        resolution = tuning_resolution([sweeps.get(d.name), sweeps.get(c.name)])
+        reasons = [r for g in (d, c) for r in tuning_reasons(f"{g.arm}", sweeps.get(g.name))]
         floor = paired.half_width + (resolution if math.isfinite(resolution) else 0.0)
         if paired.n < 2:
             status = "not evaluable"
@@ -476,7 +476,7 @@ def compare_formats(groups: list[Group], sweeps: dict[str, Sweep], protocol: Pro
             parts |= {p: g for p, r in REMEDIES.items() if (g := find_group(groups, fmt, layers, r)) is not None}
             loss = {p: g.losses() for p, g in parts.items()}
             effects = {e: Effect(e, involved, _difference(e, loss),
-                                 _resolution([sweeps.get(parts[p].name) for p in involved]))
+                                 tuning_resolution([sweeps.get(parts[p].name) for p in involved]))
                        for e, (involved, _, _) in EFFECTS.items() if all(p in parts for p in involved)}
             comparisons.append(Comparison(fmt, layers, optimizer, parts, effects,
                                           paired_difference(loss["gs"], loss["C"])))

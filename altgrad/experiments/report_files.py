@@ -12,6 +12,8 @@ from .report import CHECKS, STEP_METRICS, Analysis, analyse, cell_count, collect
 from .report_checks import side_effects
 from .report_memory import SAME_BITS
 from ..optim.memory import PARTS as MEMORY_PARTS
+from . import report_failures, report_sweet_spot
+from .report_layer_plots import LAYER_FIGURES, write_layer_figures
 from .report_plots import run_stall_ratio, write_figures
 from .stats import CONFIDENCE, Paired
 
@@ -90,6 +92,12 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
               + (", ".join(f"{k}: {_f(v)}" for k, v in base["bf16_losses"].items()) or "none") + ").", "",
               "Code: " + ("; ".join(f"{v['label']} ({cell_count(v['cells'])})" for v in data["code_versions"])
                           or "no cell recorded") + ".", ""]
+    if analysis.sweet_spot is not None:
+        lines += report_sweet_spot.lines_md(analysis.sweet_spot,
+                                            "sweet_spot.png" if "sweet_spot.png" in figures else None)
+    if analysis.failures is not None:
+        lines += report_failures.lines_md(analysis.failures,
+                                          "failure_stages.png" if "failure_stages.png" in figures else None)
     lines += ["## The question: the format-specific benefit of geometry", "",
               f"Interaction (gs - C) - (gm - A) with its {CONFIDENCE:.0%} interval, Holm-adjusted p, the tuning "
               "resolution; beside it the update-rule effect on masters (gm - A) and the storage effects (C - A, "
@@ -185,7 +193,8 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
         lines.append("No run collapsed (validation loss above its step-0 value) or diverged.")
     lines += ["", "## Figures", ""]
     for name, caption in figures.items():
-        lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
+        if name not in LAYER_FIGURES:  # those are in their own sections
+            lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
     lines += ["Every number above, with the per-seed values behind it, is in `report.json`."]
     return "\n".join(lines) + "\n"
 
@@ -241,7 +250,7 @@ def write_report(source: Path, out: Path) -> tuple[Analysis, dict[str, Path]]:
     analysis = analyse(groups, manifest)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    figures = write_figures(analysis, out)
+    figures = {**write_figures(analysis, out), **write_layer_figures(analysis, out)}
     data = to_json(analysis, runs_dir, manifest)
     write_json(out / "report.json", data)
     write_text(out / "report.md", render(analysis, figures, data))

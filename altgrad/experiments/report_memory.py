@@ -21,7 +21,7 @@ from typing import Any
 
 from ..optim.memory import PARTS
 from .matrix import layer_suffix
-from .report_checks import _resolution, number_text
+from .report_checks import tuning_resolution, number_text
 from .report_runs import Group
 from .report_sweeps import Sweep
 from .stats import Paired, from_differences, paired_difference
@@ -279,7 +279,7 @@ def frontier(groups: list[Group], memory: dict[str, GroupMemory], sweeps: dict[s
         reference = min(cheaper, key=lambda q: (q.loss.mean, q.bits, q.name))
         point.reference = reference.group
         point.difference = paired_difference(point.group.losses(), reference.group.losses())
-        point.resolution = _resolution([sweeps.get(point.group.name), sweeps.get(reference.group.name)])
+        point.resolution = tuning_resolution([sweeps.get(point.group.name), sweeps.get(reference.group.name)])
         point.verdict = _verdict(point)
     return Frontier(fmt, layers, points, left_out)
 
