@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-
+import inspect
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ..model.surgery import LayerAssignment
 from ..training import Trainer, TrainResult, resolve_config, resume_config, run_directory
-from ..training.config import TrainConfig, read_yaml
+from ..training.config import RESUMABLE_KEYS, SECTIONS, Setting, TrainConfig, read_yaml, settings
 from ..training import distributed
 from ..training.shift import describe
 from .common import cell, console, error_console, fitted_width, user_errors
@@ -195,94 +195,39 @@ def _next_step(config: TrainConfig) -> str:
     return f"[bold]next:[/] [cyan]altgrad compare {baseline.name} {config.name}{runs}[/]{missing}"
 
 
-def train(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config file."),
-    preset: Optional[str] = typer.Option(None, help="tiny | small | paper"),
-    precision: Optional[str] = typer.Option(None, help="fp32 | bf16 (layers outside the FP8 policy)"),
-    fmt: Optional[str] = typer.Option(None, "--format", "-f",
-                                      help="Simulate this format in every Linear (weights, activations), e.g. E5M2."),
-    grad_format: Optional[str] = typer.Option(None, "--grad-format", help="Gradient format (default E5M2)."),
-    rounding: Optional[str] = typer.Option(None, help="nearest | stochastic (weights and activations)"),
-    grad_rounding: Optional[str] = typer.Option(None, "--grad-rounding", help="nearest | stochastic"),
-    sr_bits: Optional[int] = typer.Option(
-        None, "--sr-bits", help="Stochastic rounding with N random bits (1-30, as hardware draws; biased toward "
-                                "zero by under 2^-N of a grid step) for every operand and update; default exact."),
-    scaling: Optional[str] = typer.Option(None, help="current | delayed | none (per-tensor amax scaling)"),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", "-o",
-                                            help="adamw | manifold (steps in ULPs) | grid (moves in codes) | "
-                                                 "eco (AdamW, stored, rounding error fed back into the momentum)"),
-    weight_storage: Optional[str] = typer.Option(
-        None, "--weight-storage", help="master (FP32 weights) | format (weights live on the grid); "
-                                       "default: master for adamw, format for manifold, grid and eco"),
-    update_rounding: Optional[str] = typer.Option(
-        None, "--update-rounding", help="nearest | stochastic: how w + delta lands on the grid (format storage); "
-                                        "default: nearest for adamw and eco, stochastic for manifold and grid"),
-    compensation: Optional[str] = typer.Option(
-        None, "--compensation", help="none | kahan: a buffer per stored weight (bfloat16) keeps what the grid "
-                                     "could not hold and adds it to the next step (adamw, manifold, grid)"),
-    grid_lr: Optional[float] = typer.Option(None, "--grid-lr",
-                                            help="manifold: ULPs per step; grid: rungs per step (default 0.5)"),
-    grid_lr_unit: Optional[str] = typer.Option(
-        None, "--grid-lr-unit", help="ulp: --grid-lr counts ULPs or rungs (default) | binade: grid_lr * 2^M of them "
-                                     "(M mantissa bits: the same step in every format)"),
-    grad_clip_mode: Optional[str] = typer.Option(
-        None, "--grad-clip-mode", help="global (one norm) | partition (per gradient format, bounded by its range)"),
-    format_shift: Optional[bool] = typer.Option(
-        None, "--format-shift/--no-format-shift",
-        help="Move a layer that keeps overflowing (stalling) to one more exponent (mantissa) bit."),
-    shadow: Optional[bool] = typer.Option(None, "--shadow/--no-shadow",
-                                          help="Compare gradients with an FP32 shadow every --shadow-interval steps."),
-    shadow_interval: Optional[int] = typer.Option(None, "--shadow-interval"),
-    stats_interval: Optional[int] = typer.Option(None, "--stats-interval",
-                                                 help="Steps between quantization statistics."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps."),
-    run_name: Optional[str] = typer.Option(None, "--run-name", help="Folder name under the runs directory."),
-    runs_dir: Optional[str] = typer.Option(None, "--runs-dir", help="Where runs are written (default runs/)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Prepared data directory (default data/eurlex)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for initial weights and batches."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    min_lr_ratio: Optional[float] = typer.Option(
-        None, "--min-lr-ratio", help="The schedule's final lr as a fraction of --lr (default 0.1)."),
-    warmup_ratio: Optional[float] = typer.Option(
-        None, "--warmup-ratio", help="Warmup as a fraction of --max-steps (instead of warmup_steps)."),
-    eval_interval: Optional[int] = typer.Option(None, "--eval-interval"),
-    checkpoint_interval: Optional[int] = typer.Option(None, "--checkpoint-interval"),
-    compile_model: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
-    compile_mode: Optional[str] = typer.Option(
-        None, "--compile-mode",
-        help="exact: bit-identical to eager (default) | fused: inductor's fused kernels, equal to float precision."),
-    adapt_threads: Optional[bool] = typer.Option(
-        None, "--adapt-threads/--fixed-threads",
-        help="On CPU, use fewer threads while another process takes cores (default), or keep the count."),
-    wandb: Optional[str] = typer.Option(None, "--wandb", help="online | offline | disabled"),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run from its last checkpoint."),
-) -> None:
+#: Python types of the annotated field types an option parses (the config checks the values).
+_OPTION_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def option_settings(cls: type = TrainConfig) -> tuple[Setting, ...]:
+    """The config fields that are ``altgrad train`` options (``cli`` in their `option`)."""
+    return tuple(s for s in settings(cls) if s.cli)
+
+
+def option_parameters(cls: type = TrainConfig) -> list[inspect.Parameter]:
+    """One Typer option per field with ``cli``: its declarations (default ``--the-name``), its
+    help and its section as the ``--help`` panel; None (not given) by default."""
+    params = []
+    for setting in sorted(option_settings(cls), key=lambda s: list(SECTIONS).index(s.section)):
+        kind = _OPTION_TYPES[setting.type.split(" | ")[0]]
+        declarations = setting.cli if isinstance(setting.cli, tuple) else ()
+        help_text = setting.help + (f" [{setting.unit}]" if setting.unit else "")
+        default = typer.Option(None, *declarations, help=help_text, rich_help_panel=setting.section.capitalize())
+        params.append(inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Optional[kind]))
+    return params
+
+
+def train(config: Optional[Path] = None, resume: bool = False, **options: Any) -> None:
     """Train a GPT on prepared data (EurLex, or the built-in corpus when none is prepared)."""
     with user_errors():
-        overrides = dict(preset=preset, precision=precision, max_steps=max_steps, run_name=run_name,
-                         runs_dir=runs_dir, data=data, seed=seed, device=device, batch_size=batch_size,
-                         grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio, warmup_ratio=warmup_ratio,
-                         eval_interval=eval_interval,
-                         checkpoint_interval=checkpoint_interval, compile=compile_model, compile_mode=compile_mode,
-                         wandb=wandb,
-                         adapt_threads=adapt_threads,
-                         format=fmt, grad_format=grad_format, rounding=rounding, grad_rounding=grad_rounding,
-                         sr_bits=sr_bits,
-                         scaling=scaling, use_shadow=shadow, shadow_interval=shadow_interval,
-                         stats_interval=stats_interval, optimizer=optimizer, weight_storage=weight_storage,
-                         update_rounding=update_rounding, compensation=compensation, grid_lr=grid_lr, grid_lr_unit=grid_lr_unit,
-                         grad_clip_mode=grad_clip_mode,
-                         format_shift=format_shift)
-        resolved = resolve_config(config, overrides)
+        resolved = resolve_config(config, options)
         if resume:
-            given = {key for key, value in overrides.items() if value is not None}
+            given = {key for key, value in options.items() if value is not None}
             given |= set(read_yaml(config)) if config else set()
-            resolved = resume_config(run_directory(resolved), max_steps=max_steps, wandb=wandb,
-                                     adapt_threads=adapt_threads, requested=resolved,
-                                     given=tuple(sorted(given)))
+            resolved = resume_config(run_directory(resolved), requested=resolved, given=tuple(sorted(given)),
+                                     **{key: value for key, value in options.items()
+                                        if key in RESUMABLE_KEYS and value is not None})
         if not distributed.context().main:  # another process of a torchrun job: rank 0 reports
             Trainer(resolved, resume=resume).run()
             return
@@ -303,3 +248,15 @@ def train(
         if result.status == "diverged":
             error_console.print(f"[bold red]diverged:[/] {result.message}")
             raise typer.Exit(1)
+
+
+# The command's options: --config, every config field with ``cli`` (declared in `TrainConfig`), --resume.
+_PARAMETERS = [
+    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                      default=typer.Option(None, "--config", "-c", help="YAML config file (flat keys or sections).")),
+    *option_parameters(),
+    inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                      default=typer.Option(False, "--resume", help="Continue the run from its last checkpoint.")),
+]
+train.__signature__ = inspect.Signature(_PARAMETERS, return_annotation=None)
+train.__annotations__ = {**{p.name: p.annotation for p in _PARAMETERS}, "return": None}

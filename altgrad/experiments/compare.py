@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..training.collapse import collapse_analysis
-from ..training.config import FIELD_NAMES
+from ..training.config import FIELD_NAMES, keys_where
 from ..training.monitors import layer_mean
 from .runs import RunRecord
 
@@ -23,19 +23,10 @@ from .runs import RunRecord
 #: and names, places and monitoring, none of which changes batches, weights at step 0 or the
 #: validation set. Every other key (model shape, data, seed, steps, batch, learning rate and
 #: schedule, weight decay, dropout, the clipping bound, evaluation batches) must be equal.
-PRECISION_KEYS = frozenset({
-    "precision", "format", "grad_format", "rounding", "grad_rounding", "sr_bits", "scaling", "amax_history_len",
-    "scale_margin", "power_of_two_scales", "gemm_dtype", "policy", "format_shift", "shift_patience",
-    "grad_clip_mode",  # the precision policy and its failure handling (the same for a run without FP8 layers)
-})
-ARM_KEYS = frozenset({"optimizer", "weight_storage", "update_rounding", "grid_lr", "max_stiffness", "rung_clip",
-                      "grid_direction", "grid_lr_unit", "compensation", "compensation_dtype"})
-PLACE_AND_MONITORING_KEYS = frozenset({
-    "run_name", "runs_dir", "preset", "device", "compile", "adapt_threads", "wandb", "wandb_project", "tags",
-    "log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints", "stats_interval", "dead_window", "use_shadow",
-    "shadow_interval", "overflow_threshold", "underflow_threshold", "bit_stall_threshold",
-    "grad_cos_threshold", "rank_interval", "rank_threshold", "critical_layers", "critical_threshold_multiplier",
-})
+#: Each field's class is declared with it (`TrainConfig`'s `option`: ``axis``, ``result``).
+PRECISION_KEYS = keys_where(axis="precision")  # the precision policy and its failure handling
+ARM_KEYS = keys_where(axis="arm")
+PLACE_AND_MONITORING_KEYS = keys_where(result=False)
 UNPAIRED_KEYS = PRECISION_KEYS | ARM_KEYS | PLACE_AND_MONITORING_KEYS
 
 

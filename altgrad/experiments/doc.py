@@ -3,7 +3,7 @@
 ``altgrad matrix doc configs/matrix/small.yaml > TEST_MATRIX.md`` writes it. Every table is
 computed: the formats from the registry, the optimizers from the factory and `OptimizerSpec`,
 the layers from the model at the matrix's preset, the monitoring settings from `TrainConfig`'s
-defaults, the combinations from the matrix's cells and the metrics from the ``METRICS``
+field declarations, the combinations from the matrix's cells and the metrics from the ``METRICS``
 registries of the trainer and its monitors. The output is deterministic (no dates, no absolute
 paths), so a test can compare it with the committed file.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import math
 import posixpath
 import re
@@ -30,45 +31,20 @@ from ..optim import OPTIMIZERS, OptimizerSpec, build_optimizer
 from ..quantization.formats import REGISTRY, FloatFormat
 from ..quantization.linear import WEIGHT_STORAGES
 from ..training import trainer
-from ..training.config import ARM_DEFAULTS, TrainConfig
+from ..training.config import ARM_DEFAULTS, SETTINGS, TrainConfig, sections
 from ..training.monitors import quant, rank, shadow, updates
 from .matrix import Cell, Matrix
 
-#: One-line meanings of the `OptimizerSpec` fields (names and defaults come from the dataclass).
+#: Meanings of the `OptimizerSpec` fields that are not config fields of the same name (those
+#: take the config field's help, declared in `TrainConfig`).
 OPTIMIZER_PARAMETERS = {
     "name": "adamw | manifold | grid | eco (config key `optimizer`)",
-    "lr": "peak learning rate, absolute: AdamW, and every parameter without a format",
-    "grid_lr": "peak ULPs (manifold) or rungs (grid) per step, for weights with a format",
-    "weight_decay": "decoupled weight decay on tensors of two or more dimensions",
     "betas": "Adam's moment decay rates (config keys `beta1`, `beta2`)",
     "eps": "Adam's denominator epsilon",
-    "max_stiffness": "manifold: cap on the stiffness S(w), absolute (none: uncapped)",
-    "rung_clip": "grid: most rungs one step moves a weight",
-    "grid_direction": "grid: the direction in rungs, adam (Adam-normalised) or momentum",
-    "grid_lr_unit": "ulp: grid_lr counts ULPs or rungs; binade: grid_lr x 2^M of them (one range for every M)",
-    "compensation": "none | kahan: a buffer per stored weight keeps what its grid could not hold (adamw, manifold, grid)",
-    "compensation_dtype": "the compensation buffer's dtype: bfloat16 | float16 | float32",
 }
 
-#: The monitoring settings documented, with one-line meanings (defaults come from `TrainConfig`).
-MONITORING = {
-    "stats_interval": "steps between quantization and update statistics",
-    "overflow_threshold": "alert when `quant/overflow_rate` exceeds it",
-    "underflow_threshold": "alert when `quant/underflow_rate` exceeds it",
-    "bit_stall_threshold": "alert when `quant/bit_stall_rate` exceeds it",
-    "grad_cos_threshold": "alert when `grad_cos_sim/mean` falls below it",
-    "rank_interval": "steps between rank measurements",
-    "rank_threshold": "warn when a layer's effective rank drops more than this below its step-0 value",
-    "critical_layers": "layers (fnmatch patterns) that warn at the threshold times the multiplier",
-    "critical_threshold_multiplier": "factor on `rank_threshold` for critical layers",
-    "shadow_interval": "steps between FP32 gradient shadow comparisons (with `use_shadow`)",
-    "dead_window": "steps over which an input unit must stay zero to count as dead",
-    "nan_patience": "consecutive non-finite steps before a run is declared diverged",
-    "grad_clip": "clip bound: the global L2 norm, or per partition in units of the format's range",
-    "grad_clip_mode": "global (one L2 norm) or partition (per gradient format)",
-    "format_shift": "emergency format shift of a layer that keeps overflowing or stalling",
-    "shift_patience": "measurements in a row that trigger a format shift",
-}
+#: The config section whose settings the monitoring table lists (help, unit and default from `TrainConfig`).
+MONITORING_SECTION = "monitoring"
 
 #: Modules whose ``METRICS`` registry names what they log, in the order of the table.
 METRIC_SOURCES: tuple[ModuleType, ...] = (trainer, quant, updates, rank, shadow)
@@ -199,8 +175,14 @@ def optimizer_rows() -> list[tuple[str, ...]]:
     return rows
 
 
+def parameter_meaning(name: str) -> str:
+    if name in OPTIMIZER_PARAMETERS:
+        return OPTIMIZER_PARAMETERS[name]
+    return SETTINGS[name].help if name in SETTINGS else "(undocumented)"
+
+
 def parameter_rows() -> list[tuple[str, ...]]:
-    return [(code(f.name), code(setting(default(f))), OPTIMIZER_PARAMETERS.get(f.name, "(undocumented)"))
+    return [(code(f.name), code(setting(default(f))), parameter_meaning(f.name))
             for f in dataclasses.fields(OptimizerSpec)]
 
 
@@ -317,14 +299,15 @@ def layers_section(matrix: Matrix, cells: list[Cell]) -> str:
 
 # ---- monitoring --------------------------------------------------------------------------------
 def monitoring_section(cells: list[Cell]) -> str:
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     rows = []
-    for key, meaning in MONITORING.items():
-        used = dict.fromkeys(setting(getattr(c.config, key)) for c in cells)
-        rows.append((code(key), code(setting(default(fields[key]))), ", ".join(code(v) for v in used), meaning))
+    for field in sections()[MONITORING_SECTION]:
+        used = dict.fromkeys(setting(getattr(c.config, field.name)) for c in cells)
+        rows.append((code(field.name), code(setting(field.default)), field.unit or "-",
+                     ", ".join(code(v) for v in used), field.help))
     return section("Monitoring thresholds and intervals",
-                   "`TrainConfig` defaults, and the values this matrix's cells use:",
-                   table(("setting", "default", "this matrix", "meaning"), rows))
+                   f"The `{MONITORING_SECTION}` settings of `TrainConfig`: defaults, and the values this matrix's "
+                   "cells use (every setting: docs/reference/config.md):",
+                   table(("setting", "default", "unit", "this matrix", "meaning"), rows))
 
 
 # ---- combinations ------------------------------------------------------------------------------
@@ -341,11 +324,19 @@ def group_sweeps(matrix: Matrix) -> dict[tuple[str, str, str], str]:
             for key, cells in runs.items()}
 
 
+@functools.lru_cache(maxsize=None)
+def optimizer_class_name(name: str, storage: str) -> str:
+    """The class name of the optimizer a cell builds (AdamW, StoredAdamW, ManifoldAdamW, ...)."""
+    cls = optimizer_class(name, storage)
+    return cls.__name__ if cls is not None else "-"
+
+
 def combination_row(group: list[Cell], sweep: str) -> tuple[Any, ...]:
     cell, config = group[0], group[0].config
     rounding = "-" if config.weight_storage == "master" else config.update_rounding
-    return (cell.format, cell.arm, cell.layers, ", ".join(str(c.seed) for c in group), config.max_steps,
-            code(config.arm), config.weight_storage, rounding, sweep, cell.expected_failure or "-")
+    return (cell.format, optimizer_class_name(config.optimizer, config.weight_storage), cell.arm, cell.layers,
+            ", ".join(str(c.seed) for c in group), config.max_steps, code(config.arm), config.weight_storage,
+            rounding, sweep, cell.expected_failure or "-")
 
 
 def combinations_section(matrix: Matrix, cells: list[Cell]) -> str:
@@ -354,12 +345,12 @@ def combinations_section(matrix: Matrix, cells: list[Cell]) -> str:
         groups.setdefault(group_key(cell), []).append(cell)
     sweeps = group_sweeps(matrix)
     sweep_runs = len(matrix.sweep_cells())
-    header = ("format", "arm", "layers", "seeds", "steps", "arm tag", "weight storage", "update rounding", "sweep",
-              "expected failure")
+    header = ("format", "optimizer", "arm", "layer policy", "seeds", "steps", "arm tag", "weight storage",
+              "update rounding", "sweep", "expected failure")
     rows = [combination_row(group, sweeps.get(key, "-")) for key, group in groups.items()]
     return section("Combinations",
-                   f"Every (format, arm, layers) group of `{source_path(matrix)}`; layers `-`: the baseline, no "
-                   "layer in an 8-bit format.",
+                   f"Every (format, arm, layer policy) group of `{source_path(matrix)}`, with the class of its "
+                   "optimizer; layer policy `-`: the baseline, no layer in an 8-bit format.",
                    table(header, rows),
                    f"{len(groups)} groups, {len(cells)} cells, {sweep_runs} first tuning runs (extensions "
                    f"follow as needed, at most {matrix.budget} a tuned group): at least {len(cells) + sweep_runs} "

@@ -2,6 +2,11 @@
 
 Precedence: dataclass defaults < preset < YAML file < command-line flags. Unknown keys are
 errors that list the valid ones; the resolved config is saved with every run.
+
+Each field is declared once, with `option`: its help, section, unit, whether it changes a run's
+result and whether ``--resume`` may change it. The ``altgrad train`` options, `compare`'s pairing,
+the resume check, TEST_MATRIX.md and the config reference page (`config_doc`) derive from that.
+A YAML file gives flat keys (``lr: 0.002``) or sections (``schedule: {lr: 0.002}``), or both.
 """
 
 from __future__ import annotations
@@ -24,8 +29,6 @@ PRECISIONS = ("fp32", "bf16")
 WANDB_MODES = ("disabled", "offline", "online")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("exact", "fused")
-POLICY_DEFAULT_KEYS = ("rounding", "grad_rounding", "scaling", "amax_history_len", "scale_margin",
-                       "power_of_two_scales", "gemm_dtype", "weight_storage", "update_rounding", "sr_bits")
 #: What an optimizer implies when weight_storage / update_rounding are not given (DESIGN §4 arms):
 #: adamw -> FP32 masters (arm A; with format storage, nearest: arm B); manifold -> D; grid -> E;
 #: eco -> stored, round-to-nearest (its error feedback is the remedy for stalling, Nikdan et al.).
@@ -35,108 +38,214 @@ ARM_DEFAULTS = {"adamw": ("master", "nearest"), "manifold": ("format", "stochast
                 "grid": ("format", "stochastic"), "eco": ("format", "nearest")}
 
 
+#: The sections of a config, in the order the reference page and ``--help`` show them.
+SECTIONS = {
+    "model": "the GPT's shape (and the preset the other settings start from)",
+    "data": "what the model reads, and how much of it per step",
+    "schedule": "how long it trains and the learning-rate schedule",
+    "precision": "the simulated low-precision policy: formats, rounding, scaling, format shifts",
+    "optimizer": "the update rule, where weights live, and gradient clipping",
+    "monitoring": "measurements, alerts, evaluation and tracking",
+    "checkpoints": "how often the run is saved, and how many saves are kept",
+    "runtime": "names, places, seed, device and compilation",
+}
+#: The comparison axes: settings that change the result but are what a comparison varies
+#: (paired runs may differ in them): the precision policy and the optimizer arm.
+AXES = ("precision", "arm")
+_META = "altgrad"
+
+
+def option(default: Any, help: str, *, section: str, result: bool, unit: str = "", resumable: bool = False,
+           axis: str | None = None, cli: bool | tuple[str, ...] = False, per_layer: bool = False) -> Any:
+    """A `TrainConfig` field and everything the code derives from it, declared once.
+
+    ``help``: one line for ``--help`` and the reference page; ``section``: one of `SECTIONS`;
+    ``unit``: what a number counts ("" when it is a name, a switch or absolute); ``result``: whether
+    it can change a run's result (weights, losses; False: a name, place or measurement only, and
+    paired runs may differ in it); ``axis``: "precision" or "arm" for a setting a comparison
+    varies (paired runs may differ in it too); ``resumable``: whether ``--resume`` may change it;
+    ``cli``: an ``altgrad train`` option (True: ``--the-name``, or its declarations); ``per_layer``:
+    a policy rule may set it per layer (the config's value is every rule's default).
+    """
+    if section not in SECTIONS:
+        raise ValueError(f"section must be one of {', '.join(SECTIONS)}, got {section!r}")
+    if axis is not None and (axis not in AXES or not result):
+        raise ValueError(f"axis must be one of {', '.join(AXES)}, and only on a setting with result=True")
+    meta = dict(help=help, section=section, unit=unit, result=result, resumable=resumable, axis=axis,
+                cli=tuple(cli) if isinstance(cli, (tuple, list)) else bool(cli), per_layer=per_layer)
+    return field(default=default, metadata={_META: meta})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    # run
-    run_name: str | None = None  # default: <preset>-<precision>-seed<seed>
-    runs_dir: str = "runs"
-    preset: str = "small"
-    seed: int = 1337
-    device: str = "auto"
-    compile: bool = False
-    compile_mode: str = "exact"  # exact: bit-identical to eager (ATen kernels); fused: inductor's fusion
-    adapt_threads: bool = True  # fewer CPU threads while the process gets fewer CPUs (training/threads.py)
-    # data
-    data: str | None = None  # prepared data directory; default data/eurlex, else the built-in corpus
-    # model
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
-    dropout: float = 0.0
-    bias: bool = True
-    # optimisation
-    precision: str = "bf16"
-    batch_size: int = 12
-    grad_accum: int = 1
-    max_steps: int = 2000
-    lr: float = 1e-3
+    """One run's settings. Each field is declared with `option` (help, section, unit, whether it
+    changes the result, whether ``--resume`` may change it); `settings` lists them for the CLI,
+    `compare`'s pairing, the resume check and the generated documents. Field order is the order of
+    a saved config and of `compare`'s first difference."""
+    run_name: str | None = option(None, "the run's folder under runs_dir; default <preset>-<label>[-<arm>]-seed<seed>",
+                                  section="runtime", result=False, resumable=True, cli=True)
+    runs_dir: str = option("runs", "where runs are written", section="runtime", unit="path", result=False,
+                           resumable=True, cli=True)
+    preset: str = option("small", "tiny | small | paper: the shape, batch, steps and evaluation the other settings "
+                         "start from (a preset's values are themselves fields)", section="model", result=False,
+                         cli=True)
+    seed: int = option(1337, "seed for initial weights and batches", section="runtime", result=True, cli=True)
+    device: str = option("auto", "auto | cpu | cuda", section="runtime", result=False, cli=True)
+    compile: bool = option(False, "torch.compile the model", section="runtime", result=False,
+                           cli=("--compile/--no-compile",))
+    compile_mode: str = option("exact", "exact: bit-identical to eager (ATen kernels, default) | fused: inductor's "
+                               "fused kernels, equal to float precision", section="runtime", result=True, cli=True)
+    adapt_threads: bool = option(True, "on CPU, use fewer threads while another process takes cores (default), or "
+                                 "keep the count (training/threads.py)", section="runtime", result=False,
+                                 resumable=True, cli=("--adapt-threads/--fixed-threads",))
+    data: str | None = option(None, "prepared data directory; default data/eurlex, else the built-in corpus",
+                              section="data", unit="path", result=True, cli=True)
+    n_layer: int = option(4, "transformer blocks", section="model", unit="blocks", result=True)
+    n_head: int = option(4, "attention heads per block", section="model", unit="heads", result=True)
+    n_embd: int = option(128, "embedding width (a multiple of n_head)", section="model", unit="features",
+                         result=True)
+    block_size: int = option(64, "context length", section="model", unit="tokens", result=True)
+    dropout: float = option(0.0, "dropout probability", section="model", unit="probability", result=True)
+    bias: bool = option(True, "biases in the Linear and LayerNorm layers", section="model", result=True)
+    precision: str = option("bf16", "fp32 | bf16 (layers outside the FP8 policy)", section="precision",
+                            result=True, axis="precision", cli=True)
+    batch_size: int = option(12, "sequences per micro-batch", section="data", unit="sequences", result=True, cli=True)
+    grad_accum: int = option(1, "micro-batches per optimizer step", section="data", unit="micro-batches",
+                             result=True, cli=True)
+    max_steps: int = option(2000, "optimizer steps", section="schedule", unit="steps", result=True, resumable=True,
+                            cli=True)
     # The schedule (training/setup.py `learning_rate`): linear warmup to lr, cosine decay to the
     # floor `floor_lr` at decay_steps, then flat. Its shape is set as fractions, so that arms
-    # with different peaks decay alike (DESIGN §5.1):
-    min_lr: float | None = None  # the floor, absolute (older configs); not together with min_lr_ratio
-    min_lr_ratio: float | None = None  # the floor as a fraction of lr, 0..1 (default 0.1 when min_lr is not given)
-    warmup_steps: int = 100  # warmup in steps; ignored when warmup_ratio is given
-    warmup_ratio: float | None = None  # warmup as a fraction of max_steps (round(ratio * max_steps) steps), 0 <= r < 1
-    lr_decay_steps: int | None = None  # default: max_steps
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    grad_clip_mode: str = "global"  # global: one L2 norm; partition: per gradient format (training/clipping.py)
-    nan_patience: int = 5
-    # the optimizer and where weights live (DESIGN §4): adamw | manifold | grid | eco; master | format.
-    # eco: AdamW on stored weights whose rounding error is fed back into Adam's first moment (optim/eco.py)
-    optimizer: str = "adamw"
-    weight_storage: str | None = None  # default: master for adamw, format for manifold, grid and eco
-    update_rounding: str | None = None  # format storage: default nearest for adamw and eco, else stochastic
-    # compensated storage (optim/storage.py): kahan keeps, per stored weight, the part of w + delta its
-    # grid could not hold and adds it to the next step's w + delta before rounding; none: no buffer
-    compensation: str = "none"
-    compensation_dtype: str = "bfloat16"  # the compensation buffer's dtype: bfloat16 | float16 | float32
-    grid_lr: float = 0.5  # manifold: ULPs per step; grid: rungs per step (format weights; same schedule as lr)
-    # grid_lr's unit: ulp (grid_lr ULPs or rungs per step) | binade (grid_lr * 2^M of them for a weight whose
-    # format has M mantissa bits, i.e. a manifold step of grid_lr * 2^floor(log2|w s|) / s times Adam's
-    # direction, the same for every M: one sweep range serves every format). Read from each weight's format
-    # at step time (an emergency shift changes it).
-    grid_lr_unit: str = "ulp"
-    max_stiffness: float | None = None  # manifold: cap on the stiffness S(w) (absolute)
-    rung_clip: int = 4  # grid: most rungs a weight moves in one step
-    grid_direction: str = "adam"  # grid: adam | momentum
+    # with different peaks decay alike (DESIGN §5.1).
+    lr: float = option(1e-3, "peak learning rate, absolute: AdamW, and every parameter without a format",
+                       section="schedule", result=True, cli=True)
+    min_lr: float | None = option(None, "the schedule's floor, absolute (older configs); not together with "
+                                  "min_lr_ratio", section="schedule", result=True)
+    min_lr_ratio: float | None = option(None, "the schedule's final lr as a fraction of --lr, 0..1 (default 0.1 "
+                                        "when min_lr is not given)", section="schedule", unit="fraction of lr",
+                                        result=True, cli=True)
+    warmup_steps: int = option(100, "linear warmup to lr; ignored when warmup_ratio is given", section="schedule",
+                               unit="steps", result=True)
+    warmup_ratio: float | None = option(None, "warmup as a fraction of --max-steps (round(ratio * max_steps) steps, "
+                                        "0 <= r < 1), instead of warmup_steps", section="schedule",
+                                        unit="fraction of max_steps", result=True, cli=True)
+    lr_decay_steps: int | None = option(None, "where the cosine decay reaches its floor; default max_steps",
+                                        section="schedule", unit="steps", result=True)
+    weight_decay: float = option(0.1, "decoupled weight decay on tensors of two or more dimensions",
+                                 section="optimizer", result=True)
+    beta1: float = option(0.9, "Adam's first-moment decay rate", section="optimizer", result=True)
+    beta2: float = option(0.99, "Adam's second-moment decay rate", section="optimizer", result=True)
+    grad_clip: float = option(1.0, "clip bound: the global L2 norm, or per partition in units of the format's range",
+                              section="optimizer", unit="L2 norm", result=True)
+    grad_clip_mode: str = option("global", "global (one norm) | partition (per gradient format, bounded by its "
+                                 "range; training/clipping.py)", section="optimizer", result=True, axis="precision",
+                                 cli=True)
+    nan_patience: int = option(5, "consecutive non-finite steps before a run is declared diverged",
+                               section="monitoring", unit="steps", result=True)
+    # the optimizer and where weights live (DESIGN §4)
+    optimizer: str = option("adamw", "adamw | manifold (steps in ULPs) | grid (moves in codes) | eco (AdamW, "
+                            "stored, rounding error fed back into the momentum: optim/eco.py)", section="optimizer",
+                            result=True, axis="arm", cli=("--optimizer", "-o"))
+    weight_storage: str | None = option(None, "master (FP32 weights) | format (weights live on the grid); default: "
+                                        "master for adamw, format for manifold, grid and eco", section="optimizer",
+                                        result=True, axis="arm", cli=True, per_layer=True)
+    update_rounding: str | None = option(None, "nearest | stochastic: how w + delta lands on the grid (format "
+                                         "storage); default: nearest for adamw and eco, stochastic for manifold and "
+                                         "grid", section="optimizer", result=True, axis="arm", cli=True,
+                                         per_layer=True)
+    compensation: str = option("none", "none | kahan: a buffer per stored weight keeps what the grid could not hold "
+                               "and adds it to the next step's w + delta before rounding (adamw, manifold, grid; "
+                               "optim/storage.py)", section="optimizer", result=True, axis="arm", cli=True)
+    compensation_dtype: str = option("bfloat16", "the compensation buffer's dtype: bfloat16 | float16 | float32",
+                                     section="optimizer", result=True, axis="arm")
+    grid_lr: float = option(0.5, "manifold: ULPs per step; grid: rungs per step (format weights; the same schedule "
+                            "as lr)", section="optimizer", unit="ULPs or rungs per step (grid_lr_unit)", result=True,
+                            axis="arm", cli=True)
+    grid_lr_unit: str = option("ulp", "ulp: grid_lr counts ULPs or rungs (default) | binade: grid_lr * 2^M of them "
+                               "(M mantissa bits of the weight's format at step time: the same step in every "
+                               "format, one sweep range for all)", section="optimizer", result=True, axis="arm",
+                               cli=True)
+    max_stiffness: float | None = option(None, "manifold: cap on the stiffness S(w), absolute (none: uncapped)",
+                                         section="optimizer", result=True, axis="arm")
+    rung_clip: int = option(4, "grid: most rungs a weight moves in one step", section="optimizer", unit="rungs",
+                            result=True, axis="arm")
+    grid_direction: str = option("adam", "grid: adam (Adam-normalised) | momentum", section="optimizer",
+                                 result=True, axis="arm")
     # simulated low precision (DESIGN §2): `format` puts every Linear in one format; `policy`
     # (a list of rules {layers: pattern, format | weight/activation/gradient, ...}) mixes them.
-    format: str | None = None
-    grad_format: str = "E5M2"
-    rounding: str = "nearest"
-    grad_rounding: str = "nearest"
-    # the random bits of every stochastic rounding (weights, activations, gradients, update rounding):
-    # N in 1..30 rounds with N bits as hardware does (the fraction of a grid step truncated to N bits:
-    # biased toward zero by less than 2^-N of a step; quantization/kernel.py); None: the exact rule
-    sr_bits: int | None = None
-    scaling: str = "current"
-    amax_history_len: int = 16
-    scale_margin: int = 0
-    power_of_two_scales: bool = True
-    gemm_dtype: str = "bf16"
-    policy: tuple[dict, ...] = field(default_factory=tuple)
-    # emergency mantissa shift (training/shift.py): a layer that overflows (or stalls) in
-    # shift_patience measurements in a row moves to one more exponent (or mantissa) bit
-    format_shift: bool = False
-    shift_patience: int = 3
+    format: str | None = option(None, "simulate this format in every Linear (weights, activations), e.g. E5M2; not "
+                                "together with policy", section="precision", result=True, axis="precision",
+                                cli=("--format", "-f"))
+    grad_format: str = option("E5M2", "gradient format", section="precision", result=True, axis="precision",
+                              cli=True)
+    rounding: str = option("nearest", "nearest | stochastic (weights and activations)", section="precision",
+                           result=True, axis="precision", cli=True, per_layer=True)
+    grad_rounding: str = option("nearest", "nearest | stochastic (gradients)", section="precision", result=True,
+                                axis="precision", cli=True, per_layer=True)
+    sr_bits: int | None = option(None, "stochastic rounding with N random bits (1-30, as hardware draws; biased "
+                                 "toward zero by under 2^-N of a grid step; quantization/kernel.py) for every operand "
+                                 "and update; default (none) exact", section="precision", unit="bits", result=True,
+                                 axis="precision", cli=True, per_layer=True)
+    scaling: str = option("current", "current | delayed | none (per-tensor amax scaling)", section="precision",
+                          result=True, axis="precision", cli=True, per_layer=True)
+    amax_history_len: int = option(16, "delayed scaling: the amax history's length", section="precision",
+                                   unit="steps", result=True, axis="precision", per_layer=True)
+    scale_margin: int = option(0, "headroom of the scale: max / amax * 2^-margin", section="precision",
+                               unit="binades", result=True, axis="precision", per_layer=True)
+    power_of_two_scales: bool = option(True, "scales rounded down to powers of two (exact unscaling)",
+                                       section="precision", result=True, axis="precision", per_layer=True)
+    gemm_dtype: str = option("bf16", "the dtype the dequantized operands multiply in: bf16 | fp32",
+                             section="precision", result=True, axis="precision", per_layer=True)
+    policy: tuple[dict, ...] = option((), "rules {layers: pattern, format | weight/activation/gradient, ...}, the "
+                                      "first match per Linear; not together with format", section="precision",
+                                      result=True, axis="precision")
+    # emergency mantissa shift (training/shift.py)
+    format_shift: bool = option(False, "move a layer that overflows (stalls) in shift_patience measurements in a row "
+                                "to one more exponent (mantissa) bit", section="precision", result=True,
+                                axis="precision", cli=("--format-shift/--no-format-shift",))
+    shift_patience: int = option(3, "measurements in a row that trigger a format shift", section="precision",
+                                 unit="measurements", result=True, axis="precision")
     # monitoring: quantization statistics, bit-stall, dead units, the FP32 gradient shadow
-    stats_interval: int = 10
-    dead_window: int = 100
-    use_shadow: bool = False
-    shadow_interval: int = 10
-    overflow_threshold: float = 0.001
-    underflow_threshold: float = 0.5
-    bit_stall_threshold: float = 0.99
-    grad_cos_threshold: float = 0.9
-    # rank health: every rank_interval steps; a warning when a layer's effective rank falls more
-    # than rank_threshold below its step-0 value (critical layers: times the multiplier)
-    rank_interval: int = 100
-    rank_threshold: float = 0.3
-    critical_layers: tuple[str, ...] = ("lm_head", "*.attn.c_proj")
-    critical_threshold_multiplier: float = 0.5
+    stats_interval: int = option(10, "steps between quantization and update statistics", section="monitoring",
+                                 unit="steps", result=False, cli=True)
+    dead_window: int = option(100, "steps over which an input unit must stay zero to count as dead",
+                              section="monitoring", unit="steps", result=False)
+    use_shadow: bool = option(False, "compare gradients with an FP32 shadow every shadow_interval steps",
+                              section="monitoring", result=False, cli=("--shadow/--no-shadow",))
+    shadow_interval: int = option(10, "steps between FP32 gradient shadow comparisons (with use_shadow)",
+                                  section="monitoring", unit="steps", result=False, cli=True)
+    overflow_threshold: float = option(0.001, "alert when quant/overflow_rate exceeds it", section="monitoring",
+                                       unit="fraction", result=False)
+    underflow_threshold: float = option(0.5, "alert when quant/underflow_rate exceeds it", section="monitoring",
+                                        unit="fraction", result=False)
+    bit_stall_threshold: float = option(0.99, "alert when quant/bit_stall_rate exceeds it", section="monitoring",
+                                        unit="fraction", result=False)
+    grad_cos_threshold: float = option(0.9, "alert when grad_cos_sim/mean falls below it", section="monitoring",
+                                       unit="cosine", result=False)
+    rank_interval: int = option(100, "steps between rank measurements", section="monitoring", unit="steps",
+                                result=False)
+    rank_threshold: float = option(0.3, "warn when a layer's effective rank drops more than this below its step-0 "
+                                   "value", section="monitoring", unit="fraction", result=False)
+    critical_layers: tuple[str, ...] = option(("lm_head", "*.attn.c_proj"), "layers (fnmatch patterns) that warn at "
+                                              "rank_threshold times critical_threshold_multiplier",
+                                              section="monitoring", result=False)
+    critical_threshold_multiplier: float = option(0.5, "factor on rank_threshold for critical_layers",
+                                                  section="monitoring", result=False)
     # evaluation, checkpoints, tracking
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
-    checkpoint_interval: int = 250
-    keep_checkpoints: int = 2
-    wandb: str = "disabled"
-    wandb_project: str = "altgrad"
-    tags: tuple[str, ...] = field(default_factory=tuple)
+    eval_interval: int = option(250, "steps between evaluations", section="monitoring", unit="steps", result=False,
+                                cli=True)
+    eval_iters: int = option(20, "validation batches per evaluation (the validation set)", section="monitoring",
+                             unit="batches", result=True)
+    log_interval: int = option(10, "steps between training records", section="monitoring", unit="steps",
+                               result=False)
+    checkpoint_interval: int = option(250, "steps between checkpoints", section="checkpoints", unit="steps",
+                                      result=False, cli=True)
+    keep_checkpoints: int = option(2, "checkpoints kept (the newest)", section="checkpoints", unit="checkpoints",
+                                   result=False)
+    wandb: str = option("disabled", "online | offline | disabled (Weights & Biases)", section="monitoring",
+                        result=False, resumable=True, cli=True)
+    wandb_project: str = option("altgrad", "the W&B project", section="monitoring", result=False)
+    tags: tuple[str, ...] = option((), "labels recorded with the run (W&B tags)", section="monitoring", result=False)
 
     def __post_init__(self) -> None:
         checks = [
@@ -258,11 +367,10 @@ class TrainConfig:
         return self.run_name or f"{self.preset}-{self.label}{arm}-seed{self.seed}"
 
     def optimizer_spec(self) -> OptimizerSpec:
-        return OptimizerSpec(name=self.optimizer, lr=self.lr, grid_lr=self.grid_lr, weight_decay=self.weight_decay,
-                             betas=(self.beta1, self.beta2), max_stiffness=self.max_stiffness,
-                             rung_clip=self.rung_clip, grid_direction=self.grid_direction,
-                             grid_lr_unit=self.grid_lr_unit, compensation=self.compensation,
-                             compensation_dtype=self.compensation_dtype)
+        """The optimizer's settings: every `OptimizerSpec` field the config has, by name, and
+        ``name`` (``optimizer``) and ``betas`` (``beta1``, ``beta2``); the rest keep their defaults."""
+        same = {f.name: getattr(self, f.name) for f in fields(OptimizerSpec) if f.name in FIELD_NAMES}
+        return OptimizerSpec(name=self.optimizer, betas=(self.beta1, self.beta2), **same)
 
     @property
     def decay_steps(self) -> int:
@@ -313,7 +421,93 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 CONFIG_FILE_NAME = "config.yaml"
+
+
+# ---- the fields' metadata --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    """One config field as `option` declared it (see there for the meaning of each part)."""
+    name: str
+    type: str  # as annotated: "int", "float | None", "tuple[str, ...]", ...
+    default: Any
+    help: str
+    section: str
+    unit: str
+    result: bool
+    axis: str | None
+    resumable: bool
+    cli: bool | tuple[str, ...]
+    per_layer: bool
+
+    @property
+    def pairing(self) -> str:
+        """How `compare` pairs runs on it: ``equal`` (paired runs agree), ``precision`` or ``arm``
+        (the axes a comparison varies) or ``free`` (names, places, measurements)."""
+        return self.axis or ("equal" if self.result else "free")
+
+
+def settings(cls: type = TrainConfig) -> tuple[Setting, ...]:
+    """Every field of ``cls`` (`TrainConfig` or a subclass) with its metadata, in field order;
+    a field declared without `option` is an error."""
+    out = []
+    for f in fields(cls):
+        if _META not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name} is declared without option(...): give its help, section "
+                            "and whether it changes the result")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        out.append(Setting(name=f.name, type=str(f.type), default=default, **f.metadata[_META]))
+    return tuple(out)
+
+
+def sections(cls: type = TrainConfig) -> dict[str, tuple[Setting, ...]]:
+    """section -> its settings, in `SECTIONS` order (empty sections left out)."""
+    every = settings(cls)
+    grouped = {name: tuple(s for s in every if s.section == name) for name in SECTIONS}
+    return {name: group for name, group in grouped.items() if group}
+
+
+def keys_where(cls: type = TrainConfig, **wanted: Any) -> frozenset[str]:
+    """The names of the settings whose metadata has every ``wanted`` value, e.g. ``result=False``."""
+    return frozenset(s.name for s in settings(cls) if all(getattr(s, k) == v for k, v in wanted.items()))
+
+
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+SETTINGS = {s.name: s for s in settings()}
+#: The policy-wide defaults of every rule (a rule may set them per layer).
+POLICY_DEFAULT_KEYS = tuple(name for name, s in SETTINGS.items() if s.per_layer)
+#: What ``--resume`` may change: where the run is, how long it runs, where it reports.
+RESUMABLE_KEYS = keys_where(resumable=True)
+
+
+def flatten(values: dict[str, Any], origin: str, cls: type = TrainConfig) -> dict[str, Any]:
+    """Flat keys as they are; a section (``schedule: {lr: 0.002}``) as its keys. A section name
+    that is also a key (``data``, ``precision``, ``optimizer``) is a section when its value is a
+    mapping (no setting takes one). Unknown keys stay for `_check_keys`; a key in the wrong
+    section, an unknown key in a section or a key given twice is a one-line error."""
+    known = {s.name: s for s in settings(cls)}
+    out: dict[str, Any] = {}
+
+    def put(key: str, value: Any, where: str) -> None:
+        if key in out:
+            raise UserError(f"config key {key} is given twice in {origin} ({where})")
+        out[key] = value
+
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for inner, inner_value in value.items():
+                setting = known.get(inner)
+                if setting is None:
+                    keys = ", ".join(s.name for s in settings(cls) if s.section == key)
+                    raise UserError(f"unknown config key {inner} in section {key} of {origin}; its keys: {keys}")
+                if setting.section != key:
+                    raise UserError(f"config key {inner} belongs in section {setting.section}, not {key} "
+                                    f"(in {origin}), or give it at the top level")
+                put(inner, inner_value, f"in section {key}")
+        elif key in SECTIONS and key not in known:
+            raise UserError(f"section {key} in {origin} must be a mapping of its keys to values, got {value!r}")
+        else:
+            put(key, value, "at the top level and in its section")
+    return out
 
 
 def _check_keys(values: dict[str, Any], origin: str) -> None:
@@ -341,6 +535,7 @@ def read_yaml(path: Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of keys to values")
     base = data.pop("base", None)
+    data = flatten(data, str(path))
     if base is not None:
         base_path = path.parent / str(base)
         if base_path.resolve() in {p.resolve() for p in (*_including, path)}:
@@ -374,7 +569,7 @@ def coerce(values: dict[str, Any], origin: str) -> dict[str, Any]:
 def resolve_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults < preset < YAML file < overrides (None values in overrides are ignored)."""
     file_values = read_yaml(path) if path else {}
-    cli_values = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cli_values = {k: v for k, v in flatten(overrides or {}, "command-line options").items() if v is not None}
     _check_keys(cli_values, "command-line options")
     preset = cli_values.get("preset", file_values.get("preset", TrainConfig.preset))
     if preset not in PRESETS:
@@ -385,6 +580,7 @@ def resolve_config(path: Path | None = None, overrides: dict[str, Any] | None = 
 
 
 def config_from_dict(values: dict[str, Any], origin: str) -> TrainConfig:
-    """Rebuild a saved config (e.g. a run's config.yaml on resume)."""
+    """Rebuild a saved config (e.g. a run's config.yaml on resume); flat keys or sections."""
+    values = flatten(values, origin)
     _check_keys(values, origin)
     return TrainConfig(**coerce(values, origin))

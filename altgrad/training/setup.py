@@ -12,7 +12,7 @@ import torch
 
 from ..data.prepare import DEFAULT_DATA_ROOT, ensure_builtin_data, load_meta
 from ..errors import UserError
-from .config import CONFIG_FILE_NAME, TrainConfig, config_from_dict, read_yaml
+from .config import CONFIG_FILE_NAME, RESUMABLE_KEYS, TrainConfig, config_from_dict, read_yaml
 
 DEFAULT_DATA = DEFAULT_DATA_ROOT / "eurlex"
 Event = Callable[[str, dict[str, Any]], None]
@@ -67,14 +67,16 @@ def run_directory(config: TrainConfig) -> Path:
     return Path(config.runs_dir) / config.name
 
 
-#: What a resumed run may change: where it is, how long it runs, where it reports.
-RESUME_MAY_CHANGE = ("max_steps", "wandb", "run_name", "runs_dir", "adapt_threads")
+#: What a resumed run may change: where it is, how long it runs, where it reports (each field's
+#: ``resumable``, declared with it in `TrainConfig`).
+RESUME_MAY_CHANGE = tuple(sorted(RESUMABLE_KEYS))
 
 
 def resume_config(run_dir: Path, max_steps: int | None = None, wandb: str | None = None,
                   requested: TrainConfig | None = None, given: tuple[str, ...] = (),
-                  adapt_threads: bool | None = None) -> TrainConfig:
-    """A run's saved config, optionally with more steps, another W&B mode or thread policy.
+                  adapt_threads: bool | None = None, **changes: Any) -> TrainConfig:
+    """A run's saved config, optionally with more steps, another W&B mode or thread policy, or
+    any other setting ``--resume`` may change (``changes``, by field name).
 
     ``given`` names the settings the user gave explicitly (flags, a config file) and
     ``requested`` their resolved values; one that would change the saved run is an error that
@@ -86,10 +88,13 @@ def resume_config(run_dir: Path, max_steps: int | None = None, wandb: str | None
     config = config_from_dict(read_yaml(path), str(path))
     if requested is not None:
         changed = [f"{key} {getattr(requested, key)!r} (saved: {getattr(config, key)!r})" for key in given
-                   if key not in RESUME_MAY_CHANGE and getattr(requested, key) != getattr(config, key)]
+                   if key not in RESUMABLE_KEYS and getattr(requested, key) != getattr(config, key)]
         if changed:
             raise UserError(f"--resume continues {run_dir} as it was saved, but these settings would change it: "
                             f"{', '.join(changed)}; drop them, or start another run with --run-name")
-    changes = {k: v for k, v in (("max_steps", max_steps), ("wandb", wandb), ("adapt_threads", adapt_threads))
-               if v is not None}
+    changes = {k: v for k, v in {**changes, "max_steps": max_steps, "wandb": wandb,
+                                 "adapt_threads": adapt_threads}.items() if v is not None}
+    fixed = sorted(set(changes) - RESUMABLE_KEYS)
+    if fixed:
+        raise UserError(f"--resume cannot change {', '.join(fixed)}; it may change {', '.join(RESUME_MAY_CHANGE)}")
     return dataclasses.replace(config, **changes)
