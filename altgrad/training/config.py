@@ -455,7 +455,8 @@ def settings(cls: type = TrainConfig) -> tuple[Setting, ...]:
             raise TypeError(f"{cls.__name__}.{f.name} is declared without option(...): give its help, section "
                             "and whether it changes the result")
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        out.append(Setting(name=f.name, type=str(f.type), default=default, **f.metadata[_META]))
+        kind = f.type.__name__ if type(f.type) is type else str(f.type)  # "float", also without postponed annotations
+        out.append(Setting(name=f.name, type=kind, default=default, **f.metadata[_META]))
     return tuple(out)
 
 
