@@ -8,6 +8,7 @@ Regenerate every page with ``python -m altgrad.docs_pages`` (from the repository
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +28,13 @@ def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
 
 
 def _num(value: float | None) -> str:
+    """Exact: a power of two as 2^k, anything else with every digit it needs."""
     if value is None:
         return "-"
-    return f"{value:.6g}"
+    mantissa, exponent = math.frexp(value)
+    if mantissa == 0.5 and abs(exponent - 1) > 3:
+        return f"2^{exponent - 1}"
+    return f"{value:.12g}"
 
 
 def formats_page() -> str:

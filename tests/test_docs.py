@@ -120,3 +120,13 @@ def test_mkdocs_build_strict(tmp_path):
     # not -q: a quiet build does not count warnings, so --strict would pass anything
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "design" / "index.html").exists()
+
+
+def test_metric_page_covers_every_registry():
+    from altgrad.docs_pages import METRIC_SOURCES
+
+    declared = set()
+    for path in (ROOT / "altgrad").rglob("*.py"):
+        if re.search(r"^METRICS(: [^=]+)? =", path.read_text(encoding="utf-8"), flags=re.M):
+            declared.add(".".join(path.relative_to(ROOT).with_suffix("").parts))
+    assert declared == {module for module, _ in METRIC_SOURCES}
