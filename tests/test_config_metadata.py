@@ -27,7 +27,8 @@ OLD_PLACE_AND_MONITORING_KEYS = {
     "run_name", "runs_dir", "preset", "device", "compile", "adapt_threads", "wandb", "wandb_project", "tags",
     "log_interval", "eval_interval", "checkpoint_interval", "keep_checkpoints", "stats_interval", "dead_window",
     "use_shadow", "shadow_interval", "overflow_threshold", "underflow_threshold", "bit_stall_threshold",
-    "grad_cos_threshold", "rank_interval", "rank_threshold", "critical_layers", "critical_threshold_multiplier"}
+    "grad_cos_threshold", "rank_interval", "rank_threshold", "critical_layers", "critical_threshold_multiplier",
+    "rank_window"}  # rank_window: added after the refactor (issue 24 §6), monitoring only
 OLD_RESUME_MAY_CHANGE = {"max_steps", "wandb", "run_name", "runs_dir", "adapt_threads"}
 OLD_POLICY_DEFAULT_KEYS = {"rounding", "grad_rounding", "scaling", "amax_history_len", "scale_margin",
                            "power_of_two_scales", "gemm_dtype", "weight_storage", "update_rounding", "sr_bits"}

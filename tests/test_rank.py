@@ -67,30 +67,58 @@ def test_a_stochastic_forward_weight_rounds_with_the_runs_random_bits():
     assert torch.equal(forward_weight(model.fc), cast(1)) and not torch.equal(cast(1), cast(None))
 
 
-def test_rank_drops_warn_and_critical_layers_warn_first():
+def test_rank_drops_are_measured_against_the_windows_highest_and_critical_layers_warn_first():
     model = model_with("master")
-    monitor = RankMonitor(model, interval=1, threshold=0.3, critical_layers=("lm_head",), critical_multiplier=0.5)
-    assert monitor.bound("lm_head") == pytest.approx(0.15) and monitor.bound("fc") == pytest.approx(0.3)
-    start = {name: monitor.initial[name] for name in ("fc", "lm_head")}
-    # a 20% drop of both: only the critical layer warns
-    record = {"rank/effective/fc": 0.8 * start["fc"], "rank/effective/lm_head": 0.8 * start["lm_head"]}
-    judged = monitor.alerts(record)
+    monitor = RankMonitor(model, interval=1, threshold=0.25, critical_layers=("lm_head",), critical_multiplier=0.5,
+                          window=100, settle=50)
+    assert monitor.bound("lm_head") == 0.125 and monitor.bound("fc") == 0.25
+    assert (monitor.window, monitor.settle) == (100, 100)  # judged from the end of the first window at the earliest
+
+    def judge(step, fc, lm_head=None):
+        ranks = {"fc": fc} if lm_head is None else {"fc": fc, "lm_head": lm_head}
+        monitor.observe(step, ranks)
+        return monitor.alerts({"step": step, **{f"rank/effective/{k}": v for k, v in ranks.items()}})
+
+    # the early phase: a fall of 60% from step 0 (healthy runs leave their initial rank) is not judged
+    assert judge(90, 0.4 * monitor.initial["fc"], 0.4 * monitor.initial["lm_head"]) == {}
+    assert monitor.history == []
+    assert judge(100, 64.0, 64.0) == {"rank_drop/fc": None, "rank_drop/lm_head": None}
+    # 20% below the window's highest: only the critical layer warns
+    judged = judge(150, 51.2, 51.2)
     assert judged["rank_drop/fc"] is None
     assert judged["rank_drop/lm_head"]["critical"] and "critical layer lm_head" in judged["rank_drop/lm_head"]["message"]
-    judged = monitor.alerts({"rank/effective/fc": 0.6 * start["fc"]})  # 40%: beyond 30%
-    assert judged["rank_drop/fc"] is not None and not judged["rank_drop/fc"]["critical"]
-    assert "rank_drop/lm_head" not in judged  # not measured in this record: not judged
+    assert "below its highest 64.0 of the last 100 steps (threshold 12%)" in judged["rank_drop/lm_head"]["message"]
+    # exactly at the bound is no warning (strictly beyond): 48 is 25% below 64, 47.9 beyond
+    assert judge(160, 48.0)["rank_drop/fc"] is None
+    assert judge(170, 47.9)["rank_drop/fc"]["value"] == 47.9 and "rank_drop/lm_head" not in judge(171, 48.0)
+    # step 100's 64 leaves the window at step 201: the reference is then 51.2 (step 150), 48 is 6% below it
+    assert monitor.reference("fc", 200) == 64.0 and monitor.reference("fc", 201) == 51.2
+    assert judge(201, 48.0)["rank_drop/fc"] is None
+    # a slow decline (5% a window) never warns, however far it goes in all
+    slow = RankMonitor(model, 1, 0.25, ("lm_head",), 0.5, window=100)
+    value, warned = 100.0, []
+    for step in range(100, 2001, 100):
+        slow.observe(step, {"fc": value})
+        warned.append(slow.alerts({"step": step, "rank/effective/fc": value})["rank_drop/fc"])
+        value *= 0.95
+    assert warned == [None] * len(warned) and value < 40  # 63% below where it started
     state = monitor.state_dict()
-    other = RankMonitor(model, 1, 0.3, ("lm_head",), 0.5)
+    other = RankMonitor(model, 1, 0.25, ("lm_head",), 0.5, window=100, settle=50)
     other.initial = {}
-    other.load_state_dict(state)
-    assert other.initial == monitor.initial
+    other.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint keeps it
+    assert other.initial == monitor.initial and other.history == monitor.history
+    assert other.alerts({"step": 202, "rank/effective/fc": 30.0}) == monitor.alerts({"step": 202,
+                                                                                     "rank/effective/fc": 30.0})
+    assert other.alerts({"step": 202, "rank/effective/fc": 30.0})["rank_drop/fc"] is not None
+    older = RankMonitor(model, 1, 0.25, ("lm_head",), 0.5, window=100)
+    older.load_state_dict({"initial": dict(monitor.initial)})  # a checkpoint from before the window
+    assert older.history == []
 
 
 def test_a_collapsing_layer_warns_once_per_excursion_and_is_counted(tmp_path, tiny_data):
     config = resolve_config(None, dict(preset="tiny", data=str(tiny_data), runs_dir=str(tmp_path / "runs"),
                                        run_name="collapse", device="cpu", format="E5M2", max_steps=20,
-                                       rank_interval=5))
+                                       rank_interval=5, rank_window=0.5))  # a window of 10 steps, from step 10
     warnings = []
     trainer = Trainer(config, on_event=lambda kind, p: warnings.append(p) if kind == "warning" else None)
     build = trainer._build
@@ -99,9 +127,9 @@ def test_a_collapsing_layer_warns_once_per_excursion_and_is_counted(tmp_path, ti
         build()
         real_step = trainer.optimizer.step
 
-        def step_and_collapse(*args, **kwargs):  # from step 8 on, c_proj of block 0 becomes rank 1
+        def step_and_collapse(*args, **kwargs):  # from step 12 on, c_proj of block 0 becomes rank 1
             out = real_step(*args, **kwargs)
-            if trainer.counters["tokens"] >= 7 * config.tokens_per_step:
+            if trainer.counters["tokens"] >= 11 * config.tokens_per_step:
                 with torch.no_grad():
                     w = trainer.model.transformer.h[0].attn.c_proj.weight
                     w.copy_(torch.outer(w[:, 0], torch.ones(w.shape[1])))
@@ -115,7 +143,8 @@ def test_a_collapsing_layer_warns_once_per_excursion_and_is_counted(tmp_path, ti
     rank_warnings = [w for w in warnings if "h.0.attn.c_proj: effective rank" in w["message"]]
     assert len(rank_warnings) == 1 and rank_warnings[0]["critical"]  # once per excursion, marked critical
     summary = json.loads((result.run_dir / "summary.json").read_text())
-    assert summary["alerts"][name]["first_step"] == 10 and summary["alerts"][name]["count"] == 3  # steps 10, 15, 20
+    # steps 15 and 20, against step 10's rank in the window (judged from step 10, the end of the first window)
+    assert summary["alerts"][name]["first_step"] == 15 and summary["alerts"][name]["count"] == 2
     assert summary["alerts"][name]["critical"] is True
     record = next(r for r in read_metrics(result.run_dir) if r["step"] == 5)
     for key in ("rank/stable/lm_head", "rank/effective/transformer.h.1.mlp.c_fc", "rank/spectral_norm/lm_head",

@@ -289,8 +289,8 @@ def layers_section(matrix: Matrix, cells: list[Cell]) -> str:
     return section("Layers",
                    f"The Linear layers of the GPT at preset `{matrix.preset}` ({shape}); `vocab` is the prepared "
                    "data's vocabulary size (`lm_head` is tied to the token embedding). The rank-drop warning is "
-                   "the relative drop of effective rank from step 0 that warns (`rank_threshold`, times "
-                   "`critical_threshold_multiplier` for `critical_layers`); the policy columns say whether each "
+                   "the relative fall of effective rank below its highest over the last `rank_window` of training "
+                   "that warns (`rank_threshold`, times `critical_threshold_multiplier` for `critical_layers`); the policy columns say whether each "
                    "layer policy of this matrix puts the layer in the cell's format.",
                    table(header, layer_rows(matrix, cells)),
                    "Layer policies (`{format}` stands for the cell's format):",

@@ -224,8 +224,13 @@ class TrainConfig:
                                        unit="cosine", result=False)
     rank_interval: int = option(100, "steps between rank measurements", section="monitoring", unit="steps",
                                 result=False)
-    rank_threshold: float = option(0.3, "warn when a layer's effective rank drops more than this below its step-0 "
-                                   "value", section="monitoring", unit="fraction", result=False)
+    rank_threshold: float = option(0.3, "warn when a layer's effective rank falls more than this below its highest "
+                                   "value of the last rank_window of training", section="monitoring",
+                                   unit="fraction", result=False)
+    rank_window: float = option(0.25, "the trailing window a rank drop is measured over, as a fraction of max_steps; "
+                                "drops are judged from the end of the first window (and of warmup) on, after the "
+                                "early phase in which every healthy run leaves its random initialisation's rank",
+                                section="monitoring", unit="fraction of max_steps", result=False)
     critical_layers: tuple[str, ...] = option(("lm_head", "*.attn.c_proj"), "layers (fnmatch patterns) that warn at "
                                               "rank_threshold times critical_threshold_multiplier",
                                               section="monitoring", result=False)
@@ -284,8 +289,10 @@ class TrainConfig:
             (self.max_stiffness is None or self.max_stiffness > 0, "max_stiffness must be > 0"),
             (self.grad_clip_mode in CLIP_MODES, f"grad_clip_mode must be one of {', '.join(CLIP_MODES)}"),
             (self.shift_patience >= 1, "shift_patience must be >= 1"),
-            (self.rank_interval >= 1 and 0 < self.rank_threshold < 1 and 0 < self.critical_threshold_multiplier <= 1,
-             "need rank_interval >= 1, 0 < rank_threshold < 1 and 0 < critical_threshold_multiplier <= 1"),
+            (self.rank_interval >= 1 and 0 < self.rank_threshold < 1 and 0 < self.critical_threshold_multiplier <= 1
+             and 0 < self.rank_window <= 1,
+             "need rank_interval >= 1, 0 < rank_threshold < 1, 0 < critical_threshold_multiplier <= 1 and "
+             "0 < rank_window <= 1"),
         ]
         for ok, message in checks:
             if not ok:

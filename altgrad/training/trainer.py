@@ -111,7 +111,8 @@ class Trainer:
         self.monitors: list[Monitor] = [QuantStatsMonitor(self.model, cfg.stats_interval, cfg.dead_window),
                                         UpdateMonitor(self.model, cfg.stats_interval, self.optimizer)]
         self.monitors.append(RankMonitor(self.model, cfg.rank_interval, cfg.rank_threshold, cfg.critical_layers,
-                                         cfg.critical_threshold_multiplier))
+                                         cfg.critical_threshold_multiplier, window=round(cfg.rank_window * cfg.max_steps),
+                                         settle=cfg.warmup))
         if cfg.use_shadow:
             self.monitors.append(ShadowMonitor(self.model, model_config, self.device, cfg.shadow_interval))
         self.clipper = GradientClipper(self.model, cfg.grad_clip, cfg.grad_clip_mode)
