@@ -27,18 +27,19 @@ STAGE_COLOURS = {"forward": "#d62728", "backward": "#ff7f0e", "optimizer": "#1f7
 PALE_COLOURS = {"forward": "#f4b6b6", "backward": "#ffd8ad", "optimizer": "#b3cde8", "none": "#f0f0f0"}
 
 
-def _axes(rows: int, panels: int, columns: int):
-    figure, axes = plt.subplots(1, panels, figsize=(1.2 + 2.3 * columns * panels, 1.6 + 0.75 * rows),
+def _panels(section):
+    """(formats, columns, figure, axes): one panel per arm of a layer-type section (format x layer type)."""
+    formats, columns, panels = section.formats, section.columns, len(section.arms)
+    figure, axes = plt.subplots(1, panels, figsize=(1.2 + 2.3 * len(columns) * panels, 1.6 + 0.75 * len(formats)),
                                 squeeze=False)
-    return figure, axes[0]
+    return formats, columns, figure, axes[0]
 
 
 def sweet_spot(analysis: Analysis, path: Path) -> Path | None:
     section = analysis.sweet_spot
     if section is None or not section.lines:
         return None
-    formats, columns = section.formats, section.columns
-    figure, axes = _axes(len(formats), len(section.arms), len(columns))
+    formats, columns, figure, axes = _panels(section)
     values = {arm: np.full((len(formats), len(columns)), np.nan) for arm in section.arms}
     for arm in section.arms:
         for i, fmt in enumerate(formats):
@@ -85,8 +86,7 @@ def failure_stages(analysis: Analysis, path: Path) -> Path | None:
     failures = analysis.failures
     if failures is None or not failures.groups:
         return None
-    formats, columns = failures.formats, failures.columns
-    figure, axes = _axes(len(formats), len(failures.arms), len(columns))
+    formats, columns, figure, axes = _panels(failures)
     colours = ListedColormap([STAGE_COLOURS[name] for name in NAMES] + [PALE_COLOURS[name] for name in NAMES])
     for axis, arm in zip(axes, failures.arms):
         codes = np.full((len(formats), len(columns)), np.nan)
