@@ -85,7 +85,7 @@ def test_a_clear_interaction_without_a_tuning_record_is_computed_but_not_establi
     assert not c.established
     assert {"tuned_interior", "same_horizon", "equal_budget", "tuning_seed_apart", "null_control"} <= \
         {check.name for check in c.checks if not check.ok}
-    assert analysis.answer.startswith("Not established for any format: E5M2 GridOptim, interaction -0.0583")
+    assert analysis.answer.startswith("Not established for any format:\n\n- E5M2 GridOptim, interaction -0.0583")
     assert "E has no sweep: its values were not tuned" not in analysis.answer  # groups are named by role
     assert "E (stored) has no sweep: its values were not tuned" in analysis.answer
     assert analysis.vs_baseline["E5M2/C/uniform"].per_seed == pytest.approx({1: 0.10, 2: 0.11, 3: 0.095})
@@ -102,7 +102,7 @@ def test_a_format_without_a_master_control_is_not_compared_never_ranked():
         "E5M2 GridOptim (no GridOptim on FP32 masters, no arm A)",
         "E3M4 geometry (no geometry stored, no geometry on masters, no arm C)"]
     assert analysis.answer.startswith("No answer: no format has the four groups")
-    assert "Not compared (a group of the four is missing): E5M2 GridOptim" in analysis.answer
+    assert "Not compared (a group of the four is missing):\n\n- E5M2 GridOptim" in analysis.answer
 
 
 def test_diverged_runs_are_counted_apart_and_never_averaged():
@@ -192,7 +192,7 @@ def test_the_report_on_a_tiny_real_matrix(tiny_matrix, tiny_data, tmp_path):
                                      "missing": ["GridOptim on FP32 masters"]}]
     assert data["null_control"]["status"] == "absent" and data["tuning"] == []
     assert "sweet_spot" not in data and "failure_stages" not in data  # no layer type alone: no such sections
-    assert data["answer"].startswith("Not established for any format: E5M2 ManifoldAdamW")
+    assert data["answer"].startswith("Not established for any format:\n\n- E5M2 ManifoldAdamW")
     assert groups[("E5M2", "D")]["step_sizes"]["optim/rel_update_intended"]["n"] == 3  # measured by the runs
     assert data["noise_floor"]["bf16_seed_sd"] == pytest.approx(
         sample_sd([r["final_val_loss"] for r in groups[("bf16", "A")]["runs"]]))

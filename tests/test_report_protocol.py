@@ -181,7 +181,7 @@ def test_a_comparison_that_meets_every_condition_is_established_and_said():
     # the null-control format lacks masters: it is listed as not compared, never ranked
     assert [n.text for n in analysis.not_compared] == ["E1M6 (post-ln) ManifoldAdamW (no ManifoldAdamW on FP32 "
                                                        "masters, no arm A)"]
-    assert "Not compared (a group of the four is missing): E1M6 (post-ln) ManifoldAdamW" in analysis.answer
+    assert "Not compared (a group of the four is missing):\n\n- E1M6 (post-ln) ManifoldAdamW" in analysis.answer
 
 
 def broken(mutate, fmt="E3M4", optimizer="manifold"):
@@ -203,7 +203,7 @@ def test_an_optimum_at_the_edge_blocks_the_claim():
     assert not c.established and failed(c) == {"tuned_interior"}
     assert detail(c, "tuned_interior").startswith("C's lr = 0.003 is not interior (tried [0.0015, 0.003, "
                                                   "0.006])")
-    assert analysis.answer.startswith("Not established for any format: E3M4 ManifoldAdamW")
+    assert analysis.answer.startswith("Not established for any format:\n\n- E3M4 ManifoldAdamW")
     assert "C's lr = 0.003 is not interior" in analysis.answer
 
 
@@ -407,7 +407,7 @@ def test_one_established_and_one_blocked_comparison_are_both_said():
     assert failed(e5m2) == {"tuned_interior"}
     assert [x.format for x in analysis.comparisons] == ["E3M4", "E5M2"]  # the established first
     assert analysis.answer.startswith("E3M4 benefits from geometry-aware updates (ManifoldAdamW)")
-    assert "Not established: E5M2 ManifoldAdamW, interaction -0.0500" in analysis.answer
+    assert "Not established:\n\n- E5M2 ManifoldAdamW, interaction -0.0500" in analysis.answer
     assert "D (stored)'s grid_lr = 0.5 is not interior" in analysis.answer
 
 
@@ -432,7 +432,7 @@ def test_every_effect_beside_the_question_is_a_claim_under_the_same_checks():
     assert [c.label(e) for e in c.effects.values()] == [
         "E3M4 ManifoldAdamW interaction ((D - C) - (Dm - A))", "E3M4 ManifoldAdamW update rule (Dm - A)",
         "E3M4 storage under AdamW (C - A)", "E3M4 storage under ManifoldAdamW (D - Dm)"]
-    assert ("Beside the question, under the same checks (Holm over each effect's comparisons): E3M4 storage under "
+    assert ("Beside the question, under the same checks (Holm over each effect's comparisons):\n\n- E3M4 storage under "
             "AdamW (C - A) +0.0500 [+0.0500, +0.0500] over n=3 seeds, Holm-adjusted p = ") in analysis.answer
     assert "E3M4 ManifoldAdamW update rule (Dm - A) +0.0100 [+0.0100, +0.0100] over n=3 seeds: not established " \
            "(beyond_noise)" in analysis.answer
@@ -446,7 +446,7 @@ def test_an_effect_is_gated_only_by_the_groups_it_involves():
     assert failed(c.effects["storage_geometry"]) == {"tuned_interior", "beyond_noise"}
     assert "tuned_interior" not in failed(c.effects["update_rule"])
     assert c.effects["storage_adamw"].established
-    assert analysis.answer.startswith("Not established for any format: E3M4 ManifoldAdamW, interaction -0.0600")
+    assert analysis.answer.startswith("Not established for any format:\n\n- E3M4 ManifoldAdamW, interaction -0.0600")
     assert "E3M4 storage under AdamW (C - A) +0.0500" in analysis.answer and ": established" in analysis.answer
 
     def decay(groups, manifest):  # Dm differs in weight decay: unpairs Dm - A and D - Dm, not C - A

@@ -146,8 +146,15 @@ def _tuning_sentence(protocol: Protocol, sweeps: dict[str, Sweep]) -> str:
     return f"Tuning: {unit}; {horizon}; {seed}, {budget}{legacy}."
 
 
+def _bullets(items: list[str]) -> str:
+    return "\n".join(f"- {item}" for item in items)
+
+
 def _answer(comparisons: list[Comparison], not_compared: list[NotCompared], null: NullControl,
             tuning: str, limits: str) -> str:
+    """The answer as Markdown paragraphs: the established claims (or that there are none) first, each
+    comparison the question rests on and each effect beside it as one bullet, then the null
+    control, the tuning and the limits."""
     parts = []
     established = [c for c in comparisons if c.established]
     if not comparisons:
@@ -162,9 +169,8 @@ def _answer(comparisons: list[Comparison], not_compared: list[NotCompared], null
     rest = [c for c in comparisons if not c.established]
     if rest:
         prefix = "Not established" if established else "Not established for any format"
-        parts.append(f"{prefix}: " + " ".join(
-            f"{c.where} {c.optimizer_name}, interaction {_interval(c.interaction)}: " + "; ".join(c.reasons) + "."
-            for c in rest))
+        parts.append(f"{prefix}:\n\n" + _bullets([f"{c.where} {c.optimizer_name}, interaction {_interval(c.interaction)}: "
+                                                   + "; ".join(c.reasons) + "." for c in rest]))
     beside = side_effects(comparisons)
     if beside:
         held = [f"{c.label(e)} {_interval(e.paired)}, Holm-adjusted p = {e.holm_p:.3g}: established"
@@ -172,20 +178,18 @@ def _answer(comparisons: list[Comparison], not_compared: list[NotCompared], null
         blocked = [f"{c.label(e)} {_interval(e.paired)}: not established ("
                    + ", ".join(check.name for check in e.checks if not check.ok) + ")"
                    for c, e in beside if not e.established]
-        parts.append("Beside the question, under the same checks (Holm over each effect's comparisons): "
-                     + "; ".join(held + blocked) + ".")
+        parts.append("Beside the question, under the same checks (Holm over each effect's comparisons):\n\n"
+                     + _bullets([f"{text}." for text in held + blocked]))
     if not_compared:
-        parts.append("Not compared (a group of the four is missing): "
-                     + "; ".join(n.text for n in not_compared) + ".")
+        parts.append("Not compared (a group of the four is missing):\n\n"
+                     + _bullets([f"{n.text}." for n in not_compared]))
     if null.status == "passes":
         parts.append(f"Null control (uniform grid, ManifoldAdamW stored vs C): passes ({null.summary}).")
     else:
         parts.append(f"Null control: {null.status} ({null.summary}); the protocol is suspect and no claim is "
                      "established.")
-    parts.append(tuning)
-    if limits:
-        parts.append(limits)
-    return " ".join(parts)
+    parts.append(tuning + (f" {limits}" if limits else ""))
+    return "\n\n".join(parts)
 
 
 # ---- notes and step sizes -------------------------------------------------------------------------
