@@ -6,6 +6,7 @@ protocol's conditions one by one: tests/test_report_protocol.py."""
 import json
 import shutil
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -247,3 +248,24 @@ def test_notes_explain_identical_formats_and_sweeps_at_the_edge():
                         "the same up to a power of two, which power-of-two scaling absorbs.")
     assert "are not interior optima" in notes[1] and "e3m4-D grid_lr = 1.0" in notes[1]
     assert "e5m2-D" not in notes[1]
+
+
+def test_the_report_says_what_the_matrix_spent_and_what_a_larger_one_needs(tiny_matrix, tmp_path):
+    from altgrad.experiments.report_files import write_report
+    from altgrad.experiments.scale import Estimate, Work
+
+    runs_dir = Path(tiny_matrix).parent / "runs"
+    estimate = tmp_path / "paper.json"
+    estimate.write_text(json.dumps(Estimate("configs/matrix/paper.yaml", "paper", "GPU-X (cuda)", 40, "code", (
+        Work("A", "uniform", "e5m2-A-s1337", 20, 40, 2000, 2000, 9, 9, 0.1, 1.0),)).to_dict()))
+    write_report(runs_dir, tmp_path / "out", estimate)
+    text = (tmp_path / "out" / "report.md").read_text()
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    manifest = json.loads((runs_dir / "manifest.json").read_text())
+    finished = [e for e in manifest["cells"].values() if e.get("status") in ("completed", "diverged")]
+    assert data["compute"]["runs"] == len(finished)
+    assert data["compute"]["hours"] == pytest.approx(sum(e["wall_s"] for e in finished) / 3600)
+    assert "## Compute" in text and f"{len(finished)} runs (" in text
+    assert "## What a larger scale would need" in text and "60 runs at most" in text
+    assert "Measured on GPU-X (cuda)" in text
+    assert data["scale"]["hours"] == pytest.approx(60 * (2000 * 0.1 + 9 * 1.0) / 3600)

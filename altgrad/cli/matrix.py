@@ -1,4 +1,4 @@
-"""`altgrad matrix run | status | doc`: the experiment matrix from the command line."""
+"""`altgrad matrix run | status | estimate | doc`: the experiment matrix from the command line."""
 
 from __future__ import annotations
 
@@ -145,6 +145,42 @@ def status(
         console.print(", ".join(f"{n} {s}" for s, n in counts.items()))
 
 
+def estimate(
+    file: Path = typer.Argument(..., help="Matrix YAML to cost, e.g. configs/matrix/paper.yaml."),
+    measure_steps: int = typer.Option(
+        40, "--measure-steps", help="Training steps to time of one cell per arm and layer policy (0: count the runs only)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: the cells' own)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Prepared data for the measured cells (default: the file's)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the estimate as JSON (for `altgrad report --scale`)."),
+) -> None:
+    """The runs a matrix needs under its protocol and, measured on this machine, its device-hours."""
+    from ..experiments.scale import estimate as cost, hours_text
+    from ..io import write_json
+
+    with user_errors():
+        if measure_steps < 0 or 0 < measure_steps < 20:
+            raise UserError(f"--measure-steps must be 0 (count only) or at least 20, got {measure_steps}: the "
+                            "first logged window is set-up and is left out")
+        matrix = _load(file, None, data)
+        found = cost(matrix, measure_steps, device,
+                     on_cell=lambda w: console.print(f"measuring {w.cell} ({measure_steps} steps)"))
+        table = Table(title=f"{file}: {found.runs} runs at most ({found.cells} evaluation runs; tuning at most the "
+                            f"budget of every tuned group)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in ("arm", "layers", "measured cell", "eval runs", "tuning runs", "steps", "s/step", "s/eval", "hours"):
+            table.add_column(column)
+        for w in found.work:
+            h = w.hours()
+            table.add_row(w.arm, w.layers, w.cell, str(w.cells), str(w.tuning), str(w.steps),
+                          *((f"{w.step_s:.3f}", f"{w.evaluation_s:.2f}", hours_text(h)) if h is not None else ("-",) * 3))
+        console.print(table)
+        total = found.hours()
+        if total is not None:
+            console.print(f"about {hours_text(total)} device-hours on {found.device}, one run at a time per device")
+        if out is not None:
+            write_json(out, found.to_dict())
+            console.print(f"wrote {out}; next: altgrad report RUNS --scale {out}")
+
+
 def doc(file: Path = typer.Argument(..., help="Matrix YAML whose combinations to document.")) -> None:
     """TEST_MATRIX.md, generated from the code and the matrix: `altgrad matrix doc FILE > TEST_MATRIX.md`."""
     from ..experiments.doc import test_matrix
@@ -155,4 +191,5 @@ def doc(file: Path = typer.Argument(..., help="Matrix YAML whose combinations to
 
 matrix_app.command("run")(run)
 matrix_app.command("status")(status)
+matrix_app.command("estimate")(estimate)
 matrix_app.command("doc")(doc)

@@ -26,11 +26,13 @@ def _table(title: str, columns: tuple[str, ...]) -> Table:
 def report(
     source: Path = typer.Argument(..., help="A matrix YAML or its runs directory (with manifest.json)."),
     out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for report.md, report.json and PNGs."),
+    scale: Path = typer.Option(None, "--scale", help="An `altgrad matrix estimate --out` file: what a larger "
+                                                     "matrix would need, in its own section."),
 ) -> None:
     """The interaction per format (geometry's format-specific benefit) with the checks that
     establish it, the null control, the tuning record, step sizes, every cell and figures."""
     with user_errors():
-        analysis, files = write_report(source, out)
+        analysis, files = write_report(source, out, scale)
         cells = _table("cells (final val loss: mean over seeds; differences paired by seed, 95% t-interval; "
                        "bits per weight with a format)",
                        ("format", "arm", "val loss", "vs BF16", "vs arm A", "bits/param", "diverged"))

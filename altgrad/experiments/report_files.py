@@ -15,6 +15,7 @@ from ..optim.memory import PARTS as MEMORY_PARTS
 from . import report_failures, report_sweet_spot
 from .report_layer_plots import LAYER_FIGURES, write_layer_figures
 from .report_plots import run_stall_ratio, write_figures
+from .scale import Estimate, Spent, read_estimate, spent
 from .stats import CONFIDENCE, Paired
 
 
@@ -191,6 +192,13 @@ def render(analysis: Analysis, figures: dict[str, str], data: dict[str, Any]) ->
                          f"({collapse['reason']})")
     else:
         lines.append("No run collapsed (validation loss above its step-0 value) or diverged.")
+    lines += ["", "## Compute", "", Spent(**{k: v for k, v in data["compute"].items() if k != "runs"}).text]
+    lines += ["", "## What a larger scale would need", ""]
+    if data.get("scale"):
+        lines += Estimate.from_dict(data["scale"]).lines_md()
+    else:
+        lines.append("No estimate given (`altgrad matrix estimate configs/matrix/paper.yaml --out FILE` on the "
+                     "target device, then `altgrad report ... --scale FILE`).")
     lines += ["", "## Figures", ""]
     for name, caption in figures.items():
         if name not in LAYER_FIGURES:  # those are in their own sections
@@ -244,14 +252,17 @@ def _protocol_line(analysis: Analysis) -> str:
             f"{_value(p.grid_lr_unit)}.")
 
 
-def write_report(source: Path, out: Path) -> tuple[Analysis, dict[str, Path]]:
-    """Collect, analyse, draw and write; returns the analysis and the written files."""
+def write_report(source: Path, out: Path, scale: Path | None = None) -> tuple[Analysis, dict[str, Path]]:
+    """Collect, analyse, draw and write; returns the analysis and the written files. ``scale``: an
+    `altgrad matrix estimate` JSON for the section on what a larger matrix would need."""
     runs_dir, groups, manifest = collect(source)
+    estimate = read_estimate(scale) if scale is not None else None
     analysis = analyse(groups, manifest)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = {**write_figures(analysis, out), **write_layer_figures(analysis, out)}
-    data = to_json(analysis, runs_dir, manifest)
+    data = {**to_json(analysis, runs_dir, manifest), "compute": spent(manifest).to_dict(),
+            "scale": estimate.to_dict() if estimate is not None else None}
     write_json(out / "report.json", data)
     write_text(out / "report.md", render(analysis, figures, data))
     return analysis, {"report.md": out / "report.md", "report.json": out / "report.json",
