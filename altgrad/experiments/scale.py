@@ -185,12 +185,14 @@ def step_seconds(records: list[dict[str, Any]], skip: int = WARMUP_WINDOWS) -> f
 
 
 def measure_cell(cell: Cell, steps: int, device: str | None = None) -> tuple[float, float]:
-    """(seconds a training step, seconds one evaluation) of a cell's settings, over ``steps`` steps."""
+    """(seconds a training step, seconds one evaluation) of a cell's settings, over ``steps`` steps.
+    The run evaluates one batch (its evaluations are outside the step windows); an evaluation's
+    time is one batch's, timed apart (the median of three), times the cell's ``eval_iters``."""
     from ..training import Trainer
     from ..training.tracking import read_metrics
 
     with tempfile.TemporaryDirectory() as tmp:
-        changes = dict(max_steps=steps, eval_interval=steps, checkpoint_interval=steps, runs_dir=tmp,
+        changes = dict(max_steps=steps, eval_interval=steps, eval_iters=1, checkpoint_interval=steps, runs_dir=tmp,
                        run_name="measure", wandb="disabled", adapt_threads=False)
         if device is not None:
             changes["device"] = device
@@ -199,11 +201,11 @@ def measure_cell(cell: Cell, steps: int, device: str | None = None) -> tuple[flo
         trainer.run()
         per_token = step_seconds(read_metrics(trainer.run_dir))
         times = []
-        for _ in range(2):
+        for _ in range(3):
             began = time.perf_counter()
             trainer.evaluate()
             times.append(time.perf_counter() - began)
-        return per_token * config.tokens_per_step, statistics.median(times)
+        return per_token * config.tokens_per_step, statistics.median(times) * cell.config.eval_iters
 
 
 @dataclass(frozen=True)
@@ -249,8 +251,11 @@ class Estimate:
                  "a search that settles at an interior optimum earlier spends fewer).", ""]
         if hours is not None:
             lines += [f"Measured on {self.device} ({self.measured_steps} steps of one cell per arm and layer policy, "
-                      f"its monitoring included; one evaluation timed apart; code {self.code}): "
-                      f"**{hours_text(hours)} device-hours** in all, one run at a time per device.", ""]
+                      f"its monitoring included; an evaluation timed apart as one batch x eval_iters; code {self.code}): "
+                      f"**{hours_text(hours)} device-hours** in all, one run at a time per device."
+                      + (" These are CPU hours: no GPU measured them. On the GPU the matrix is for, `altgrad matrix "
+                         f"estimate {self.matrix} --device cuda --out FILE` measures the same and `altgrad report "
+                         "... --scale FILE` puts it here." if self.device.startswith("cpu") else ""), ""]
         lines += ["| arm | layers | measured cell | evaluation runs | tuning runs (at most) | steps | s / step | "
                   "s / evaluation | hours |", "|---|---|---|---|---|---|---|---|---|"]
         for w in self.work:
