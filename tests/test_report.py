@@ -86,7 +86,8 @@ def test_a_clear_interaction_without_a_tuning_record_is_computed_but_not_establi
     assert not c.established
     assert {"tuned_interior", "same_horizon", "equal_budget", "tuning_seed_apart", "null_control"} <= \
         {check.name for check in c.checks if not check.ok}
-    assert analysis.answer.startswith("Not established for any format:\n\n- E5M2 GridOptim, interaction -0.0583")
+    assert analysis.answer.split("\n\n", 1)[1].startswith("Not established for any format:\n\n- E5M2 GridOptim, "
+                                                         "interaction -0.0583")
     assert "E has no sweep: its values were not tuned" not in analysis.answer  # groups are named by role
     assert "E (stored) has no sweep: its values were not tuned" in analysis.answer
     assert analysis.vs_baseline["E5M2/C/uniform"].per_seed == pytest.approx({1: 0.10, 2: 0.11, 3: 0.095})
@@ -193,7 +194,7 @@ def test_the_report_on_a_tiny_real_matrix(tiny_matrix, tiny_data, tmp_path):
                                      "missing": ["GridOptim on FP32 masters"]}]
     assert data["null_control"]["status"] == "absent" and data["tuning"] == []
     assert "sweet_spot" not in data and "failure_stages" not in data  # no layer type alone: no such sections
-    assert data["answer"].startswith("Not established for any format:\n\n- E5M2 ManifoldAdamW")
+    assert data["answer"].split("\n\n", 1)[1].startswith("Not established for any format:\n\n- E5M2 ManifoldAdamW")
     assert groups[("E5M2", "D")]["step_sizes"]["optim/rel_update_intended"]["n"] == 3  # measured by the runs
     assert data["noise_floor"]["bf16_seed_sd"] == pytest.approx(
         sample_sd([r["final_val_loss"] for r in groups[("bf16", "A")]["runs"]]))

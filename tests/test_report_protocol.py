@@ -172,8 +172,10 @@ def test_a_comparison_that_meets_every_condition_is_established_and_said():
     assert c.storage_geometry.mean == pytest.approx(-0.01) and c.stored_vs_control.mean == pytest.approx(-0.05)
     assert c.resolution == 0.01 and c.holm_p == pytest.approx(c.interaction.p)
     assert analysis.null_control.status == "passes"
-    assert analysis.answer.startswith("E3M4 benefits from geometry-aware updates (ManifoldAdamW): the interaction "
-                                      "(stored - C) - (masters - A) is -0.0600")
+    short, claims = analysis.answer.split("\n\n", 1)
+    assert short == "In short: E3M4 (ManifoldAdamW -0.0600) benefits from geometry-aware updates (interaction)."
+    assert claims.startswith("E3M4 benefits from geometry-aware updates (ManifoldAdamW): the interaction "
+                             "(stored - C) - (masters - A) is -0.0600")
     assert "established." in analysis.answer and "Not established" not in analysis.answer
     assert "grid_lr is in binade units" in analysis.answer
     assert f"the sweeps ran at the cells' own horizon ({STEPS} steps)" in analysis.answer
@@ -203,7 +205,10 @@ def test_an_optimum_at_the_edge_blocks_the_claim():
     assert not c.established and failed(c) == {"tuned_interior"}
     assert detail(c, "tuned_interior").startswith("C's lr = 0.003 is not interior (tried [0.0015, 0.003, "
                                                   "0.006])")
-    assert analysis.answer.startswith("Not established for any format:\n\n- E3M4 ManifoldAdamW")
+    short, claims = analysis.answer.split("\n\n", 1)
+    assert short == ("In short: no format benefits from geometry-aware updates beyond noise; not established for "
+                     "E3M4 (ManifoldAdamW -0.0600).")
+    assert claims.startswith("Not established for any format:\n\n- E3M4 ManifoldAdamW")
     assert "C's lr = 0.003 is not interior" in analysis.answer
 
 
@@ -406,7 +411,9 @@ def test_one_established_and_one_blocked_comparison_are_both_said():
     e5m2 = the_comparison(analysis, "E5M2")
     assert failed(e5m2) == {"tuned_interior"}
     assert [x.format for x in analysis.comparisons] == ["E3M4", "E5M2"]  # the established first
-    assert analysis.answer.startswith("E3M4 benefits from geometry-aware updates (ManifoldAdamW)")
+    assert analysis.answer.startswith("In short: E3M4 (ManifoldAdamW -0.0600) benefits from geometry-aware updates "
+                                      "(interaction); not established for E5M2 (ManifoldAdamW -0.0500).")
+    assert analysis.answer.split("\n\n", 1)[1].startswith("E3M4 benefits from geometry-aware updates (ManifoldAdamW)")
     assert "Not established:\n\n- E5M2 ManifoldAdamW, interaction -0.0500" in analysis.answer
     assert "D (stored)'s grid_lr = 0.5 is not interior" in analysis.answer
 
@@ -446,7 +453,8 @@ def test_an_effect_is_gated_only_by_the_groups_it_involves():
     assert failed(c.effects["storage_geometry"]) == {"tuned_interior", "beyond_noise"}
     assert "tuned_interior" not in failed(c.effects["update_rule"])
     assert c.effects["storage_adamw"].established
-    assert analysis.answer.startswith("Not established for any format:\n\n- E3M4 ManifoldAdamW, interaction -0.0600")
+    assert analysis.answer.split("\n\n", 1)[1].startswith("Not established for any format:\n\n- E3M4 ManifoldAdamW, "
+                                                         "interaction -0.0600")
     assert "E3M4 storage under AdamW (C - A) +0.0500" in analysis.answer and ": established" in analysis.answer
 
     def decay(groups, manifest):  # Dm differs in weight decay: unpairs Dm - A and D - Dm, not C - A
@@ -492,9 +500,13 @@ def test_geometry_that_hurts_beyond_noise_is_established_as_harm_not_benefit():
             cell.final_val_loss += 0.11
     analysis, c = broken(flip)
     assert c.established and c.interaction.mean == pytest.approx(0.05)
-    assert analysis.answer.startswith("E3M4 is hurt by storing weights on its grid under geometry-aware updates, "
-                                      "more than under AdamW (ManifoldAdamW)")
-    assert "benefits" not in analysis.answer
+    short, claims = analysis.answer.split("\n\n", 1)
+    assert short == ("In short: no format benefits from geometry-aware updates beyond noise; E3M4 (ManifoldAdamW "
+                     "+0.0500) is hurt by them: storing weights on the grid costs more under the geometry rule than "
+                     "under AdamW.")
+    assert claims.startswith("E3M4 is hurt by storing weights on its grid under geometry-aware updates, "
+                             "more than under AdamW (ManifoldAdamW)")
+    assert "benefits" not in claims
 
 
 def test_formats_without_a_group_of_the_four_are_not_compared():
@@ -694,3 +706,29 @@ def test_the_report_lists_the_code_versions_of_its_cells_and_warns_when_they_are
             "altgrad 0.1.0 @ bbbbbbbb (dirty), torch 2.13.0+cpu: 1 cell; not recorded: 1 cell)") in analysis.notes[0]
     assert analysis.notes[1].startswith("1 cell ran from a checkout with uncommitted changes")
 
+
+
+def test_the_plain_sentence_names_benefit_harm_the_open_formats_and_the_rule_alone():
+    from types import SimpleNamespace as NS
+
+    from altgrad.experiments.report import _in_short
+
+    def comparison(where, optimizer, interaction, established, rule=0.0, rule_established=False):
+        return NS(where=where, optimizer_name=optimizer, interaction=NS(mean=interaction), established=established,
+                  effects={"update_rule": NS(established=rule_established, paired=NS(mean=rule))})
+
+    passes = NS(status="passes")
+    found = [comparison("E5M2", "GridOptim", 0.093, True), comparison("E5M2", "ManifoldAdamW", 0.1006, True),
+             comparison("E3M4", "ManifoldAdamW", 0.0099, False, -0.0362, True),
+             comparison("E4M3", "ManifoldAdamW", 0.0353, False)]
+    assert _in_short(found, passes) == (
+        "In short: no format benefits from geometry-aware updates beyond noise; E5M2 (GridOptim +0.0930, "
+        "ManifoldAdamW +0.1006) is hurt by them: storing weights on the grid costs more under the geometry rule "
+        "than under AdamW; not established for E3M4 (ManifoldAdamW +0.0099) and E4M3 (ManifoldAdamW +0.0353). "
+        "The geometry update rule itself, on FP32 masters against arm A, is established at E3M4 (ManifoldAdamW "
+        "-0.0362): that effect is the rule's, not the format's.")
+    two = [comparison("E3M4", "GridOptim", -0.05, True), comparison("E4M3", "GridOptim", -0.04, True)]
+    assert _in_short(two, passes) == ("In short: E3M4 (GridOptim -0.0500) and E4M3 (GridOptim -0.0400) benefit from "
+                                      "geometry-aware updates (interaction).")
+    assert _in_short(two, NS(status="fails")) == "In short: nothing is established, because the null control fails."
+    assert _in_short(two, NS(status="absent")).endswith("because the null control is absent.")

@@ -150,12 +150,45 @@ def _bullets(items: list[str]) -> str:
     return "\n".join(f"- {item}" for item in items)
 
 
+def _by_format(items: list[tuple[Comparison, Paired]]) -> str:
+    """``E5M2 (GridOptim +0.0930, ManifoldAdamW +0.1006) and E3M4 (...)``, formats in first-seen order."""
+    formats: dict[str, list[str]] = {}
+    for c, p in items:
+        formats.setdefault(c.where, []).append(f"{c.optimizer_name} {p.mean:+.4f}")
+    named = [f"{where} ({', '.join(values)})" for where, values in formats.items()]
+    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+
+
+def _in_short(comparisons: list[Comparison], null: NullControl) -> str:
+    """One plain sentence over the comparisons: which formats benefit, which are hurt, which are
+    within noise, and where the update rule alone (on FP32 masters) is established."""
+    if null.status != "passes":
+        state = {"absent": "is absent", "not evaluable": "is not evaluable"}.get(null.status, null.status)
+        return f"In short: nothing is established, because the null control {state}."
+    won = [(c, c.interaction) for c in comparisons if c.established and c.interaction.mean < 0]
+    lost = [(c, c.interaction) for c in comparisons if c.established and c.interaction.mean > 0]
+    open_ = [(c, c.interaction) for c in comparisons if not c.established]
+    parts = [f"{_by_format(won)} benefit{'s' if len({c.where for c, _ in won}) == 1 else ''} from geometry-aware "
+             "updates (interaction)" if won else "no format benefits from geometry-aware updates beyond noise"]
+    if lost:
+        parts.append(f"{_by_format(lost)} {'is' if len({c.where for c, _ in lost}) == 1 else 'are'} hurt by "
+                     "them: storing weights on the grid costs more under the geometry rule than under AdamW")
+    if open_:
+        parts.append(f"not established for {_by_format(open_)}")
+    rule = [(c, c.effects["update_rule"].paired) for c in comparisons if c.effects["update_rule"].established]
+    sentence = "In short: " + "; ".join(parts) + "."
+    if rule:
+        sentence += (f" The geometry update rule itself, on FP32 masters against arm A, is established at "
+                     f"{_by_format(rule)}: that effect is the rule's, not the format's.")
+    return sentence
+
+
 def _answer(comparisons: list[Comparison], not_compared: list[NotCompared], null: NullControl,
             tuning: str, limits: str) -> str:
-    """The answer as Markdown paragraphs: the established claims (or that there are none) first, each
-    comparison the question rests on and each effect beside it as one bullet, then the null
-    control, the tuning and the limits."""
-    parts = []
+    """The answer as Markdown paragraphs: one plain sentence, the established claims (or that there
+    are none), each comparison the question rests on and each effect beside it as one bullet, then
+    the null control, the tuning and the limits."""
+    parts = [_in_short(comparisons, null)] if comparisons else []
     established = [c for c in comparisons if c.established]
     if not comparisons:
         parts.append("No answer: no format has the four groups the question compares (the geometry optimizer "
