@@ -153,7 +153,8 @@ def heatmaps(analysis: Analysis, path: Path) -> Path | None:
         stall[i, j] = run_stall_ratio(g)
         if g.key in analysis.vs_baseline:
             delta[i, j] = analysis.vs_baseline[g.key].mean
-    figure, axes = plt.subplots(1, 2, figsize=(5 + 1.3 * len(arms) * 2, max(3.5, 1.2 + 0.55 * len(rows))))
+    # one above the other: with ten arms side by side the two panels made a figure too wide to read
+    figure, axes = plt.subplots(2, 1, figsize=(3 + 0.95 * len(arms), 2 * max(2.6, 1.2 + 0.5 * len(rows))))
     _heatmap(axes[0], rows, arms, stall, "stall ratio (1 - flips/updates), mean over layers and seeds", ".3f",
              "viridis", center=False)
     _heatmap(axes[1], rows, arms, delta, "final val loss - BF16 (same seed), mean over seeds", "+.3f",
