@@ -582,13 +582,24 @@ def test_a_legacy_manifest_still_reports_and_establishes_nothing():
     assert "a manifest from before the tuning protocol" in analysis.answer
 
 
-def test_the_committed_legacy_report_sweeps_are_all_read():
-    data = json.loads((Path(__file__).parent.parent / "docs/results/report.json").read_text())
+def test_the_legacy_report_sweeps_are_all_read():
+    data = json.loads((Path(__file__).parent / "data/legacy_report_sweeps.json").read_text())
     sweeps = {g: read_sweep(g, raw, 2000) for g, raw in data["sweeps"].items()}
     edges = [g for g, s in sweeps.items() if not s.interior[s.keys[0]]]
     assert len(sweeps) == 16 and len(edges) == 14  # the issue's count: 14 of 16 chose the edge
     assert sorted(set(sweeps) - set(edges)) == ["e5m2-D", "e5m2-E"]
     assert {s.horizon for s in sweeps.values()} == {"short"}
+
+
+def test_the_committed_answer_rests_on_interior_optima_at_the_final_horizon():
+    """docs/results/report.json: every tuned group of the committed answer chose an interior value,
+    at the cells' horizon, on the tuning seed, within the one budget (issue 22's done criterion)."""
+    data = json.loads((Path(__file__).parent.parent / "docs/results/report.json").read_text())
+    tuned = [t for t in data["tuning"] if t["keys"]]
+    assert tuned and all(all(t["interior"].values()) for t in tuned)
+    assert {t["horizon"] for t in tuned} == {"final"} and len({t["seed"] for t in data["tuning"]}) == 1
+    assert {t["budget"] for t in data["tuning"]} == {data["protocol"]["budget"]}
+    assert data["null_control"]["status"] == "passes"
 
 
 # ---- a report written from run folders ----------------------------------------------------------

@@ -52,7 +52,8 @@ def tuning_rows(analysis: Analysis) -> list[dict[str, str]]:
             "tried": "; ".join(f"{k}: " + ", ".join(str(v) for v in sweep.tried(k)) for k in keys) or "-",
             "chosen": ", ".join(f"{k} = {v}" for k, v in (sweep.best or {}).items()) or "none",
             "interior": ", ".join(f"{k} {'yes' if sweep.interior.get(k) else 'no'}" for k in keys) or "-",
-            "budget": budget, "stopped": sweep.stopped or ("not recorded" if sweep.legacy else "-"),
+            "budget": budget,
+            "stopped": (sweep.stopped or ("not recorded" if sweep.legacy else "-")) if keys else "nothing to tune",
             "horizon": f"{sweep.horizon or 'unknown'} ({_value(sweep.max_steps)} steps)",
             "seed": _value(sweep.seed), "resolution": _f(sweep.resolution), "inherited": inherited or "-"})
     return rows
